@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m ntksap_fast.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+clean:
+	rm -rf $(VENV) build *.egg-info
