@@ -1,0 +1,281 @@
+"""Masked global top-k over a flat score vector.
+
+NTK-SAP prunes globally: each round keeps the ``n_keep`` largest scores among the entries that are
+still unpruned (``mask == True``) of one flat score vector (the arena). Semantics, identical on
+every path:
+
+* exactly ``n_keep`` entries are kept, all among ``mask == True``; pruned entries never come back;
+* the largest scores win; ties are broken by the lower flat index; ``-0.0 == 0.0``;
+  ``+inf``/``-inf`` are ordinary values;
+* a NaN score among the unpruned entries raises ``ValueError`` (NaN at pruned entries is ignored);
+* ``n_keep`` outside ``[0, mask.sum()]`` raises ``ValueError``;
+* ``scores`` is float16, bfloat16, float32 or float64, ``mask`` is bool, both 1-D of equal length
+  and on the same device (``TypeError`` / ``ValueError`` otherwise).
+
+The work is done by the compiled ops ``torch.ops.ntksap_fast.masked_topk`` and
+``torch.ops.ntksap_fast.masked_topk_`` (C++ radix select with OpenMP on CPU, multi-block radix
+select on CUDA; see ``csrc/``). They come from the extension module ``ntksap_fast._C``; if it was
+not built at install time it is built just in time with ninja; if that fails too, a pure-PyTorch
+implementation with the same semantics is used and one warning says why. Setting the environment
+variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementation.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "masked_topk",
+    "masked_topk_",
+    "masked_topk_torch",
+    "extension_available",
+    "extension_error",
+]
+
+_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OPS = ("ntksap_fast::masked_topk", "ntksap_fast::masked_topk_")
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "error": None, "warned": False}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the extension
+# --------------------------------------------------------------------------------------------
+def _sources() -> tuple[list[str], list[str]]:
+    """C++ and CUDA source files of the extension (empty lists when not shipped)."""
+    root = Path(__file__).resolve().parent.parent / "csrc"
+    cpp = sorted(str(p) for p in root.glob("*.cpp") if not p.name.startswith("test_"))
+    cu = sorted(str(p) for p in (root / "cuda").glob("*.cu")) if (root / "cuda").is_dir() else []
+    return cpp, cu
+
+
+def _jit_build() -> None:
+    """Build the extension just in time with ninja (CPU only unless a CUDA device is present)."""
+    from torch.utils import cpp_extension
+
+    cpp, cu = _sources()
+    if not cpp:
+        raise RuntimeError("csrc/ sources not found next to the package")
+    sources = list(cpp)
+    kwargs: dict = {}
+    if cu and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME:
+        sources += cu
+        kwargs["extra_cuda_cflags"] = ["-O3"]
+    cpp_extension.load(
+        name="ntksap_fast_C_jit",
+        sources=sources,
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(Path(cpp[0]).parent)],
+        is_python_module=False,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations so the ops trace under torch.compile / FakeTensor."""
+    @torch.library.register_fake("ntksap_fast::masked_topk")
+    def _masked_topk_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
+        torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
+        torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
+        return torch.empty_like(mask, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("ntksap_fast::masked_topk_")
+    def _masked_topk_inplace_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
+        torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
+        torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
+        return mask
+
+
+
+def _ops_registered() -> bool:
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in _OPS)
+    except RuntimeError:
+        return False
+
+
+def _load() -> bool:
+    """Load (or build) the extension once; return whether the compiled ops are usable."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        errors = []
+        try:
+            import ntksap_fast._C  # noqa: F401  (registers the ops on import)
+        except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
+            errors.append(f"import ntksap_fast._C failed ({type(exc).__name__}: {exc})")
+            if os.environ.get("NTKSAP_FAST_NO_JIT", "0") not in ("", "0"):
+                errors.append("just-in-time build disabled by NTKSAP_FAST_NO_JIT")
+            else:
+                try:
+                    _jit_build()
+                except Exception as jexc:
+                    msg = str(jexc).strip().splitlines()
+                    errors.append(
+                        f"just-in-time build failed ({type(jexc).__name__}: "
+                        f"{msg[-1] if msg else ''})"
+                    )
+        ok = _ops_registered()
+        if ok:
+            try:
+                _register_fakes()
+            except Exception as exc:  # already registered (e.g. module reloaded)
+                if "already" not in str(exc):
+                    errors.append(f"registering fake implementations failed: {exc}")
+        _state.update(tried=True, ok=ok, error=None if ok else "; ".join(errors) or "unknown")
+        return ok
+
+
+def extension_available() -> bool:
+    """Whether the compiled ops ``torch.ops.ntksap_fast.masked_topk(_)`` are loaded.
+
+    Tries to import (or build just in time) the extension on first call. Independent of
+    ``NTKSAP_FAST_NO_EXT``, which only affects which path :func:`masked_topk` takes.
+    """
+    return _load()
+
+
+def extension_error() -> Optional[str]:
+    """Why the compiled extension is unavailable, or ``None`` when it is loaded."""
+    _load()
+    return _state["error"]
+
+
+def _use_extension(device: torch.device) -> bool:
+    if os.environ.get("NTKSAP_FAST_NO_EXT", "0") not in ("", "0"):
+        return False
+    if not _load():
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(
+                "ntksap_fast: compiled extension unavailable, using the slower PyTorch "
+                f"top-k: {_state['error']}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    if key is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in _OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (shared by every path, so errors read the same)
+# --------------------------------------------------------------------------------------------
+def _check_args(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> int:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if scores.dtype not in _SCORE_DTYPES:
+        raise TypeError(
+            f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if isinstance(n_keep, bool) or isinstance(n_keep, torch.Tensor) and n_keep.dim() != 0:
+        raise TypeError(f"n_keep must be an int, got {type(n_keep).__name__}")
+    try:
+        n_keep = operator.index(n_keep)
+    except TypeError:
+        raise TypeError(f"n_keep must be an int, got {type(n_keep).__name__}") from None
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    if mask.dim() != 1:
+        raise ValueError(f"mask must be 1-D, got shape {tuple(mask.shape)}")
+    if scores.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"scores and mask must have the same length, got {scores.shape[0]} and {mask.shape[0]}"
+        )
+    if scores.device != mask.device:
+        raise ValueError(
+            f"scores and mask must be on the same device, got {scores.device} and {mask.device}"
+        )
+    if n_keep < 0:
+        raise ValueError(f"n_keep must be in [0, number of unpruned entries], got {n_keep}")
+    return n_keep
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-PyTorch implementation
+# --------------------------------------------------------------------------------------------
+def masked_topk_torch(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Pure-PyTorch masked top-k (same semantics as :func:`masked_topk`); returns a new mask.
+
+    Gathers the unpruned scores, sorts them descending with a stable sort (so ties keep the
+    lower index first) and scatters ``True`` at the first ``n_keep``. Slower and uses
+    ``O(mask.sum())`` extra memory; used when the compiled extension is unavailable.
+    """
+    n_keep = _check_args(scores, mask, n_keep)
+    idx = mask.nonzero().squeeze(1)
+    count = idx.numel()
+    if n_keep > count:
+        raise ValueError(
+            f"n_keep must be in [0, number of unpruned entries = {count}], got {n_keep}"
+        )
+    sel = scores[idx]
+    if count and bool(torch.isnan(sel).any()):
+        first = int(idx[torch.isnan(sel)][0])
+        raise ValueError(f"scores contains NaN at an unpruned entry (flat index {first})")
+    out = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    if n_keep == 0:
+        return out
+    if n_keep == count:
+        out[idx] = True
+        return out
+    # Adding +0.0 maps -0.0 to +0.0 so both compare (and radix-sort) as equal on every device.
+    sel = sel + 0.0
+    order = torch.sort(sel, descending=True, stable=True).indices[:n_keep]
+    out[idx[order]] = True
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def masked_topk(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Keep the ``n_keep`` largest scores among the unpruned entries; return a new bool mask.
+
+    Args:
+        scores: 1-D float16/bfloat16/float32/float64 tensor of scores (any strides).
+        mask: 1-D bool tensor, same length and device; ``True`` marks unpruned entries.
+        n_keep: number of entries to keep, in ``[0, mask.sum()]``.
+
+    Returns:
+        A new contiguous 1-D bool tensor with exactly ``n_keep`` ``True`` entries, all among
+        ``mask``: the largest scores, ties broken by the lower index (``-0.0 == 0.0``).
+
+    Raises:
+        TypeError: wrong dtype of ``scores`` / ``mask`` or non-integer ``n_keep``.
+        ValueError: wrong shapes or devices, ``n_keep`` out of range, or a NaN score at an
+            unpruned entry.
+    """
+    n_keep = _check_args(scores, mask, n_keep)
+    if _use_extension(scores.device):
+        return torch.ops.ntksap_fast.masked_topk(scores, mask, n_keep)
+    return masked_topk_torch(scores, mask, n_keep)
+
+
+def masked_topk_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """In-place :func:`masked_topk`: overwrite ``mask`` with the new mask and return it.
+
+    Same arguments, semantics and errors as :func:`masked_topk`. ``mask`` may be non-contiguous
+    (it is written through its strides). On error ``mask`` is left unchanged.
+    """
+    n_keep = _check_args(scores, mask, n_keep)
+    if _use_extension(scores.device):
+        return torch.ops.ntksap_fast.masked_topk_(scores, mask, n_keep)
+    mask.copy_(masked_topk_torch(scores, mask, n_keep))
+    return mask
