@@ -1,0 +1,15 @@
+"""ntksap_fast: fast, exact, reproducible NTK-SAP pruning at initialization.
+
+    from ntksap_fast import ntk_sap_prune, apply_masks
+    masks = ntk_sap_prune(model, density=0.05, input_shape=(3, 32, 32))
+    apply_masks(model, masks)
+"""
+from .api import density_schedule, keep_count, ntk_sap_prune, ntk_sap_scores
+from .masks import apply_masks, load_masks, mask_density, save_masks
+from .presets import PRESETS, Preset
+
+__all__ = [
+    "ntk_sap_prune", "ntk_sap_scores", "apply_masks", "save_masks", "load_masks", "mask_density",
+    "density_schedule", "keep_count", "PRESETS", "Preset",
+]
+__version__ = "0.1.0"
