@@ -83,8 +83,8 @@ def _config(model: nn.Module, device, dtype, micro_batch) -> EngineConfig:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must name a torch device, got {device!r}") from err
     dtype = torch.float32 if dtype is None else dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {dtype}")
     if micro_batch is not None:
         micro_batch = _check_int("micro_batch", micro_batch)
     return EngineConfig(device=device, dtype=dtype, micro_batch=micro_batch)
@@ -118,7 +118,7 @@ class _Setup:
                 self.model, self.arena, mask, self.input_shape, batch_sizes=self.batch_sizes,
                 epsilon=self.epsilon, seed=self.seed, round=round, config=self.config, on_draw=on_draw,
             )
-        scores = grad.abs_().mul_(mask)
+        scores = grad.abs_().mul_(mask).to(torch.float32)
         if torch.isnan(scores).any():
             bad = [n for n, v in self.arena.views(scores).items() if torch.isnan(v).any()]
             raise ValueError(f"NaN in the NTK-SAP scores of {bad}: the model's output or gradient is not finite")
@@ -150,7 +150,8 @@ def ntk_sap_scores(
         draws: weight/input draws; batch_size: inputs per draw (int, or one per draw).
         epsilon: perturbation size; seed, round: counters of the random numbers.
         params: prunable tensors (names or a predicate); default every Conv/Linear weight.
-        device: where to compute (default the model's); dtype: float32 or bfloat16 compute.
+        device: where to compute (default the model's); dtype: compute precision, float32
+            (default), bfloat16 (faster, see README) or float64 (for checking).
         micro_batch: most inputs per forward (exact: results do not depend on it).
     Returns:
         ``{name: float32 tensor of the parameter's shape}``: ``|sum_s dL_s/dm| * (mask != 0)``.

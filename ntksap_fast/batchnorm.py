@@ -96,7 +96,8 @@ class CleanStatsBatchNorm(TorchFunctionMode):
             var = torch.ones(input.shape[1], dtype=torch.float64, device=input.device)
             with torch.no_grad():
                 torch.batch_norm_update_stats(input.detach().double(), mean, var, 1.0)
-            mean, var = mean.float(), var.float()
+            stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+            mean, var = mean.to(stats_dtype), var.to(stats_dtype)
             self.stats.append((mean, var))
         elif self.mode == "accumulate":
             assert self.accumulator is not None

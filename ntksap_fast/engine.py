@@ -37,8 +37,8 @@ class EngineConfig:
 
     Attributes:
         device: where the passes run.
-        dtype: compute precision of the passes: float32, or bfloat16 (autocast; accumulation,
-            loss and ``G`` stay float32).
+        dtype: compute precision of the passes: float32; bfloat16 (autocast; accumulation,
+            loss and ``G`` stay float32); or float64 (everything in float64, for checking).
         micro_batch: most inputs per forward; None = whole draws.
         channels_last: run 4-D/5-D activations channels-last (faster convolutions on CPU oneDNN).
     """
@@ -47,6 +47,11 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     micro_batch: int | None = None
     channels_last: bool = True
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype of weights, inputs, losses and ``G``."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
@@ -61,15 +66,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _fixed_tensors(model: nn.Module, arena: Arena, device: torch.device) -> dict[str, torch.Tensor]:
-    """Non-prunable parameters and floating buffers as detached float32 tensors on ``device``."""
+def _fixed_tensors(model: nn.Module, arena: Arena, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Non-prunable parameters and floating buffers as detached ``dtype`` tensors on ``device``."""
     prunable = set(arena.names)
     fixed = {}
     for name, p in model.named_parameters():
         if name not in prunable:
-            fixed[name] = p.detach().to(device=device, dtype=torch.float32)
+            fixed[name] = p.detach().to(device=device, dtype=dtype)
     for name, b in model.named_buffers():
-        fixed[name] = b.to(device=device, dtype=torch.float32) if b.is_floating_point() else b.to(device)
+        fixed[name] = b.to(device=device, dtype=dtype) if b.is_floating_point() else b.to(device)
     return fixed
 
 
@@ -82,7 +87,7 @@ def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
 
 
 def _autocast(config: EngineConfig):
-    if config.dtype == torch.float32:
+    if config.dtype != torch.bfloat16:
         return contextlib.nullcontext()
     return torch.autocast(config.device.type, dtype=config.dtype)
 
@@ -94,7 +99,7 @@ class _Forward:
         self.model = model
         self.arena = arena
         self.config = config
-        self.fixed = _fixed_tensors(model, arena, config.device)
+        self.fixed = _fixed_tensors(model, arena, config.device, config.param_dtype)
 
     def __call__(self, flat_weights: torch.Tensor, x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
         tensors = dict(self.fixed)
@@ -103,7 +108,7 @@ class _Forward:
             out = functional_call(self.model, tensors, (_layout(x, self.config),), strict=False)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
-        return out.float()
+        return out.to(self.config.param_dtype)
 
 
 def _pre_pass_stats(forward: _Forward, clean: torch.Tensor, key: DrawKey, input_shape: tuple[int, ...],
@@ -115,13 +120,13 @@ def _pre_pass_stats(forward: _Forward, clean: torch.Tensor, key: DrawKey, input_
             acc = StatsAccumulator()
             for start in range(0, batch_size, micro_batch):
                 rows = range(start, min(start + micro_batch, batch_size))
-                x = sample_inputs(key, input_shape, rows).to(forward.config.device)
+                x = sample_inputs(key, input_shape, rows).to(forward.config.device, forward.config.param_dtype)
                 try:
                     forward(clean, x, CleanStatsBatchNorm(stats, "accumulate", acc))
                 except StopForward:
                     continue
                 return stats  # the forward went through: no BatchNorm left to compute
-            stats.append(acc.finish(torch.float32))
+            stats.append(acc.finish(forward.config.param_dtype))
 
 
 def mask_gradient(
@@ -138,7 +143,7 @@ def mask_gradient(
     draw_ids: Sequence[int] | None = None,
     on_draw=None,
 ) -> torch.Tensor:
-    """``G = sum over draws of dL_s/dm``: flat float32 tensor of length ``arena.numel`` on ``config.device``.
+    """``G = sum over draws of dL_s/dm``: flat tensor (``config.param_dtype``) of length ``arena.numel`` on ``config.device``.
 
     Args:
         mask: flat bool tensor (True = unpruned) on ``config.device``.
@@ -150,14 +155,15 @@ def mask_gradient(
     forward = _Forward(model, arena, config)
     std = arena.std_vector()
     mask_cpu = mask.cpu()
-    mask_f = mask.to(torch.float32)
-    grad = torch.zeros(arena.numel, dtype=torch.float32, device=device)
+    dtype = config.param_dtype
+    mask_f = mask.to(dtype)
+    grad = torch.zeros(arena.numel, dtype=dtype, device=device)
     ids = range(len(batch_sizes)) if draw_ids is None else draw_ids
     for draw in ids:
         key = DrawKey(seed, round, draw)
         batch_size = batch_sizes[draw]
-        theta = sample_weights(arena, key, Stream.WEIGHTS, std, keep=mask_cpu).to(device)
-        z = sample_weights(arena, key, Stream.PERTURBATION, None, keep=mask_cpu).to(device)
+        theta = sample_weights(arena, key, Stream.WEIGHTS, std, keep=mask_cpu).to(device, dtype)
+        z = sample_weights(arena, key, Stream.PERTURBATION, None, keep=mask_cpu).to(device, dtype)
         w_clean = (mask_f * theta).requires_grad_(True)
         w_pert = (mask_f * theta.add(z, alpha=epsilon)).requires_grad_(True)
         micro = config.micro_batch or batch_size
@@ -167,7 +173,7 @@ def mask_gradient(
         sum_grad = torch.zeros_like(grad)
         pert_grad = torch.zeros_like(grad)
         for start in range(0, batch_size, micro):
-            x = sample_inputs(key, input_shape, range(start, min(start + micro, batch_size))).to(device)
+            x = sample_inputs(key, input_shape, range(start, min(start + micro, batch_size))).to(device, dtype)
             first = CleanStatsBatchNorm(stats, "record" if micro >= batch_size else "replay")
             out_clean = forward(w_clean, x, first)
             out_pert = forward(w_pert, x, CleanStatsBatchNorm(stats, "replay"))
@@ -185,8 +191,8 @@ def mask_gradient(
 def check_input_shape(model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig) -> None:
     """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
     forward = _Forward(model, arena, config)
-    weights = torch.zeros(arena.numel, device=config.device)
-    x = torch.zeros(2, *input_shape, device=config.device)
+    weights = torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype)
+    x = torch.zeros(2, *input_shape, device=config.device, dtype=config.param_dtype)
     try:
         with torch.no_grad():
             forward(weights, x, CleanStatsBatchNorm([], "record"))
