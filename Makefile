@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	$(PY) -m pytest -q bench/bench_*.py -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 clean:
 	rm -rf $(VENV) build *.egg-info

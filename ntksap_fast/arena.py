@@ -138,6 +138,8 @@ class Arena:
             t = tensors[s.name]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{argname}[{s.name!r}] must be a tensor, got {type(t).__name__}")
+            if dtype == torch.bool and t.dtype != torch.bool:
+                raise TypeError(f"{argname}[{s.name!r}] must be a bool tensor (True = kept), got {t.dtype}")
             if t.shape != s.shape:
                 raise ValueError(f"{argname}[{s.name!r}] has shape {tuple(t.shape)}, expected {tuple(s.shape)}")
             flat[s.offset : s.stop] = t.detach().reshape(-1).to(device=device, dtype=dtype)
