@@ -82,6 +82,9 @@ def _jit_build() -> None:
 
 def _register_fakes() -> None:
     """Fake (meta) implementations so the ops trace under torch.compile / FakeTensor."""
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
     @torch.library.register_fake("ntksap_fast::masked_topk")
     def _masked_topk_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
@@ -92,7 +95,7 @@ def _register_fakes() -> None:
     def _masked_topk_inplace_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
         torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
-        return mask
+        return None
 
 
 
@@ -101,6 +104,14 @@ def _ops_registered() -> bool:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in _OPS)
     except RuntimeError:
         return False
+
+
+def _register_fakes_safely(errors: list) -> None:
+    try:
+        _register_fakes()
+    except Exception as exc:  # already registered (e.g. module reloaded)
+        if "already" not in str(exc):
+            errors.append(f"registering fake implementations failed: {exc}")
 
 
 def _load() -> bool:
@@ -128,11 +139,7 @@ def _load() -> bool:
                     )
         ok = _ops_registered()
         if ok:
-            try:
-                _register_fakes()
-            except Exception as exc:  # already registered (e.g. module reloaded)
-                if "already" not in str(exc):
-                    errors.append(f"registering fake implementations failed: {exc}")
+            _register_fakes_safely(errors)
         _state.update(tried=True, ok=ok, error=None if ok else "; ".join(errors) or "unknown")
         return ok
 
@@ -276,6 +283,14 @@ def masked_topk_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch
     """
     n_keep = _check_args(scores, mask, n_keep)
     if _use_extension(scores.device):
-        return torch.ops.ntksap_fast.masked_topk_(scores, mask, n_keep)
+        torch.ops.ntksap_fast.masked_topk_(scores, mask, n_keep)
+        return mask
     mask.copy_(masked_topk_torch(scores, mask, n_keep))
     return mask
+
+
+# The C++ library names this module as the home of its fake implementations
+# (``m.set_python_module``): when the ops were loaded by other means (``import ntksap_fast._C``,
+# ``torch.ops.load_library``), importing this module registers them.
+if _ops_registered():
+    _register_fakes_safely([])
