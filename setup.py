@@ -92,7 +92,10 @@ setup(
     version="0.1.0",
     description="Fast, exact, reproducible NTK-SAP pruning at initialization for PyTorch",
     python_requires=">=3.10",
-    packages=find_packages(include=["ntksap_fast", "ntksap_fast.*"]),
+    # triton_kernels/ is installed as ntksap_fast.kernels: a top-level "triton_kernels" would
+    # collide with the distribution of that name that Triton publishes (DESIGN.md section 4).
+    packages=find_packages(include=["ntksap_fast", "ntksap_fast.*"]) + ["ntksap_fast.kernels"],
+    package_dir={"ntksap_fast.kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "safetensors", "torchvision"],
