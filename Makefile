@@ -18,8 +18,16 @@ $(STAMP): setup.py
 demo: install
 	$(PY) -m ntksap_fast.demo
 
-test: install
+test: install ctest
 	$(PY) -m pytest -q tests
+
+# The C++ ops against libtorch with CMake, and their C++ test under ctest (CPU; see CMakeLists.txt).
+.PHONY: ctest
+ctest: install
+	cmake -S . -B cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build cmake-build -j 2
+	cd cmake-build && ctest --output-on-failure
 
 bench: install
 	$(PY) -m pytest -q bench/bench_*.py -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name
