@@ -1,0 +1,319 @@
+"""Triton kernels (ntksap_fast.kernels) against their PyTorch twins.
+
+Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here before
+triton is imported); with one, the same cases run compiled on CUDA tensors and the CPU cases skip.
+
+Tolerances (each justified in the kernel module's docstring):
+* Philox words: bit-exact.
+* normals: ``|a - b| <= NORMAL_TOL * max(1, |b|)`` (2e-6; log/cos/sin of different libraries).
+* sampled weights: the normals' tolerance times the std (float32); one bf16 ulp (2**-7 relative)
+  for bf16 outputs, since float32 values a few ulps apart may round to neighbouring bf16 values
+  (and the interpreter truncates float32 -> bf16 where the GPU rounds to nearest).
+* mask gradient: 1e-5 of the largest |G| (sum over draws of products of regenerated normals).
+* BatchNorm statistics: var rtol 5e-7 (~4 ulps; ~1 ulp measured), mean 2.5e-7 of |mean| + std,
+  against float64 statistics, also for |mean| >> std.
+* BatchNorm outputs/gradients: 1e-5 of the largest value (different but equally exact float32
+  formulas); finite-difference loss gradients: exact in float32.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from torch import nn  # noqa: E402
+
+from ntksap_fast import rng  # noqa: E402
+from ntksap_fast.arena import Arena  # noqa: E402
+from ntksap_fast.draws import DrawKey, sample_inputs, sample_weights  # noqa: E402
+from ntksap_fast.engine import EngineConfig, mask_gradient  # noqa: E402
+from ntksap_fast.kernels import dual_batchnorm as dbn  # noqa: E402
+from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
+from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
+from ntksap_fast.kernels import philox  # noqa: E402
+from ntksap_fast.kernels import sample_draw as sd  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (not set: a CUDA device is present)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+BF16_RTOL = 2.0**-7
+SIZES = [7, 1, 300, 0, 33, 1029]  # odd sizes, one element, an empty tensor, not multiples of a block
+STDS = [0.5, 1.0, 0.1, 3.0, 0.2, 0.05]
+
+
+def _normal_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    a, b = a.cpu(), b.cpu()
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+    bound = philox.NORMAL_TOL * b.abs().clamp(min=1.0)
+    assert bool(((a - b).abs() <= bound).all()), f"max error {(a - b).abs().max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox and normals
+# ---------------------------------------------------------------------------------------------
+KAT = [  # Random123 known answers, philox4x32-10
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_philox_words_bit_exact(device):
+    for counter, key, expected in KAT:
+        words = philox.philox4x32(tuple(torch.tensor([c], device=device) for c in counter), key)
+        assert tuple(int(w) for w in words) == expected
+    g = torch.Generator().manual_seed(0)
+    n = 10_000
+    counters = [torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64) for _ in range(4)]
+    counters[0][:64] = torch.arange(2**32 - 64, 2**32)  # block lo word at the 2**32 wraparound
+    counters[1][:32] = 2**32 - 1
+    counters[2][64:96] = 0
+    for key in ((2**32 - 1, 2**32 - 1), (0x12345678, 0), (0, 0xDEADBEEF)):
+        got = philox.philox4x32(tuple(c.to(device) for c in counters), key)
+        want = rng.philox4x32(tuple(counters), key)
+        for w_got, w_want in zip(got, want):
+            assert torch.equal(w_got.cpu(), w_want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normals_match_twin(device):
+    cases = [(0, 0, 0, rng.Stream.WEIGHTS, 4099, 0), (2**64 - 1, 2**32 - 1, 2**30 - 1, rng.Stream.INPUTS, 1, 5),
+             (2**40 + 7, 3, 5, rng.Stream.PERTURBATION, 1001, 3), (9, 1, 2, rng.Stream.WEIGHTS, 6, 2**34 + 1)]
+    for seed, rnd, draw, stream, numel, offset in cases:
+        got = philox.normal(seed, rnd, draw, stream, numel, offset=offset, device=device)
+        _normal_close(got, rng.normal(seed, rnd, draw, stream, numel, offset=offset))
+    idx = torch.tensor([[0, 1, 2, 3], [2**34 + 3, 17, 5, 5]])
+    got = philox.normal_at(7, 2**32 - 1, 2**30 - 1, rng.Stream.INPUTS, idx.to(device))
+    assert got.shape == idx.shape
+    _normal_close(got, rng.normal_at(7, 2**32 - 1, 2**30 - 1, rng.Stream.INPUTS, idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Draw sampling and mask-gradient reduction
+# ---------------------------------------------------------------------------------------------
+def _weights_close(a: torch.Tensor, b: torch.Tensor, std: torch.Tensor) -> None:
+    """Sampled values ``std * n (+ eps * z)``: the normals' error scaled by std; bf16: one ulp more."""
+    bf16 = a.dtype == torch.bfloat16
+    a, b, std = a.cpu().float(), b.cpu().float(), std.cpu()
+    bound = 4 * philox.NORMAL_TOL * (std + b.abs()) + (BF16_RTOL * b.abs() if bf16 else 0)
+    assert bool(((a - b).abs() <= bound).all()), f"max error {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_draws_match_twin(device, dtype):
+    table = sd.StdTable.from_sizes(SIZES, STDS, device)
+    std = table.vector()
+    mask = torch.rand(table.numel, generator=torch.Generator().manual_seed(1)) > 0.3
+    draws = [0, 3, 2**30 - 1]
+    for m in (None, mask.to(device)):
+        got = sd.sample_draws(table, 2**63 + 5, 7, draws, 0.01, m, dtype=dtype, return_noise=True)
+        want = sd.sample_draws_reference(table, 2**63 + 5, 7, draws, 0.01, m, dtype=dtype, return_noise=True)
+        assert [t.dtype for t in got] == [dtype, dtype, torch.float32, torch.float32]
+        assert all(t.shape == (3, table.numel) and t.device.type == device for t in got)
+        for a, b, s in zip(got, want, (std, std, std, torch.ones_like(std))):
+            _weights_close(a, b, s)
+        if m is not None:
+            assert bool((got[0][:, ~m] == 0).all()) and bool((got[1][:, ~m] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_draws_on_an_arena_equal_the_engine_draws(device):
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Conv1d(5, 2, 1), nn.Linear(7, 3))
+    arena = Arena(model)
+    table = sd.StdTable.from_arena(arena, device)
+    assert torch.equal(table.vector(), arena.std_vector())
+    theta, z = sd.sample_draws(table, 11, 2, [4], 0.0, return_noise=True)[2:]
+    key = DrawKey(11, 2, 4)
+    _normal_close(theta[0] / table.vector().to(device), sample_weights(arena, key, rng.Stream.WEIGHTS, None))
+    _normal_close(z[0], sample_weights(arena, key, rng.Stream.PERTURBATION, None))
+    one = sd.StdTable.from_sizes([1], [0.25], device)  # one tensor of one element
+    w_c, w_p = sd.sample_draws(one, 0, 0, [0], 0.01)
+    theta1 = 0.25 * rng.normal(0, 0, 0, rng.Stream.WEIGHTS, 1)
+    torch.testing.assert_close(w_c.cpu(), theta1.view(1, 1), rtol=philox.NORMAL_TOL, atol=philox.NORMAL_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_grad_matches_twin(device):
+    table = sd.StdTable.from_sizes(SIZES, STDS, device)
+    n = table.numel
+    g = torch.Generator().manual_seed(2)
+    g_c = torch.randn(3, n, generator=g)
+    g_p = (-g_c + 0.01 * torch.randn(3, n, generator=g)).to(device)  # near-opposite branches
+    g_c = g_c.to(device)
+    mask = (torch.rand(n, generator=g) > 0.4).to(device)
+    draws = [4, 1, 0]
+    for m in (None, mask):
+        G0 = torch.randn(n, generator=g).to(device)
+        got = mg.mask_grad_accumulate(G0.clone(), g_c, g_p, table, 99, 1, draws, 0.01, m)
+        want = mg.mask_grad_reference(G0.clone(), g_c, g_p, table, 99, 1, draws, 0.01, m)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+        theta, z = sd.sample_draws(table, 99, 1, draws, 0.01, return_noise=True)[2:]
+        if m is not None:
+            theta, z = theta * m, z * m
+        stored = mg.mask_grad_accumulate_stored(G0.clone(), g_c, g_p, theta, z, 0.01)
+        torch.testing.assert_close(stored, got, rtol=1e-6, atol=1e-6 * scale)
+    gc16, gp16 = g_c[1:2].bfloat16(), g_p[1:2].bfloat16()  # bf16 gradients, one draw
+    bf = mg.mask_grad_accumulate(torch.zeros(n, device=device), gc16, gp16, table, 5, 0, [2], 0.01)
+    want = mg.mask_grad_reference(torch.zeros(n, device=device), gc16.float(), gp16.float(), table, 5, 0, [2], 0.01)
+    torch.testing.assert_close(bf, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual BatchNorm and the finite-difference loss
+# ---------------------------------------------------------------------------------------------
+BN_CASES = [  # (shape, channels_last, groups)
+    ((6, 5, 7, 3), False, 1),
+    ((6, 5, 7, 3), True, 2),
+    ((5, 70), False, 1),
+    ((3, 2, 9), False, 3),
+    ((2, 1, 1, 1), False, 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clean_stats_match_float64(device):
+    g = torch.Generator().manual_seed(3)
+    for (shape, cl, groups), (loc, spread) in zip(BN_CASES, [(5, 2), (1000, 1), (0, 1), (-3, 0.01), (0, 1)]):
+        x = (torch.randn(shape, generator=g) * spread + loc).to(device)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        mean, var = dbn.clean_stats(x, groups)
+        assert mean.shape == var.shape == (groups, shape[1]) and mean.dtype == torch.float32
+        xg = x.double().cpu().reshape(groups, -1, *shape[1:]).transpose(0, 1)
+        dims = [0] + list(range(3, xg.dim()))
+        var64, mean64 = torch.var_mean(xg, dims, correction=1)
+        torch.testing.assert_close(var.cpu().double(), var64, rtol=5e-7, atol=0)  # ~4 float32 ulps
+        assert bool(((mean.cpu().double() - mean64).abs() <= 2.5e-7 * (mean64.abs() + var64.sqrt())).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_dual_batch_norm_forward_backward(device, relu):
+    g = torch.Generator().manual_seed(4)
+    for shape, cl, groups in BN_CASES:
+        x_c = (torch.randn(shape, generator=g) * 2 + 1).to(device)
+        if cl:
+            x_c = x_c.contiguous(memory_format=torch.channels_last)
+        x_p = x_c + 0.01 * torch.randn(shape, generator=g).to(device)
+        w = torch.randn(shape[1], generator=g).to(device).requires_grad_(True)
+        b = torch.randn(shape[1], generator=g).to(device).requires_grad_(True)
+        dy_c, dy_p = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+        results = []
+        for fn in (dbn.dual_batch_norm, dbn.dual_batch_norm_reference):
+            xc, xp = x_c.clone().requires_grad_(True), x_p.clone().requires_grad_(True)
+            y_c, y_p = fn(xc, xp, w, b, relu=relu, groups=groups)
+            grads = torch.autograd.grad((y_c * dy_c + y_p * dy_p).sum(), (xc, xp, w, b))
+            results.append((y_c, y_p, y_c - y_p) + grads)
+        assert results[0][0].stride() == x_c.stride()
+        y_scale = results[1][0].abs().max().item()
+        for i, (got, want) in enumerate(zip(*results)):
+            scale = y_scale if i == 2 else want.abs().max().item()  # y_c - y_p: errors are ulps of y
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dual_batch_norm_replayed_stats_and_bf16(device):
+    g = torch.Generator().manual_seed(5)
+    x_c = torch.randn(8, 4, 5, generator=g).to(device)
+    x_p = x_c + 0.01 * torch.randn(8, 4, 5, generator=g).to(device)
+    stats = dbn.clean_stats(x_c)  # whole-draw statistics, replayed on a micro-batch
+    got = dbn.dual_batch_norm(x_c[:3], x_p[:3], stats=stats, relu=True)
+    want = dbn.dual_batch_norm(x_c, x_p, relu=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b[:3], rtol=0, atol=0)
+    strided = dbn.dual_batch_norm(x_c[:, ::2], x_p[:, ::2], relu=True)  # non-dense input
+    for a, b in zip(strided, dbn.dual_batch_norm_reference(x_c[:, ::2], x_p[:, ::2], relu=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    yb = dbn.dual_batch_norm(x_c.bfloat16(), x_p.bfloat16())
+    rb = dbn.dual_batch_norm_reference(x_c.bfloat16().float(), x_p.bfloat16().float())
+    for a, b in zip(yb, rb):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=2 * BF16_RTOL, atol=BF16_RTOL)
+    with pytest.raises(TypeError, match="x_clean"):
+        dbn.dual_batch_norm(x_c.double(), x_p.double())
+    with pytest.raises(ValueError, match="groups"):
+        dbn.clean_stats(x_c, groups=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fd_loss_and_gradient(device):
+    g = torch.Generator().manual_seed(6)
+    for shape, groups, dtype in [((1,), 1, torch.float32), ((3,), 1, torch.float32), ((6, 1031), 3, torch.float32),
+                                 ((4, 7), 2, torch.bfloat16)]:
+        a = torch.randn(shape, generator=g).to(device, dtype)
+        b = (a.float() + 0.01 * torch.randn(shape, generator=g).to(device)).to(dtype)
+        go = torch.randn(groups, generator=g).to(device)
+        out = []
+        for fn in (fdl.fd_loss, fdl.fd_loss_reference):
+            fa, fb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            loss = fn(fa, fb, groups)
+            out.append((loss,) + torch.autograd.grad((loss * go).sum(), (fa, fb)))
+        (loss, ga, gb), (rloss, ra, rb) = out
+        assert loss.shape == (groups,) and loss.dtype == torch.float32
+        torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=0)
+        tol = BF16_RTOL if dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(ga, ra, rtol=tol, atol=tol * ra.abs().max().item())
+        torch.testing.assert_close(gb, rb, rtol=tol, atol=tol * rb.abs().max().item())
+    with pytest.raises(ValueError, match="f_pert"):
+        fdl.fd_loss(torch.zeros(3, device=device), torch.zeros(4, device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels composed: one round of mask gradients equals the engine's
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_compose_to_the_engine_mask_gradient(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+    arena = Arena(model)
+    table = sd.StdTable.from_arena(arena, device)
+    mask = (torch.rand(arena.numel, generator=torch.Generator().manual_seed(7)) > 0.2).to(device)
+    seed, rnd, draws, batch, eps = 3, 1, [0, 1], 6, 0.01
+    w_c, w_p = sd.sample_draws(table, seed, rnd, draws, eps, mask)
+    w_c.requires_grad_(True)
+    w_p.requires_grad_(True)
+    x = torch.stack([sample_inputs(DrawKey(seed, rnd, d), (5,), range(batch)) for d in draws]).to(device)
+    s1, s2 = arena.slots[0], arena.slots[1]
+    bn = model[1]
+
+    def linear(w: torch.Tensor, slot, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(bias.to(device), h, w[:, slot.offset:slot.stop].view(-1, *slot.shape).transpose(1, 2))
+
+    h_c, h_p = linear(w_c, s1, model[0].bias.detach(), x), linear(w_p, s1, model[0].bias.detach(), x)
+    y_c, y_p = dbn.dual_batch_norm(h_c.flatten(0, 1), h_p.flatten(0, 1), bn.weight.detach().to(device),
+                                   bn.bias.detach().to(device), eps=bn.eps, relu=True, groups=len(draws))
+    f_c = linear(w_c, s2, model[3].bias.detach(), y_c.view(len(draws), batch, -1))
+    f_p = linear(w_p, s2, model[3].bias.detach(), y_p.view(len(draws), batch, -1))
+    loss = fdl.fd_loss(f_c, f_p, groups=len(draws))
+    g_c, g_p = torch.autograd.grad(loss.sum(), (w_c, w_p))
+    G = mg.mask_grad_accumulate(torch.zeros(arena.numel, device=device), g_c, g_p, table, seed, rnd, draws, eps, mask)
+    want = mask_gradient(model, arena, mask.cpu(), (5,), batch_sizes=[batch] * len(draws), epsilon=eps, seed=seed,
+                         round=rnd, config=EngineConfig(device=torch.device("cpu")))
+    scale = want.abs().max().item()
+    torch.testing.assert_close((G * mask).cpu(), want * mask.cpu(), rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_package_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import ntksap_fast, ntksap_fast.kernels as k\n"
+            "assert not k.available() or True\n"
+            "try:\n    import ntksap_fast.kernels.philox\nexcept ImportError:\n    pass\n"
+            "else:\n    raise SystemExit('kernels imported without triton')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -1,0 +1,35 @@
+"""Triton kernels of ntksap_fast, imported as ``ntksap_fast.kernels``.
+
+The folder is ``triton_kernels/`` in the repository (DESIGN.md section 4); setup.py installs it
+under ``ntksap_fast.kernels`` so that it never shadows the ``triton_kernels`` distribution Triton
+publishes. One module per fused op, each with its PyTorch twin:
+
+* ``philox``         Philox-4x32-10 words and Box-Muller normals (twin: ``ntksap_fast.rng``)
+* ``sample_draw``    clean/perturbed weights of many draws, all tensors, one launch
+* ``dual_batchnorm`` BatchNorm of both branches with the clean branch's statistics (+ ReLU)
+* ``fd_loss``        ``sum((f_clean - f_pert)**2)`` per draw and its gradient
+* ``mask_grad``      ``G += sum_d theta*(g_c + g_p) + eps*z*g_p`` with theta/z regenerated
+
+Importing this package needs nothing; importing a module needs ``triton``. Kernels run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+__all__ = ["available", "philox", "sample_draw", "dual_batchnorm", "fd_loss", "mask_grad"]
+
+_MODULES = ("philox", "sample_draw", "dual_batchnorm", "fd_loss", "mask_grad")
+
+
+def available() -> bool:
+    """True when triton is installed (the kernels can be imported)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
