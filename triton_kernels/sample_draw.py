@@ -11,13 +11,14 @@ exactly the quantities of ``ntksap_fast.draws`` / ``ntksap_fast.engine`` (dense 
 comes from a per-tensor table (``StdTable``: T+1 offsets and T stds) found by an in-kernel binary
 search, not from an N-long vector. Normals match the twin to ``philox.NORMAL_TOL``; everything
 after them is the same float32 arithmetic up to one fused multiply-add (``theta + eps*z``), so
-``w_clean``/``w_pert`` match the twin to a few float32 ulps (bf16 outputs: to bf16 rounding).
+``w_clean``/``w_pert`` match the twin to ``NORMAL_TOL`` times std plus an ulp (bf16 outputs: plus
+one bf16 ulp, as values a few float32 ulps apart may round to neighbouring bf16 numbers).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import triton
@@ -26,6 +27,9 @@ import triton.language as tl
 from ntksap_fast.rng import Stream, _check_counters, normal
 
 from .philox import _COUNTER_ARGS, block_normals, interleave4, use_libdevice
+
+if TYPE_CHECKING:
+    from ntksap_fast.arena import Arena
 
 __all__ = ["StdTable", "lookup_std", "sample_draws", "sample_draws_reference", "draw_tensor"]
 
@@ -65,7 +69,7 @@ class StdTable:
                    offsets[-1], max(0, math.ceil(math.log2(len(sizes)))))
 
     @classmethod
-    def from_arena(cls, arena, device: torch.device | str = "cpu") -> "StdTable":
+    def from_arena(cls, arena: "Arena", device: torch.device | str = "cpu") -> "StdTable":
         """Table of an ``ntksap_fast.arena.Arena``."""
         return cls.from_sizes([s.numel for s in arena.slots], [s.std for s in arena.slots], device)
 
