@@ -312,7 +312,7 @@ def test_kernels_compose_to_the_engine_mask_gradient(device):
 def test_package_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import ntksap_fast, ntksap_fast.kernels as k\n"
-            "assert not k.available() or True\n"
+            "assert not k.available()\n"
             "try:\n    import ntksap_fast.kernels.philox\nexcept ImportError:\n    pass\n"
             "else:\n    raise SystemExit('kernels imported without triton')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
