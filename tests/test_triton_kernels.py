@@ -1,7 +1,9 @@
 """Triton kernels (ntksap_fast.kernels) against their PyTorch twins.
 
 Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here before
-triton is imported); with one, the same cases run compiled on CUDA tensors and the CPU cases skip.
+triton is imported), and ``test_kernels_compile_for_sm90`` compiles the non-interpreted kernels for
+sm_90 with triton's bundled ptxas (type checks and lowering, no GPU needed); with a CUDA device the
+same cases run compiled on CUDA tensors and the CPU cases skip.
 
 Tolerances (each justified in the kernel module's docstring):
 * Philox words: bit-exact.
@@ -317,3 +319,53 @@ def test_package_imports_without_triton():
             "else:\n    raise SystemExit('kernels imported without triton')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+_COMPILE_SM90 = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ntksap_fast.kernels import dual_batchnorm as BN, fd_loss as FL, mask_grad as MG, philox as P, sample_draw as SD
+counters = {"seed_lo": "u32", "seed_hi": "i32", "round_": "i32"}
+cases = [
+    (P._philox_words_kernel, {"c_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "k0": "u32", "k1": "i32"}, {"BLOCK": 1024}),
+    (P._normal_at_kernel, {"idx_ptr": "*i64", "out_ptr": "*fp32", "n": "i32", "tag": "i32", **counters},
+     {"BLOCK": 1024, "PRECISE": True}),
+    (SD._sample_draws_kernel, {"mask_ptr": "*i1", "offsets_ptr": "*i64", "std_ptr": "*fp32", "draws_ptr": "*i64",
+     "wc_ptr": "*bf16", "wp_ptr": "*bf16", "theta_ptr": "*fp32", "z_ptr": "*fp32", "N": "i32", "T": "i32",
+     "eps": "fp32", **counters}, {"HAS_MASK": True, "WRITE_NOISE": True, "STEPS": 6, "BLOCK": 256, "PRECISE": True}),
+    (MG._mask_grad_kernel, {"G_ptr": "*fp32", "gc_ptr": "*fp32", "gp_ptr": "*bf16", "mask_ptr": "*i1",
+     "offsets_ptr": "*i64", "std_ptr": "*fp32", "draws_ptr": "*i64", "D": "i32", "N": "i32", "T": "i32",
+     "eps": "fp32", **counters}, {"HAS_MASK": True, "STEPS": 6, "BLOCK": 256, "PRECISE": True}),
+    (BN._stats_partial_kernel, {"x_ptr": "*bf16", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "C": "i32", "Bg": "i32",
+     "BPC": "i32", "K": "i32", "sB": "i32", "sS": "i32"}, {"S": 1, "sC": 1, "BLOCK_S": 16, "BLOCK_C": 128}),
+    (BN._stats_combine_kernel, {"x_ptr": "*fp32", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "mean_ptr": "*fp32",
+     "var_ptr": "*fp32", "C": "i32", "S": "i32", "K": "i32", "sB": "i32", "sC": "i32"},
+     {"Bg": 1, "BPC": 1, "BLOCK_C": 64, "BLOCK_K": 64}),
+    (BN._dual_bn_fwd_kernel, {"xc_ptr": "*fp32", "xp_ptr": "*fp32", "yc_ptr": "*fp32", "yp_ptr": "*fp32",
+     "mean_ptr": "*fp32", "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "S": "i32", "Bg": "i32",
+     "sB": "i32", "sS": "i32", "eps": "fp32"}, {"sC": 1, "HAS_W": True, "HAS_B": True, "RELU": True, "BLOCK_S": 16,
+     "BLOCK_C": 64}),
+    (BN._dual_bn_bwd_kernel, {"dyc_ptr": "*bf16", "dyp_ptr": "*bf16", "yc_ptr": "*bf16", "yp_ptr": "*bf16",
+     "dxc_ptr": "*bf16", "dxp_ptr": "*bf16", "var_ptr": "*fp32", "w_ptr": "*fp32", "C": "i32", "S": "i32",
+     "Bg": "i32", "sB": "i32", "sC": "i32", "eps": "fp32"}, {"sS": 1, "HAS_W": True, "RELU": True, "BLOCK_S": 1024,
+     "BLOCK_C": 1}),
+    (FL._fd_loss_fwd_kernel, {"fc_ptr": "*fp32", "fp_ptr": "*fp32", "d2_ptr": "*fp32", "part_ptr": "*fp32",
+     "M": "i32", "P": "i32"}, {"BLOCK": 1024}),
+]
+for fn, sig, const in cases:
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32))
+print("compiled", len(cases))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the CUDA cases compile and run")
+def test_kernels_compile_for_sm90():
+    """The compiled (non-interpreter) path type-checks, lowers and assembles for sm_90, no GPU needed."""
+    ptxas = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.access(ptxas, os.X_OK):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0 and "compiled 9" in res.stdout, res.stderr[-3000:]
