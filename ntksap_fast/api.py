@@ -74,7 +74,7 @@ def _batch_sizes(draws: int, batch_size: int | Sequence[int]) -> list[int]:
     return [_check_int("batch_size", batch_size)] * draws
 
 
-def _config(model: nn.Module, device, dtype, micro_batch) -> EngineConfig:
+def _config(model: nn.Module, device, dtype, micro_batch, draw_batch) -> EngineConfig:
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -87,13 +87,17 @@ def _config(model: nn.Module, device, dtype, micro_batch) -> EngineConfig:
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {dtype}")
     if micro_batch is not None:
         micro_batch = _check_int("micro_batch", micro_batch)
-    return EngineConfig(device=device, dtype=dtype, micro_batch=micro_batch)
+    # Draws in sequence unless asked: on the 2-core CPU we measured no gain from batching them
+    # (bench/bench_engine.py, README "Performance").
+    draw_batch = 1 if draw_batch is None else _check_int("draw_batch", draw_batch)
+    return EngineConfig(device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch)
 
 
 class _Setup:
     """Validated arguments shared by both entry points."""
 
-    def __init__(self, model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch):
+    def __init__(self, model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
+                 draw_batch=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.draws = _check_int("draws", draws)
@@ -106,7 +110,7 @@ class _Setup:
             raise ValueError(f"seed must be < 2**64, got {seed}")
         self.input_shape = resolve_input_shape(model, input_shape)
         self.arena = Arena(model, params)
-        self.config = _config(model, device, dtype, micro_batch)
+        self.config = _config(model, device, dtype, micro_batch, draw_batch)
         self.model = model
         with preserved_state(model):
             check_input_shape(model, self.arena, self.input_shape, self.config)
@@ -139,6 +143,7 @@ def ntk_sap_scores(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     micro_batch: int | None = None,
+    draw_batch: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One NTK-SAP scoring round.
 
@@ -153,10 +158,13 @@ def ntk_sap_scores(
         device: where to compute (default the model's); dtype: compute precision, float32
             (default), bfloat16 (faster, see README) or float64 (for checking).
         micro_batch: most inputs per forward (exact: results do not depend on it).
+        draw_batch: draws run together through ``torch.func.vmap`` (same results up to float
+            rounding); default 1 (in sequence), the faster choice measured on CPU.
     Returns:
         ``{name: float32 tensor of the parameter's shape}``: ``|sum_s dL_s/dm| * (mask != 0)``.
     """
-    setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch)
+    setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
+                   draw_batch)
     round = _check_int("round", round, minimum=0)
     if masks is None:
         mask = torch.ones(setup.arena.numel, dtype=torch.bool, device=setup.config.device)
@@ -181,6 +189,7 @@ def ntk_sap_prune(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     micro_batch: int | None = None,
+    draw_batch: int | None = None,
     progress: bool | None = None,
     on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.BoolTensor]:
@@ -202,7 +211,8 @@ def ntk_sap_prune(
     iterations = _check_int("iterations", iterations)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch)
+    setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
+                   draw_batch)
     n_total = setup.arena.numel
     mask = torch.ones(n_total, dtype=torch.bool, device=setup.config.device)
     with tqdm(total=iterations * setup.draws, desc="NTK-SAP", unit="draw", disable=None if progress is None else not progress) as bar:

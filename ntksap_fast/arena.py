@@ -114,10 +114,11 @@ class Arena:
         return len(self.slots)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-tensor views (parameter shapes) of a flat buffer of length ``numel``."""
-        if flat.dim() != 1 or flat.numel() != self.numel:
-            raise ValueError(f"expected a flat buffer of {self.numel} elements, got shape {tuple(flat.shape)}")
-        return {s.name: flat[s.offset : s.stop].view(s.shape) for s in self.slots}
+        """Per-tensor views of a buffer ``(*lead, numel)``: shapes ``(*lead, *param.shape)``."""
+        if flat.dim() < 1 or flat.shape[-1] != self.numel:
+            raise ValueError(f"expected a buffer whose last dim is {self.numel}, got shape {tuple(flat.shape)}")
+        lead = flat.shape[:-1]
+        return {s.name: flat[..., s.offset : s.stop].view(*lead, *s.shape) for s in self.slots}
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], *, argname: str, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> torch.Tensor:

@@ -53,6 +53,26 @@ class StatsAccumulator:
         return self.mean.to(dtype), var.to(dtype)
 
 
+def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance, computed in float64 and rounded once.
+
+    The scores are a double finite difference and very sensitive to these statistics, so they are
+    computed exactly (float64) and rounded to float32 (float64 for float64 inputs).
+    """
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        if torch._C._functorch.is_batchedtensor(x):  # inside vmap over draws: functional op
+            dims = [d for d in range(x.dim()) if d != 1]
+            var, mean = torch.var_mean(x.double(), dims, correction=1)
+        else:
+            # Running buffers with momentum 1 receive the batch mean and *unbiased* variance; this
+            # native kernel is several times faster than torch.var_mean on CPU.
+            mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            var = torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
+            torch.batch_norm_update_stats(x.double(), mean, var, 1.0)
+    return mean.to(out_dtype), var.to(out_dtype)
+
+
 class CleanStatsBatchNorm(TorchFunctionMode):
     """Intercepts ``F.batch_norm``; see the module docstring for the three modes.
 
@@ -90,14 +110,7 @@ class CleanStatsBatchNorm(TorchFunctionMode):
                     "NTK-SAP needs a forward that does the same computation every call"
                 )
         elif self.mode == "record":
-            # Running buffers with momentum 1 receive the batch mean and *unbiased* variance; this
-            # native kernel is several times faster than torch.var_mean on CPU.
-            mean = torch.zeros(input.shape[1], dtype=torch.float64, device=input.device)
-            var = torch.ones(input.shape[1], dtype=torch.float64, device=input.device)
-            with torch.no_grad():
-                torch.batch_norm_update_stats(input.detach().double(), mean, var, 1.0)
-            stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-            mean, var = mean.to(stats_dtype), var.to(stats_dtype)
+            mean, var = _batch_stats(input.detach())
             self.stats.append((mean, var))
         elif self.mode == "accumulate":
             assert self.accumulator is not None

@@ -41,12 +41,15 @@ class EngineConfig:
             loss and ``G`` stay float32); or float64 (everything in float64, for checking).
         micro_batch: most inputs per forward; None = whole draws.
         channels_last: run 4-D/5-D activations channels-last (faster convolutions on CPU oneDNN).
+        draw_batch: whole draws run together through ``torch.func.vmap`` (convolutions become
+            grouped ones); 1 runs them in sequence. Ignored (1) when micro-batching.
     """
 
     device: torch.device
     dtype: torch.dtype = torch.float32
     micro_batch: int | None = None
     channels_last: bool = True
+    draw_batch: int = 1
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -79,6 +82,9 @@ def _fixed_tensors(model: nn.Module, arena: Arena, device: torch.device, dtype: 
 
 
 def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
+    """Channels-last copy of a 4-D/5-D input when configured (done before vmap for batched draws)."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return x
     if config.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     if config.channels_last and x.dim() == 5:
@@ -101,9 +107,10 @@ class _Forward:
         self.config = config
         self.fixed = _fixed_tensors(model, arena, config.device, config.param_dtype)
 
-    def __call__(self, flat_weights: torch.Tensor, x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
+    def __call__(self, weights: dict[str, torch.Tensor], x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
+        """Model output (``param_dtype``) for per-tensor ``weights`` and input batch ``x``."""
         tensors = dict(self.fixed)
-        tensors.update(self.arena.views(flat_weights))
+        tensors.update(weights)
         with _autocast(self.config), bn:
             out = functional_call(self.model, tensors, (_layout(x, self.config),), strict=False)
         if not isinstance(out, torch.Tensor):
@@ -111,7 +118,16 @@ class _Forward:
         return out.to(self.config.param_dtype)
 
 
-def _pre_pass_stats(forward: _Forward, clean: torch.Tensor, key: DrawKey, input_shape: tuple[int, ...],
+def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-tensor views of ``flat`` as separate autograd leaves.
+
+    One leaf per tensor, not views of one flat leaf: the backward of a view scatters into a zero
+    tensor of the whole arena, which costs O(layers x N) (seconds on ResNet-50).
+    """
+    return {n: v.detach().requires_grad_(True) for n, v in arena.views(flat).items()}
+
+
+def _pre_pass_stats(forward: _Forward, clean: dict[str, torch.Tensor], key: DrawKey, input_shape: tuple[int, ...],
                     batch_size: int, micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Exact clean-branch BatchNorm statistics of a whole draw, by micro-batches."""
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -151,47 +167,110 @@ def mask_gradient(
         draw_ids: which draws of the round to compute (default all); the rest contribute nothing.
         on_draw: optional callable run after each draw (progress).
     """
-    device = config.device
+    device, dtype = config.device, config.param_dtype
     forward = _Forward(model, arena, config)
     std = arena.std_vector()
     mask_cpu = mask.cpu()
-    dtype = config.param_dtype
     mask_f = mask.to(dtype)
     grad = torch.zeros(arena.numel, dtype=dtype, device=device)
-    ids = range(len(batch_sizes)) if draw_ids is None else draw_ids
-    for draw in ids:
-        key = DrawKey(seed, round, draw)
-        batch_size = batch_sizes[draw]
-        theta = sample_weights(arena, key, Stream.WEIGHTS, std, keep=mask_cpu).to(device, dtype)
-        z = sample_weights(arena, key, Stream.PERTURBATION, None, keep=mask_cpu).to(device, dtype)
-        w_clean = (mask_f * theta).requires_grad_(True)
-        w_pert = (mask_f * theta.add(z, alpha=epsilon)).requires_grad_(True)
-        micro = config.micro_batch or batch_size
-        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if micro < batch_size:
-            stats = _pre_pass_stats(forward, w_clean.detach(), key, input_shape, batch_size, micro)
-        sum_grad = torch.zeros_like(grad)
-        pert_grad = torch.zeros_like(grad)
-        for start in range(0, batch_size, micro):
-            x = sample_inputs(key, input_shape, range(start, min(start + micro, batch_size))).to(device, dtype)
-            first = CleanStatsBatchNorm(stats, "record" if micro >= batch_size else "replay")
-            out_clean = forward(w_clean, x, first)
-            out_pert = forward(w_pert, x, CleanStatsBatchNorm(stats, "replay"))
-            loss = (out_clean - out_pert).square().sum()
-            g_clean, g_pert = torch.autograd.grad(loss, (w_clean, w_pert))
-            sum_grad += g_clean
-            sum_grad += g_pert
-            pert_grad += g_pert
-        grad.addcmul_(theta, sum_grad).addcmul_(z, pert_grad, value=epsilon)
+    ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
+    group_size = 1 if config.micro_batch else config.draw_batch
+    for group in _groups(ids, batch_sizes, group_size):
+        keys = [DrawKey(seed, round, draw) for draw in group]
+        theta = torch.stack([sample_weights(arena, k, Stream.WEIGHTS, std, keep=mask_cpu) for k in keys])
+        z = torch.stack([sample_weights(arena, k, Stream.PERTURBATION, None, keep=mask_cpu) for k in keys])
+        theta, z = theta.to(device, dtype), z.to(device, dtype)
+        w_clean = mask_f * theta
+        w_pert = mask_f * theta.add(z, alpha=epsilon)
+        batch_size = batch_sizes[group[0]]
+        if len(group) == 1:
+            sum_grad, pert_grad = _one_draw(forward, w_clean[0], w_pert[0], keys[0], input_shape, batch_size)
+            sum_grad, pert_grad = sum_grad.unsqueeze(0), pert_grad.unsqueeze(0)
+        else:
+            x = torch.stack([sample_inputs(k, input_shape, range(batch_size)) for k in keys]).to(device, dtype)
+            sum_grad, pert_grad = _batched_draws(forward, w_clean, w_pert, x)
+        grad += (theta * sum_grad).sum(0)
+        grad += (z * pert_grad).sum(0).mul_(epsilon)
         if on_draw is not None:
-            on_draw()
+            for _ in group:
+                on_draw()
     return grad
+
+
+def _groups(ids: list[int], batch_sizes: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive draws with equal batch sizes, at most ``size`` per group."""
+    groups: list[list[int]] = []
+    for draw in ids:
+        last = groups[-1] if groups else None
+        if last and len(last) < size and batch_sizes[last[0]] == batch_sizes[draw]:
+            last.append(draw)
+        else:
+            groups.append([draw])
+    return groups
+
+
+def _one_draw(forward: _Forward, w_clean: torch.Tensor, w_pert: torch.Tensor, key: DrawKey,
+              input_shape: tuple[int, ...], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g_c + g_p, g_p)`` of one draw, flat, micro-batched when ``micro_batch < batch_size``."""
+    arena, config = forward.arena, forward.config
+    clean, pert = _leaves(arena, w_clean), _leaves(arena, w_pert)
+    micro = config.micro_batch or batch_size
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if micro < batch_size:
+        stats = _pre_pass_stats(forward, clean, key, input_shape, batch_size, micro)
+    sum_grad = torch.zeros_like(w_clean)
+    pert_grad = torch.zeros_like(w_clean)
+    sum_views = list(arena.views(sum_grad).values())
+    pert_views = list(arena.views(pert_grad).values())
+    for start in range(0, batch_size, micro):
+        rows = range(start, min(start + micro, batch_size))
+        x = sample_inputs(key, input_shape, rows).to(config.device, config.param_dtype)
+        out_clean = forward(clean, x, CleanStatsBatchNorm(stats, "record" if micro >= batch_size else "replay"))
+        out_pert = forward(pert, x, CleanStatsBatchNorm(stats, "replay"))
+        loss = (out_clean - out_pert).square().sum()
+        grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
+        torch._foreach_add_(sum_views, grads[: len(arena)])
+        torch._foreach_add_(sum_views, grads[len(arena) :])
+        torch._foreach_add_(pert_views, grads[len(arena) :])
+    return sum_grad, pert_grad
+
+
+def _batched_draws(forward: _Forward, w_clean: torch.Tensor, w_pert: torch.Tensor,
+                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g_c + g_p, g_p)`` of ``k`` whole draws at once (``torch.func.vmap`` over draws).
+
+    Args:
+        w_clean, w_pert: ``(k, N)`` weights; x: ``(k, batch, *input_shape)`` inputs.
+    Returns:
+        two ``(k, N)`` tensors.
+    """
+    arena = forward.arena
+    clean, pert = _leaves(arena, w_clean), _leaves(arena, w_pert)
+    if forward.config.channels_last and x.dim() in (5, 6):  # each draw's batch channels-last
+        order = (0, 1, *range(3, x.dim()), 2)
+        x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
+
+    def draw_loss(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats, "record"))
+        out_pert = forward(pert_w, xs, CleanStatsBatchNorm(stats, "replay"))
+        return (out_clean - out_pert).square().sum()
+
+    loss = torch.func.vmap(draw_loss)(clean, pert, x).sum()
+    grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
+    sum_grad = torch.empty_like(w_clean)
+    pert_grad = torch.empty_like(w_clean)
+    for view, g_c, g_p in zip(arena.views(sum_grad).values(), grads[: len(arena)], grads[len(arena) :]):
+        torch.add(g_c, g_p, out=view)
+    for view, g_p in zip(arena.views(pert_grad).values(), grads[len(arena) :]):
+        view.copy_(g_p)
+    return sum_grad, pert_grad
 
 
 def check_input_shape(model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig) -> None:
     """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
     forward = _Forward(model, arena, config)
-    weights = torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype)
+    weights = arena.views(torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype))
     x = torch.zeros(2, *input_shape, device=config.device, dtype=config.param_dtype)
     try:
         with torch.no_grad():

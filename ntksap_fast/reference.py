@@ -70,7 +70,8 @@ def reference_scores(
     if any(bn.running_mean is None for bn in bns):
         raise ValueError("the reference needs BatchNorm layers with running statistics (track_running_stats=True)")
     std = arena.std_vector()
-    m = mask.to(dtype).clone().requires_grad_(True)
+    # One mask leaf per layer, as the research code keeps them.
+    masks = {n: v.detach().clone().requires_grad_(True) for n, v in arena.views(mask.to(dtype)).items()}
     grad = torch.zeros(arena.numel, dtype=dtype)
     for draw in range(draws):
         key = DrawKey(seed, round, draw)
@@ -87,9 +88,11 @@ def reference_scores(
             for h in hooks:
                 h.remove()
 
-        out_clean = functional_call(net, arena.views(m * theta), (x,))
-        out_pert = functional_call(net, arena.views(m * (theta + epsilon * z)), (x,))
+        thetas = arena.views(theta)
+        perturbed = arena.views(theta + epsilon * z)
+        out_clean = functional_call(net, {n: masks[n] * thetas[n] for n in masks}, (x,))
+        out_pert = functional_call(net, {n: masks[n] * perturbed[n] for n in masks}, (x,))
         loss = (out_clean - out_pert).pow(2).sum()
-        (g,) = torch.autograd.grad(loss, m)
-        grad += g
+        grads = torch.autograd.grad(loss, list(masks.values()))
+        grad += torch.cat([g.reshape(-1) for g in grads])
     return (grad.abs() * (mask != 0)).to(torch.float32)

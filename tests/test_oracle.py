@@ -103,6 +103,16 @@ def test_micro_batched_equals_whole(dtype):
             _assert_float32_close(part, whole)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "conv1d", "mlp"])
+def test_batched_draws_equal_sequential(name):
+    build, shape, _, batch = CASES[name]
+    model = build()
+    kwargs = dict(draws=3, batch_size=[batch, batch, batch // 2], seed=2, dtype=torch.float64)
+    sequential = _flat(ntk_sap_scores(model, shape, **kwargs))
+    for draw_batch in (2, 3):
+        _assert_scores_close(_flat(ntk_sap_scores(model, shape, draw_batch=draw_batch, **kwargs)), sequential)
+
+
 def test_per_draw_batch_sizes_match_reference():
     # Draws of 5 and 9 inputs: the engine's round equals the reference run on the same sizes.
     model = _mlp()
