@@ -69,20 +69,29 @@ __global__ void histogram_kernel(const typename Bits::key_t* __restrict__ s,
   const int shift = Bits::kBits - kRadixBits * (level + 1);
   const int pshift = shift + kRadixBits;  // < kBits whenever level > 0
   const Key prefix = static_cast<Key>(state[kPrefix]);
+  const int lane = threadIdx.x & 31;
   unsigned int count = 0, nan = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    if (!m[i]) continue;
-    const Key bits = s[i];
-    const Key key = Bits::to_key(bits);
-    if (level == 0) {
-      ++count;
-      nan |= static_cast<unsigned int>(Bits::is_nan(bits));
-    } else if (static_cast<Key>(key >> pshift) != prefix) {
-      continue;
+  // Uniform trip count per block (base, not i, bounds the loop) so that whole warps take part
+  // in the warp-aggregated atomics below.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < n; base += stride) {
+    const int64_t i = base + threadIdx.x;
+    bool hit = i < n && m[i];
+    unsigned int bin = 0;
+    if (hit) {
+      const Key bits = s[i];
+      const Key key = Bits::to_key(bits);
+      if (level == 0) {
+        ++count;
+        nan |= static_cast<unsigned int>(Bits::is_nan(bits));
+      } else {
+        hit = static_cast<Key>(key >> pshift) == prefix;
+      }
+      bin = static_cast<unsigned int>(key >> shift) & (kRadix - 1);
     }
-    atomicAdd(&hist[static_cast<unsigned int>(key >> shift) & (kRadix - 1)], 1u);
+    // Lanes with the same bin add once (scores often share their top digits: contention).
+    const unsigned int peers = __match_any_sync(0xffffffffu, hit ? bin : kRadix);
+    if (hit && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<unsigned int>(__popc(peers)));
   }
   if (level == 0) {
     if (count) atomicAdd(&block_count, count);

@@ -1,0 +1,161 @@
+"""Global masking step of NTK-SAP: the research code's ``cat + kthvalue + where`` against
+``torch.topk`` on the flat vector and the ``ntksap_fast`` masked top-k on the flat arena vector.
+
+Groups (one per model size and device, side by side in the table; ratios printed at the end by
+bench/conftest.py, the baseline being the benchmark named ``research``):
+
+* ``topk-resnet50-25.5M-<dev>``: the prunable weights of torchvision's ResNet-50 (54 tensors,
+  25.5M entries), scores ``|N(0,1)| * 10**U(-3, 0)`` per layer (NTK-SAP scores are ``|G|`` with
+  layer-dependent scales), half the entries already pruned (score 0, the research code's
+  convention), keep 40% of all entries (a mid-schedule round).
+* ``topk-vgg16-138M-<dev>``: the same for VGG-16 (16 tensors, 138.3M entries, one of 102.8M).
+
+Benchmarks:
+
+* ``research``: the research code's global masking (Synaptic-Flow code base, ``_global_mask``):
+  ``torch.cat`` of the flattened per-layer score tensors, ``torch.kthvalue`` for the threshold at
+  the number of entries to prune, then per layer ``mask.copy_(torch.where(score <= threshold,
+  0, 1))`` into float masks.
+* ``torch_topk``: ``torch.topk`` on the flat score vector (already one tensor), then scatter
+  into a fresh bool mask.
+* ``ntksap_masked_topk``: ``torch.ops.ntksap_fast.masked_topk`` on the arena's flat score and
+  mask vectors (new bool mask).
+* ``ntksap_masked_topk_inplace``: ``torch.ops.ntksap_fast.masked_topk_`` (overwrites the mask;
+  the mask is restored outside the timed region before each round).
+
+All compute the same selection up to ties (checked once per group before timing). Run:
+
+    .venv/bin/python -m pytest bench/bench_topk.py -p no:cacheprovider \
+        --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ntksap_fast import topk
+
+if not topk.extension_available():
+    pytest.skip(f"compiled extension unavailable: {topk.extension_error()}", allow_module_level=True)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DENSITY_BEFORE, DENSITY_AFTER = 0.5, 0.4
+
+
+def _layer_shapes(model: str) -> list[tuple[int, ...]]:
+    """Weight shapes of every Conv/Linear layer (built on the meta device: no memory)."""
+    import torchvision
+
+    with torch.device("meta"):
+        net = getattr(torchvision.models, model)()
+    return [
+        tuple(m.weight.shape)
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+
+
+class Case:
+    """Per-layer scores/masks as the research code holds them, and the same data as one arena."""
+
+    def __init__(self, model: str, device: str):
+        shapes = _layer_shapes(model)
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        self.n = sum(sizes)
+        g = torch.Generator().manual_seed(0)
+        scales = 10.0 ** (-3.0 * torch.rand(len(sizes), generator=g))
+        flat = torch.empty(self.n)
+        mask = torch.empty(self.n, dtype=torch.bool)
+        off = 0
+        for size, scale in zip(sizes, scales.tolist()):
+            flat[off : off + size].normal_(generator=g).abs_().mul_(scale)
+            mask[off : off + size] = torch.rand(size, generator=g) < DENSITY_BEFORE
+            off += size
+        flat.mul_(mask)  # pruned entries score 0, as in the research code
+        self.scores = flat.to(device)  # the arena: one flat vector, per-layer views
+        self.mask = mask.to(device)
+        self.n_keep = int(DENSITY_AFTER * self.n)
+        self.device = device
+        # The research code's layout: separate score tensors and float masks per layer.
+        self.layer_scores = [t.clone().view(s) for t, s in zip(self.scores.split(sizes), shapes)]
+        self.layer_masks = [m.float().view(s) for m, s in zip(self.mask.split(sizes), shapes)]
+        self.work_mask = self.mask.clone()
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def research(self):
+        global_scores = torch.cat([torch.flatten(v) for v in self.layer_scores])
+        k = global_scores.numel() - self.n_keep  # entries to prune
+        threshold, _ = torch.kthvalue(global_scores, k)
+        zero = torch.tensor([0.0], device=self.device)
+        one = torch.tensor([1.0], device=self.device)
+        for mask, score in zip(self.layer_masks, self.layer_scores):
+            mask.copy_(torch.where(score <= threshold, zero, one))
+        self.sync()
+
+    def torch_topk(self):
+        idx = torch.topk(self.scores, self.n_keep, sorted=False).indices
+        out = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        out[idx] = True
+        self.sync()
+        return out
+
+    def ntksap(self):
+        out = torch.ops.ntksap_fast.masked_topk(self.scores, self.mask, self.n_keep)
+        self.sync()
+        return out
+
+    def restore(self):
+        self.work_mask.copy_(self.mask)
+        self.sync()
+
+    def ntksap_inplace(self):
+        torch.ops.ntksap_fast.masked_topk_(self.scores, self.work_mask, self.n_keep)
+        self.sync()
+
+
+_CASES: dict = {}
+
+
+def _case(model: str, device: str) -> Case:
+    key = (model, device)
+    if key not in _CASES:
+        _CASES.clear()  # one case in memory at a time
+        case = Case(model, device)
+        # Same selection everywhere (the scores are continuous: no ties at the threshold).
+        ours = case.ntksap()
+        assert int(ours.sum()) == case.n_keep
+        assert torch.equal(ours, case.torch_topk())
+        case.research()
+        assert torch.equal(ours, torch.cat([m.flatten() for m in case.layer_masks]).bool())
+        _CASES[key] = case
+    return _CASES[key]
+
+
+MODELS = [("resnet50", "25.5M"), ("vgg16", "138M")]
+METHODS = ["research", "torch_topk", "ntksap_masked_topk", "ntksap_masked_topk_inplace"]
+# Model-major order, so that each case's data is built once.
+PARAMS = [
+    pytest.param(m, d, meth, id=f"{m}-{d}-{meth}")
+    for m, _ in MODELS
+    for d in DEVICES
+    for meth in METHODS
+]
+ROUNDS = {"cpu": 5, "cuda": 20}
+
+
+@pytest.mark.parametrize("model,device,method", PARAMS)
+def test_topk(benchmark, model, device, method):
+    case = _case(model, device)
+    benchmark.group = f"topk-{model}-{dict(MODELS)[model]}-{device}"
+    rounds = ROUNDS[device]
+    if method == "research":
+        benchmark.pedantic(case.research, rounds=rounds, warmup_rounds=1)
+    elif method == "torch_topk":
+        benchmark.pedantic(case.torch_topk, rounds=rounds, warmup_rounds=1)
+    elif method == "ntksap_masked_topk":
+        benchmark.pedantic(case.ntksap, rounds=4 * rounds, warmup_rounds=2)
+    else:
+        benchmark.pedantic(case.ntksap_inplace, setup=case.restore, rounds=4 * rounds, warmup_rounds=2)
