@@ -98,8 +98,10 @@ setup(
     package_dir={"ntksap_fast.kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "safetensors", "torchvision"],
+        "test": ["pytest", "pytest-benchmark", "safetensors", "torchvision", "matplotlib"],
+        "plot": ["matplotlib"],
     },
+    entry_points={"console_scripts": ["ntksap=ntksap_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
