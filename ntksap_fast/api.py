@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -10,6 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arena import Arena, ParamSelector
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DrawShare
+from .backend import resolve_backend
 from .engine import EngineConfig, check_input_shape, mask_gradient, preserved_state
 from .topk import masked_topk_
 
@@ -90,14 +95,15 @@ def _config(model: nn.Module, device, dtype, micro_batch, draw_batch) -> EngineC
     # Draws in sequence unless asked: on the 2-core CPU we measured no gain from batching them
     # (bench/bench_engine.py, README "Performance").
     draw_batch = 1 if draw_batch is None else _check_int("draw_batch", draw_batch)
-    return EngineConfig(device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch)
+    return EngineConfig(device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
+                        backend=resolve_backend(device, dtype))
 
 
 class _Setup:
     """Validated arguments shared by both entry points."""
 
     def __init__(self, model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
-                 draw_batch=None):
+                 draw_batch=None, process_group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.draws = _check_int("draws", draws)
@@ -112,6 +118,8 @@ class _Setup:
         self.arena = Arena(model, params)
         self.config = _config(model, device, dtype, micro_batch, draw_batch)
         self.model = model
+        self.share = DrawShare.current(process_group)
+        self.local_draws = self.share.draws(self.draws)
         with preserved_state(model):
             check_input_shape(model, self.arena, self.input_shape, self.config)
 
@@ -120,9 +128,10 @@ class _Setup:
         with preserved_state(self.model):
             grad = mask_gradient(
                 self.model, self.arena, mask, self.input_shape, batch_sizes=self.batch_sizes,
-                epsilon=self.epsilon, seed=self.seed, round=round, config=self.config, on_draw=on_draw,
+                epsilon=self.epsilon, seed=self.seed, round=round, config=self.config,
+                draw_ids=self.local_draws, on_draw=on_draw,
             )
-        scores = grad.abs_().mul_(mask).to(torch.float32)
+        scores = self.share.all_reduce(grad).abs_().mul_(mask).to(torch.float32)
         if torch.isnan(scores).any():
             bad = [n for n, v in self.arena.views(scores).items() if torch.isnan(v).any()]
             raise ValueError(f"NaN in the NTK-SAP scores of {bad}: the model's output or gradient is not finite")
@@ -144,6 +153,7 @@ def ntk_sap_scores(
     dtype: torch.dtype | None = None,
     micro_batch: int | None = None,
     draw_batch: int | None = None,
+    process_group=None,
 ) -> dict[str, torch.Tensor]:
     """One NTK-SAP scoring round.
 
@@ -160,11 +170,13 @@ def ntk_sap_scores(
         micro_batch: most inputs per forward (exact: results do not depend on it).
         draw_batch: draws run together through ``torch.func.vmap`` (same results up to float
             rounding); default 1 (in sequence), the faster choice measured on CPU.
+        process_group: share the draws over the ranks of this ``torch.distributed`` group (default:
+            the default group when ``torch.distributed`` is initialised); every rank gets the result.
     Returns:
         ``{name: float32 tensor of the parameter's shape}``: ``|sum_s dL_s/dm| * (mask != 0)``.
     """
     setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
-                   draw_batch)
+                   draw_batch, process_group)
     round = _check_int("round", round, minimum=0)
     if masks is None:
         mask = torch.ones(setup.arena.numel, dtype=torch.bool, device=setup.config.device)
@@ -190,6 +202,8 @@ def ntk_sap_prune(
     dtype: torch.dtype | None = None,
     micro_batch: int | None = None,
     draw_batch: int | None = None,
+    process_group=None,
+    checkpoint: str | os.PathLike | None = None,
     progress: bool | None = None,
     on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.BoolTensor]:
@@ -198,8 +212,13 @@ def ntk_sap_prune(
     After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
     ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
     ties to the lower flat index; pruned entries never come back. Arguments as ``ntk_sap_scores``;
-    ``progress`` shows a bar per round (None: only on a terminal); ``on_round(t, masks)`` is called
-    after each round with the masks so far.
+    ``progress`` shows a bar per round (None: only on a terminal; rank 0 only); ``on_round(t, masks)``
+    is called after each round with the masks so far.
+
+    ``checkpoint``: a file path; after each round the mask and the round counter are written to it
+    atomically (by rank 0), and a call with the same arguments resumes after the last finished
+    round, giving the identical final masks. A checkpoint written with other arguments, or a
+    corrupted one, raises ``ValueError`` (``ntksap_fast.checkpoint.CheckpointError``).
 
     Returns:
         ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True = kept),
@@ -212,14 +231,32 @@ def ntk_sap_prune(
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     setup = _Setup(model, input_shape, draws, batch_size, epsilon, seed, params, device, dtype, micro_batch,
-                   draw_batch)
+                   draw_batch, process_group)
     n_total = setup.arena.numel
     mask = torch.ones(n_total, dtype=torch.bool, device=setup.config.device)
-    with tqdm(total=iterations * setup.draws, desc="NTK-SAP", unit="draw", disable=None if progress is None else not progress) as bar:
-        for t, d_t in enumerate(density_schedule(density, iterations, schedule)):
-            bar.set_postfix(round=f"{t + 1}/{iterations}", density=f"{d_t:.4f}")
+    done = 0
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+        settings = {
+            "tensors": [(s.name, tuple(s.shape)) for s in setup.arena.slots], "density": density,
+            "iterations": iterations, "schedule": schedule, "batch_sizes": tuple(setup.batch_sizes),
+            "epsilon": setup.epsilon, "seed": setup.seed, "input_shape": setup.input_shape,
+            "dtype": str(setup.config.dtype),
+        }
+        if Path(checkpoint).exists():
+            done, saved = load_checkpoint(checkpoint, settings)
+            mask.copy_(saved)
+    schedule_densities = density_schedule(density, iterations, schedule)
+    show = setup.share.is_main and (progress is None or progress)
+    with tqdm(total=(iterations - done) * len(setup.local_draws), desc="NTK-SAP", unit="draw",
+              disable=None if progress is None and show else not show) as bar:
+        for t in range(done, iterations):
+            bar.set_postfix(round=f"{t + 1}/{iterations}", density=f"{schedule_densities[t]:.4f}")
             scores = setup.scores(mask, round=t, on_draw=lambda: bar.update(1))
-            masked_topk_(scores, mask, keep_count(n_total, d_t))
+            masked_topk_(scores, mask, keep_count(n_total, schedule_densities[t]))
+            if checkpoint is not None and setup.share.is_main:
+                save_checkpoint(checkpoint, settings, t + 1, mask)
             if on_round is not None:
                 on_round(t + 1, {n: v.clone() for n, v in setup.arena.views(mask).items()})
     return {n: v.clone() for n, v in setup.arena.views(mask).items()}

@@ -5,7 +5,8 @@ The engine runs the user's model unchanged; this mode intercepts every ``F.batch
 instead of the module's running buffers, which are never read or written:
 
 * ``record``: compute the call's mean and **unbiased** variance over every dim but the channel dim
-  (no gradient), keep them, normalise with them (the clean branch);
+  (no gradient; ``batch_stats`` or the statistics function given, e.g. the Triton
+  ``clean_stats``), keep them, normalise with them (the clean branch);
 * ``replay``: normalise with the statistics kept for the same call, in call order (the perturbed
   branch, and both branches of a micro-batched draw);
 * ``accumulate``: replay the known statistics, and at the first call past them fold this
@@ -14,11 +15,16 @@ instead of the module's running buffers, which are never read or written:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CleanStatsBatchNorm", "StatsAccumulator", "StopForward"]
+__all__ = ["CleanStatsBatchNorm", "StatsAccumulator", "StopForward", "batch_stats"]
+
+#: ``x (B, C, *spatial) -> (mean, unbiased var)``, each ``(C,)``, computed without gradient.
+StatsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class StopForward(Exception):
@@ -53,7 +59,7 @@ class StatsAccumulator:
         return self.mean.to(dtype), var.to(dtype)
 
 
-def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and unbiased variance, computed in float64 and rounded once.
 
     The scores are a double finite difference and very sensitive to these statistics, so they are
@@ -80,16 +86,18 @@ class CleanStatsBatchNorm(TorchFunctionMode):
         stats: list of ``(mean, var)`` per BatchNorm call, shared between the branches of a draw.
         mode: ``"record"``, ``"replay"`` or ``"accumulate"``.
         accumulator: the ``StatsAccumulator`` fed in ``accumulate`` mode.
+        stats_fn: the statistics of ``record`` mode (default ``batch_stats``).
     """
 
     def __init__(self, stats: list[tuple[torch.Tensor, torch.Tensor]], mode: str,
-                 accumulator: StatsAccumulator | None = None) -> None:
+                 accumulator: StatsAccumulator | None = None, stats_fn: StatsFn = batch_stats) -> None:
         super().__init__()
         if mode not in ("record", "replay", "accumulate"):
             raise ValueError(f"mode must be record, replay or accumulate, got {mode!r}")
         self.stats = stats
         self.mode = mode
         self.accumulator = accumulator
+        self.stats_fn = stats_fn
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -110,7 +118,7 @@ class CleanStatsBatchNorm(TorchFunctionMode):
                     "NTK-SAP needs a forward that does the same computation every call"
                 )
         elif self.mode == "record":
-            mean, var = _batch_stats(input.detach())
+            mean, var = self.stats_fn(input.detach())
             self.stats.append((mean, var))
         elif self.mode == "accumulate":
             assert self.accumulator is not None

@@ -8,7 +8,9 @@ BatchNorm uses the clean branch's statistics recorded during the clean forward
 
     dL/dm = theta * g_c + (theta + eps * z) * g_p = theta * (g_c + g_p) + eps * z * g_p,
 
-accumulated over draws into one flat float32 vector ``G``. When a draw is larger than
+accumulated over draws into one flat float32 vector ``G``. What differs between the PyTorch path
+and the Triton path (sampling weights and inputs, the recorded BatchNorm statistics, the loss, the
+reduction into ``G``) sits behind a backend (``ntksap_fast.backend``) chosen once per call. When a draw is larger than
 ``micro_batch`` inputs, an exact pre-pass accumulates each BatchNorm's statistics over the whole
 draw first (one sweep per BatchNorm layer), then micro-batches run both branches with them: ``G``
 does not depend on the micro-batch size beyond float summation order.
@@ -24,9 +26,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .arena import Arena
+from .backend import Backend, make_backend, resolve_backend
 from .batchnorm import CleanStatsBatchNorm, StatsAccumulator, StopForward
-from .draws import DrawKey, sample_inputs, sample_weights
-from .rng import Stream
+from .draws import DrawKey
 
 __all__ = ["EngineConfig", "mask_gradient", "preserved_state", "check_input_shape"]
 
@@ -43,6 +45,8 @@ class EngineConfig:
         channels_last: run 4-D/5-D activations channels-last (faster convolutions on CPU oneDNN).
         draw_batch: whole draws run together through ``torch.func.vmap`` (convolutions become
             grouped ones); 1 runs them in sequence. Ignored (1) when micro-batching.
+        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.backend``); None = chosen by
+            ``resolve_backend`` from the device, dtype and ``NTKSAP_FAST_BACKEND`` at each call.
     """
 
     device: torch.device
@@ -50,6 +54,7 @@ class EngineConfig:
     micro_batch: int | None = None
     channels_last: bool = True
     draw_batch: int = 1
+    backend: str | None = None
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -127,8 +132,9 @@ def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: v.detach().requires_grad_(True) for n, v in arena.views(flat).items()}
 
 
-def _pre_pass_stats(forward: _Forward, clean: dict[str, torch.Tensor], key: DrawKey, input_shape: tuple[int, ...],
-                    batch_size: int, micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pre_pass_stats(forward: _Forward, backend: Backend, clean: dict[str, torch.Tensor], key: DrawKey,
+                    input_shape: tuple[int, ...], batch_size: int,
+                    micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Exact clean-branch BatchNorm statistics of a whole draw, by micro-batches."""
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
@@ -136,7 +142,7 @@ def _pre_pass_stats(forward: _Forward, clean: dict[str, torch.Tensor], key: Draw
             acc = StatsAccumulator()
             for start in range(0, batch_size, micro_batch):
                 rows = range(start, min(start + micro_batch, batch_size))
-                x = sample_inputs(key, input_shape, rows).to(forward.config.device, forward.config.param_dtype)
+                x = backend.inputs(key, input_shape, rows)
                 try:
                     forward(clean, x, CleanStatsBatchNorm(stats, "accumulate", acc))
                 except StopForward:
@@ -168,29 +174,24 @@ def mask_gradient(
         on_draw: optional callable run after each draw (progress).
     """
     device, dtype = config.device, config.param_dtype
+    name = config.backend or resolve_backend(device, config.dtype)
+    backend = make_backend(name, arena, mask, seed, round, epsilon, device, dtype)
     forward = _Forward(model, arena, config)
-    std = arena.std_vector()
-    mask_cpu = mask.cpu()
-    mask_f = mask.to(dtype)
     grad = torch.zeros(arena.numel, dtype=dtype, device=device)
     ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
     group_size = 1 if config.micro_batch else config.draw_batch
     for group in _groups(ids, batch_sizes, group_size):
         keys = [DrawKey(seed, round, draw) for draw in group]
-        theta = torch.stack([sample_weights(arena, k, Stream.WEIGHTS, std, keep=mask_cpu) for k in keys])
-        z = torch.stack([sample_weights(arena, k, Stream.PERTURBATION, None, keep=mask_cpu) for k in keys])
-        theta, z = theta.to(device, dtype), z.to(device, dtype)
-        w_clean = mask_f * theta
-        w_pert = mask_f * theta.add(z, alpha=epsilon)
+        sampled = backend.sample(group)
         batch_size = batch_sizes[group[0]]
         if len(group) == 1:
-            sum_grad, pert_grad = _one_draw(forward, w_clean[0], w_pert[0], keys[0], input_shape, batch_size)
-            sum_grad, pert_grad = sum_grad.unsqueeze(0), pert_grad.unsqueeze(0)
+            g_clean, g_pert = _one_draw(forward, backend, sampled.w_clean[0], sampled.w_pert[0], keys[0],
+                                        input_shape, batch_size)
+            g_clean, g_pert = g_clean.unsqueeze(0), g_pert.unsqueeze(0)
         else:
-            x = torch.stack([sample_inputs(k, input_shape, range(batch_size)) for k in keys]).to(device, dtype)
-            sum_grad, pert_grad = _batched_draws(forward, w_clean, w_pert, x)
-        grad += (theta * sum_grad).sum(0)
-        grad += (z * pert_grad).sum(0).mul_(epsilon)
+            x = torch.stack([backend.inputs(k, input_shape, range(batch_size)) for k in keys])
+            g_clean, g_pert = _batched_draws(forward, backend, sampled.w_clean, sampled.w_pert, x)
+        backend.accumulate(grad, sampled, g_clean, g_pert)
         if on_draw is not None:
             for _ in group:
                 on_draw()
@@ -209,35 +210,38 @@ def _groups(ids: list[int], batch_sizes: Sequence[int], size: int) -> list[list[
     return groups
 
 
-def _one_draw(forward: _Forward, w_clean: torch.Tensor, w_pert: torch.Tensor, key: DrawKey,
+def _one_draw(forward: _Forward, backend: Backend, w_clean: torch.Tensor, w_pert: torch.Tensor, key: DrawKey,
               input_shape: tuple[int, ...], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g_c + g_p, g_p)`` of one draw, flat, micro-batched when ``micro_batch < batch_size``."""
+    """``(g_c, g_p)`` of one draw, flat ``(N,)``, micro-batched when ``micro_batch < batch_size``."""
     arena, config = forward.arena, forward.config
     clean, pert = _leaves(arena, w_clean), _leaves(arena, w_pert)
     micro = config.micro_batch or batch_size
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     if micro < batch_size:
-        stats = _pre_pass_stats(forward, clean, key, input_shape, batch_size, micro)
-    sum_grad = torch.zeros_like(w_clean)
-    pert_grad = torch.zeros_like(w_clean)
-    sum_views = list(arena.views(sum_grad).values())
-    pert_views = list(arena.views(pert_grad).values())
+        stats = _pre_pass_stats(forward, backend, clean, key, input_shape, batch_size, micro)
+    g_clean = torch.zeros_like(w_clean)
+    g_pert = torch.zeros_like(w_clean)
+    clean_views = list(arena.views(g_clean).values())
+    pert_views = list(arena.views(g_pert).values())
     for start in range(0, batch_size, micro):
         rows = range(start, min(start + micro, batch_size))
-        x = sample_inputs(key, input_shape, rows).to(config.device, config.param_dtype)
-        out_clean = forward(clean, x, CleanStatsBatchNorm(stats, "record" if micro >= batch_size else "replay"))
+        x = backend.inputs(key, input_shape, rows)
+        mode = "record" if micro >= batch_size else "replay"
+        out_clean = forward(clean, x, CleanStatsBatchNorm(stats, mode, stats_fn=backend.batch_stats))
         out_pert = forward(pert, x, CleanStatsBatchNorm(stats, "replay"))
-        loss = (out_clean - out_pert).square().sum()
+        loss = backend.loss(out_clean, out_pert)
         grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
-        torch._foreach_add_(sum_views, grads[: len(arena)])
-        torch._foreach_add_(sum_views, grads[len(arena) :])
+        torch._foreach_add_(clean_views, grads[: len(arena)])
         torch._foreach_add_(pert_views, grads[len(arena) :])
-    return sum_grad, pert_grad
+    return g_clean, g_pert
 
 
-def _batched_draws(forward: _Forward, w_clean: torch.Tensor, w_pert: torch.Tensor,
+def _batched_draws(forward: _Forward, backend: Backend, w_clean: torch.Tensor, w_pert: torch.Tensor,
                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g_c + g_p, g_p)`` of ``k`` whole draws at once (``torch.func.vmap`` over draws).
+    """``(g_c, g_p)`` of ``k`` whole draws at once (``torch.func.vmap`` over draws).
+
+    Inside vmap the backend's statistics see batched tensors (the Triton backend falls back to
+    PyTorch ops there); the loss of all ``k`` draws is taken outside vmap.
 
     Args:
         w_clean, w_pert: ``(k, N)`` weights; x: ``(k, batch, *input_shape)`` inputs.
@@ -250,21 +254,20 @@ def _batched_draws(forward: _Forward, w_clean: torch.Tensor, w_pert: torch.Tenso
         order = (0, 1, *range(3, x.dim()), 2)
         x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
 
-    def draw_loss(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+    def draw_outputs(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor],
+                     xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats, "record"))
+        out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats, "record", stats_fn=backend.batch_stats))
         out_pert = forward(pert_w, xs, CleanStatsBatchNorm(stats, "replay"))
-        return (out_clean - out_pert).square().sum()
+        return out_clean, out_pert
 
-    loss = torch.func.vmap(draw_loss)(clean, pert, x).sum()
+    loss = backend.loss(*torch.func.vmap(draw_outputs)(clean, pert, x))
     grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
-    sum_grad = torch.empty_like(w_clean)
-    pert_grad = torch.empty_like(w_clean)
-    for view, g_c, g_p in zip(arena.views(sum_grad).values(), grads[: len(arena)], grads[len(arena) :]):
-        torch.add(g_c, g_p, out=view)
-    for view, g_p in zip(arena.views(pert_grad).values(), grads[len(arena) :]):
-        view.copy_(g_p)
-    return sum_grad, pert_grad
+    g_clean = torch.empty_like(w_clean)
+    g_pert = torch.empty_like(w_clean)
+    for view, g in zip([*arena.views(g_clean).values(), *arena.views(g_pert).values()], grads):
+        view.copy_(g)
+    return g_clean, g_pert
 
 
 def check_input_shape(model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig) -> None:
