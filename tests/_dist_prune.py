@@ -1,0 +1,25 @@
+"""Worker for tests/test_scaleout.py: a gloo prune under torchrun; rank 0 saves the result."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ntksap_fast import ntk_sap_prune, ntk_sap_scores
+from ntksap_fast.models import CifarResNet
+
+KWARGS = dict(input_shape=(3, 16, 16), draws=3, batch_size=6, seed=11)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    model = CifarResNet(8)
+    masks = ntk_sap_prune(model, 0.2, iterations=3, progress=False, **KWARGS)
+    scores = ntk_sap_scores(model, **KWARGS)
+    if dist.get_rank() == 0:
+        torch.save({"masks": masks, "scores": scores, "world": dist.get_world_size()}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
