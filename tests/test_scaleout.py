@@ -12,9 +12,8 @@ from ntksap_fast import ntk_sap_prune, ntk_sap_scores
 from ntksap_fast.checkpoint import CheckpointError
 from ntksap_fast.models import CifarResNet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _dist_prune import KWARGS  # noqa: E402
-from _tolerances import assert_float32_close  # noqa: E402
+from _dist_prune import KWARGS
+from _tolerances import assert_float32_close
 
 ROOT = Path(__file__).resolve().parent.parent
 
