@@ -1,25 +1,33 @@
-// Masked global top-k, CPU: multi-threaded radix select over order-preserving integer keys.
+// Masked global top-k, CPU: multi-threaded selection over order-preserving integer keys of the
+// floats (key_traits.h), no sort of the vector and no copy of it (non-contiguous inputs are made
+// contiguous first). All indexing is 64-bit. The vector is split into C contiguous chunks (C =
+// threads, chunks < 2^31 entries); chunk c is the same range in every pass, so per-chunk counts
+// from one pass are valid offsets for the next and the lower index wins every tie.
 //
-// Algorithm (N entries, keys of B = 16, 32 or 64 bits, digits of 16 bits, C chunks = threads):
-//  1. Histogram pass over the top digit of the keys of the unpruned entries, one 2^16-bin
-//     histogram per chunk (uint32 counters, chunks are < 2^31 entries). The same pass flags NaNs;
-//     the histogram total is the number of unpruned entries (n_keep is validated against it).
+// Fast path (N >= 2^16), two passes over the data:
+//  0. Sample ~N/128 entries at fixed hashed positions (deterministic; the result never depends
+//     on the sample) and bracket the threshold: keys [lo, hi] around the expected rank of the
+//     n_keep-th largest unpruned key, 4 standard deviations either side.
+//  1. Read-only pass: count unpruned entries (n_keep is validated against the count), flag NaNs
+//     (raise before anything is written), count keys > hi and collect the unpruned keys in
+//     [lo, hi] with their indices (blocks of 32 entries counted with SIMD compares first, only
+//     blocks holding a candidate scanned again).
+//  2. If the bracket holds the threshold (count above hi <= n_keep <= that + candidates), the
+//     threshold key t is the k-th largest candidate (nth_element on the candidate keys, about
+//     4/sqrt(samples) of N), and one write pass sets keep = key > t; the first candidates equal
+//     to t, in index order, complete n_keep. (All candidates equal: ties resolved in the write
+//     pass from per-chunk counts.)
+// Otherwise (bracket missed, too many candidates, mostly pruned, small N) the exact radix path:
+//  1. Histogram pass over the top 16-bit digit of the unpruned keys (one 2^16-bin histogram per
+//     chunk), NaN flags and count.
 //  2. Select the digit d holding the n_keep-th largest key (scan the summed histogram from the
 //     top) and the number k still to keep inside that bin. Prefix P = digits chosen so far.
-//  3. Then, whichever applies first:
-//     * last digit: P is the exact threshold key T; write the mask in one pass: keep key > T, and
-//       the first k entries with key == T in index order. The per-chunk histograms give each
-//       chunk's count of ties, so their exclusive prefix sum is each chunk's starting tie rank
-//       and lower indices win without any extra pass;
-//     * every entry of the bin is kept (k == bin count): write keep = top bits >= P;
-//     * the bin is small (<= max(2^20, N/32) entries): one pass writes the decided entries
-//       (top bits > P kept, < P dropped) and collects the undecided ones (top bits == P) as
-//       (key, index) pairs into a buffer at per-chunk offsets (so the buffer is in index order);
-//       nth_element with (key desc, index asc) on the buffer picks the k kept among them;
-//     * otherwise another histogram pass on the next digit among entries whose top bits == P.
-//  For float32 scores with a continuous distribution that is two passes over the data: one
-//  read-only, one read + write. No sort, no copy of the vector (non-contiguous inputs are made
-//  contiguous first). All indexing is 64-bit.
+//  3. Then, whichever applies first: last digit: P is the exact threshold key T, one write pass
+//     keeps key > T and the first k entries equal to T (starting ranks per chunk from the
+//     per-chunk histograms); k == bin count: keep top bits >= P; bin small (<= max(2^20, N/32)
+//     entries): one pass decides the entries outside the bin and collects those inside, then
+//     nth_element with (key desc, index asc) picks k of them; else the next digit's histogram
+//     among entries whose top bits == P.
 #include "masked_topk.h"
 
 #include "key_traits.h"
@@ -33,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -167,14 +176,15 @@ struct ScanResult {
 };
 
 // Pass 1 of the bracketed path over [b, e): counts, NaN flag, and the candidates lo <= key <= hi
-// (unpruned) stored in index order into buf (capacity cap + kScanBlock). Blocks of kScanBlock
+// (unpruned) stored in index order into kbuf/ibuf (key, index; capacity cap + kScanBlock). Blocks of kScanBlock
 // entries are scanned with vectorised counting first; only blocks holding a candidate are
 // scanned again to store them (branch-free compaction).
 constexpr int64_t kScanBlock = 32;
 template <typename Bits>
 ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t* __restrict m,
                         int64_t b, int64_t e, typename Bits::key_t lo, typename Bits::key_t hi,
-                        Candidate<typename Bits::key_t>* __restrict buf, int64_t cap) {
+                        typename Bits::key_t* __restrict kbuf, int64_t* __restrict ibuf,
+                        int64_t cap) {
   using Key = typename Bits::key_t;
   using Float = typename FloatOf<Bits>::type;
   ScanResult r;
@@ -246,7 +256,8 @@ ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t*
           const Key key = Bits::to_key(s[i0 + j]);
           const int64_t hit =
               m[i0 + j] & static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
-          buf[k] = Candidate<Key>{key, i0 + j};
+          kbuf[k] = key;
+          ibuf[k] = i0 + j;
           k += hit;
         }
       }
@@ -340,9 +351,13 @@ class MaskedTopK {
     // Pass 1 (read-only).
     const int64_t nc = ch_.count;
     std::vector<ScanResult> scan(static_cast<size_t>(nc));
-    std::vector<std::unique_ptr<Cand[]>> bufs(static_cast<size_t>(nc));
-    for (int64_t c = 0; c < nc; ++c)  // virtual memory: only the pages written get touched
-      bufs[static_cast<size_t>(c)].reset(new Cand[static_cast<size_t>(cap_ + kScanBlock)]);
+    // Per-chunk candidate keys and indices. Virtual memory: only the pages written get touched.
+    std::vector<std::unique_ptr<Key[]>> kbufs(static_cast<size_t>(nc));
+    std::vector<std::unique_ptr<int64_t[]>> ibufs(static_cast<size_t>(nc));
+    for (int64_t c = 0; c < nc; ++c) {
+      kbufs[static_cast<size_t>(c)].reset(new Key[static_cast<size_t>(cap_ + kScanBlock)]);
+      ibufs[static_cast<size_t>(c)].reset(new int64_t[static_cast<size_t>(cap_ + kScanBlock)]);
+    }
     {
       const Key* const s = s_;
       const uint8_t* const m = m_;
@@ -350,10 +365,10 @@ class MaskedTopK {
       const int64_t cap = cap_;
       const Key lo_c = lo, hi_c = hi_cmp;
       std::vector<ScanResult>* const res = &scan;
-      for_each_chunk(ch, [=, &bufs](int64_t c) {
+      for_each_chunk(ch, [=, &kbufs, &ibufs](int64_t c) {
         (*res)[static_cast<size_t>(c)] = scan_bracket<Bits>(
-            s, m, ch.begin(c), ch.end(c), lo_c, hi_c,
-            reinterpret_cast<Candidate<Key>*>(bufs[static_cast<size_t>(c)].get()), cap);
+            s, m, ch.begin(c), ch.end(c), lo_c, hi_c, kbufs[static_cast<size_t>(c)].get(),
+            ibufs[static_cast<size_t>(c)].get(), cap);
       });
     }
     uint64_t count = 0, n_above = 0, n_inr = 0;
@@ -389,22 +404,41 @@ class MaskedTopK {
       return true;
     }
     if (over) return false;  // too many candidates to collect
-    // Gather the candidates into one array and pick the k best (key desc, index asc).
-    Cand* all = bufs[0].get();
-    int64_t total = scan[0].ncand;
-    for (int64_t c = 1; c < nc; ++c) {
-      const int64_t nci = scan[static_cast<size_t>(c)].ncand;
-      if (total + nci > cap_) return false;
-      std::memmove(all + total, bufs[static_cast<size_t>(c)].get(),
-                   sizeof(Cand) * static_cast<size_t>(nci));
-      total += nci;
+    if (k == 0) {  // nothing inside the bracket is kept
+      write_above(hi_cmp, 0);
+      return true;
     }
-    for (int64_t c = 1; c < nc; ++c) bufs[static_cast<size_t>(c)].reset();
-    Cand* nth = all + k;
-    if (nth < all + total) std::nth_element(all, nth, all + total, better);
-    // Pass 2: keep key > hi, then set the chosen candidates.
-    write_above(hi_cmp, 0);
-    for (Cand* q = all; q < nth; ++q) out_[q->idx] = 1;
+    // The threshold key t: the k-th largest candidate key (nth_element on a copy of the keys).
+    int64_t total = 0;
+    for (const ScanResult& r : scan) total += r.ncand;
+    std::vector<Key> keys(static_cast<size_t>(total));
+    {
+      size_t at = 0;
+      for (int64_t c = 0; c < nc; ++c) {
+        const size_t nci = static_cast<size_t>(scan[static_cast<size_t>(c)].ncand);
+        std::memcpy(keys.data() + at, kbufs[static_cast<size_t>(c)].get(), sizeof(Key) * nci);
+        at += nci;
+      }
+    }
+    std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(k - 1), keys.end(),
+                     std::greater<Key>());
+    const Key t = keys[static_cast<size_t>(k - 1)];
+    uint64_t n_gt = 0;  // candidates above t: kept by the write pass
+    for (const Key key : keys) n_gt += key > t;
+    uint64_t ties = k - n_gt;  // >= 1 candidates equal to t to keep: the lowest indices
+    // Pass 2: keep key > t, then the first `ties` candidates (index order) equal to t.
+    write_above(t, 0);
+    for (int64_t c = 0; c < nc && ties > 0; ++c) {
+      const Key* kb = kbufs[static_cast<size_t>(c)].get();
+      const int64_t* ib = ibufs[static_cast<size_t>(c)].get();
+      const int64_t nci = scan[static_cast<size_t>(c)].ncand;
+      for (int64_t j = 0; j < nci && ties > 0; ++j) {
+        if (kb[j] == t) {
+          out_[ib[j]] = 1;
+          --ties;
+        }
+      }
+    }
     return true;
   }
 
