@@ -1,0 +1,4 @@
+"""``python -m ntksap_fast``: the ``ntksap`` command line (see ``ntksap_fast.cli``)."""
+from .cli import main
+
+raise SystemExit(main())

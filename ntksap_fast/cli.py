@@ -1,0 +1,224 @@
+"""``ntksap`` command line (also ``python -m ntksap_fast``): prune a model, print and save reports.
+
+Settings come from, highest first: explicit flags, ``--preset`` (the paper's NTK-SAP settings:
+model, classes, input shape, rounds, draws, inputs per draw, epsilon), the library's defaults.
+The preset's rounds apply to ``--method ntksap``; other iterative methods use their own defaults
+(``ntksap_fast.baselines.DEFAULT_ITERATIONS``) unless ``--iterations`` is given. Models are built
+with random weights only (never pretrained: no network access).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
+from .masks import save_masks
+from .models import MODELS
+from .presets import PRESETS
+from .report import (collapse_warning, layer_table, markdown_report, ntk_eigenvalues, plot_layer_density,
+                     plot_ntk_spectrum)
+
+__all__ = ["main", "build_model", "build_parser"]
+
+_EPILOG = """\
+example:
+  ntksap prune --preset cifar10 --density 0.05 --out masks.pt --report report.md --plot density.png
+  ntksap prune torchvision:resnet18 --num-classes 10 --input-shape 3,64,64 --density 0.1 \\
+      --iterations 5 --draws 2 --batch-size 16 --out masks.safetensors
+  ntksap prune resnet20 --method synflow --density 0.02 --scope global
+
+methods needing data (snip, iter_snip, grasp) are available from Python only:
+  ntksap_fast.baselines.prune(model, method="snip", density=0.05, data=loader)
+"""
+_DESCRIPTION = """\
+Prune a randomly initialised model (never pretrained weights) and report per-layer densities.
+Settings, highest first: explicit flags, --preset (the paper's NTK-SAP settings: model, classes,
+input shape, rounds, draws, inputs per draw, epsilon), the library's defaults. The preset's rounds
+apply to --method ntksap; other iterative methods use their own defaults unless --iterations is given.
+"""
+_NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def build_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """A randomly initialised model: ``ntksap_fast.models`` name or ``torchvision:<name>``."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv_name = name.split(":", 1)[1]
+        if tv_name not in torchvision.models.list_models():
+            raise ValueError(f"model: torchvision has no model {tv_name!r} (see torchvision.models.list_models())")
+        return torchvision.models.get_model(tv_name, weights=None, **kwargs)
+    if name not in MODELS:
+        raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:<name>")
+    return MODELS[name](**kwargs)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}")
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}")
+    return shape
+
+
+def _batch(text: str) -> int | tuple[int, ...]:
+    sizes = _shape(text)
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ntksap`` argument parser (subcommand ``prune``)."""
+    parser = argparse.ArgumentParser(prog="ntksap", description="Fast NTK-SAP pruning at initialization.",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("prune", help="prune a model and report per-layer densities", description=_DESCRIPTION,
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help=f"one of {', '.join(MODELS)}, or torchvision:<name> "
+                   "(default: the preset's model)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setting to start from")
+    p.add_argument("--num-classes", type=int, help="model outputs (default: the preset's, else the model's default)")
+    p.add_argument("--method", choices=METHODS, default="ntksap", help="scoring method (default ntksap)")
+    p.add_argument("--density", type=float, default=0.05, help="final kept fraction in (0, 1] (default 0.05)")
+    p.add_argument("--iterations", type=int, help="pruning rounds T (default: preset, else the method's default)")
+    p.add_argument("--schedule", choices=("exponential", "linear"), default="exponential",
+                   help="kept fraction after round t: d**(t/T) or 1-(1-d)t/T (default exponential)")
+    p.add_argument("--scope", choices=SCOPES, default="global", help="top-k over all layers or per layer")
+    p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
+    p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
+    p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random numbers (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
+    p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
+    p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
+    p.add_argument("--out", help="write the masks here (.pt, or .safetensors)")
+    p.add_argument("--report", help="write a markdown report here")
+    p.add_argument("--plot", help="write a per-layer density bar chart here (.png)")
+    p.add_argument("--spectrum", help="write dense vs pruned NTK eigenvalues here (.png; small models only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(command_parser=p)
+    return parser
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("out", "report", "plot", "spectrum"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"--{flag}: folder {folder!r} does not exist")
+        if flag in ("plot", "spectrum") and not path.lower().endswith(".png"):
+            parser.error(f"--{flag}: expected a .png path, got {path!r}")
+        if flag in ("plot", "spectrum") and importlib.util.find_spec("matplotlib") is None:
+            parser.error(f"--{flag} needs matplotlib: pip install matplotlib (or 'ntksap_fast[plot]')")
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Resolves flags against the preset: (model settings, ``prune`` keyword arguments)."""
+    preset = PRESETS[args.preset] if args.preset else None
+    given = {k for k in _NTKSAP_ONLY if getattr(args, k) is not None}
+    if args.method in DATA_METHODS:
+        parser.error(f"--method {args.method} needs training data, which the CLI does not take; use "
+                     f"ntksap_fast.baselines.prune(model, method={args.method!r}, density=..., data=loader)")
+    if args.method != "ntksap" and given:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} apply to --method ntksap only")
+    model_name = args.model or (preset.model if preset else None)
+    if model_name is None:
+        parser.error("give a model (e.g. resnet20 or torchvision:resnet50) or a --preset")
+    num_classes = args.num_classes if args.num_classes is not None else (preset.num_classes if preset else None)
+    if num_classes is not None and num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {num_classes}")
+    input_shape = args.input_shape or (preset.input_shape if preset else None)
+    kwargs = {"density": args.density, "schedule": args.schedule, "scope": args.scope, "seed": args.seed,
+              "device": args.device, "input_shape": input_shape, "progress": not args.no_progress}
+    if args.iterations is not None:
+        kwargs["iterations"] = args.iterations
+    elif preset is not None and args.method == "ntksap":
+        kwargs["iterations"] = preset.iterations
+    if args.method == "ntksap":
+        defaults = preset.prune_kwargs() if preset else {}
+        for k in ("draws", "batch_size", "epsilon"):
+            value = getattr(args, k) if k in given else defaults.get(k)
+            if value is not None:
+                kwargs[k] = value
+        if args.dtype:
+            kwargs["dtype"] = _DTYPES[args.dtype]
+        if args.micro_batch is not None:
+            kwargs["micro_batch"] = args.micro_batch
+    return {"model": model_name, "num_classes": num_classes}, kwargs
+
+
+def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
+    """The settings shown on screen and in the report."""
+    method = kwargs["method"]
+    rounds = kwargs.get("iterations", DEFAULT_ITERATIONS.get(method, 1))
+    classes = spec["num_classes"] if spec["num_classes"] is not None else "model default"
+    out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"], "iterations": rounds,
+           "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"]}
+    if method == "ntksap":
+        out |= {"draws": kwargs.get("draws", 5), "batch_size": kwargs.get("batch_size", 100),
+                "epsilon": kwargs.get("epsilon", 0.01), "dtype": str(kwargs.get("dtype", torch.float32))}
+    out |= {"input_shape": kwargs["input_shape"] or getattr(model, "input_shape", None),
+            "device": kwargs["device"], "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return out
+
+
+def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_paths(parser, args)
+    spec, kwargs = _settings(parser, args)
+    kwargs["method"] = args.method
+    try:
+        model = build_model(spec["model"], spec["num_classes"]).to(args.device)
+    except (ValueError, RuntimeError) as err:  # unknown model, bad --num-classes or --device
+        parser.error(str(err))
+    settings = _describe(spec, model, kwargs)
+    print(", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
+    start = time.perf_counter()
+    try:
+        masks = prune(model, **kwargs)
+    except (ValueError, TypeError) as err:  # the library's argument checks
+        parser.error(str(err))
+    seconds = time.perf_counter() - start
+    print(layer_table(masks))
+    print(f"time: {seconds:.2f} s ({seconds / settings['iterations']:.3f} s per round)")
+    warning = collapse_warning(masks)
+    if warning:
+        print(warning)
+    if args.out:
+        save_masks(masks, args.out)
+        print(f"masks: {args.out}")
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(markdown_report(masks, settings, seconds, title=f"{args.method} pruning report: {spec['model']}"))
+        print(f"report: {args.report}")
+    if args.plot:
+        plot_layer_density(masks, args.plot, title=f"{spec['model']}, {args.method}, density {args.density}")
+        print(f"plot: {args.plot}")
+    if args.spectrum:
+        try:
+            dense = ntk_eigenvalues(model, input_shape=kwargs["input_shape"], seed=args.seed)
+            pruned = ntk_eigenvalues(model, masks, input_shape=kwargs["input_shape"], seed=args.seed)
+        except ValueError as err:
+            parser.error(f"--spectrum: {err}")
+        plot_ntk_spectrum(dense, pruned, args.spectrum, title=f"NTK spectrum, {spec['model']}, {args.method}")
+        print(f"spectrum: {args.spectrum}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    return _prune(args.command_parser, args)

@@ -1,0 +1,97 @@
+"""The ``ntksap`` command line end to end on tiny runs, its errors, and the demo wrapper."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ntksap_fast import load_masks
+from ntksap_fast.cli import main
+from ntksap_fast.demo import main as demo_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--draws", "1", "--batch-size", "2", "--iterations", "2", "--no-progress"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def keep_n(n: int, d: float) -> int:
+    return n - math.floor((1.0 - d) * n)
+
+
+def test_prune_resnet20_writes_masks_report_plot(tmp_path, capsys):
+    out, report, plot = tmp_path / "masks.pt", tmp_path / "report.md", tmp_path / "density.png"
+    code = main(["prune", "resnet20", "--density", "0.1", *TINY, "--out", str(out), "--report", str(report),
+                 "--plot", str(plot)])
+    assert code == 0
+    masks = load_masks(out)
+    total = sum(m.numel() for m in masks.values())
+    assert total == 270896 and len(masks) == 22
+    assert sum(int(m.sum()) for m in masks.values()) == keep_n(total, 0.1)
+    text = report.read_text()
+    assert "| layer | shape | kept | total | density |" in text and "| `fc.weight` | 10x64 |" in text
+    assert f"**{keep_n(total, 0.1)}**" in text and "| draws | `1` |" in text
+    assert plot.read_bytes()[:8] == PNG
+    printed = capsys.readouterr().out
+    assert "layers.8.conv2.weight" in printed and "time:" in printed
+    assert printed.splitlines()[0].startswith("model resnet20, num_classes model default, method ntksap")
+
+
+def test_torchvision_model_safetensors(tmp_path, capsys):
+    out = tmp_path / "masks.safetensors"
+    code = main(["prune", "torchvision:squeezenet1_1", "--num-classes", "3", "--input-shape", "3,32,32",
+                 "--method", "synflow", "--density", "0.2", "--iterations", "2", "--no-progress", "--out", str(out)])
+    assert code == 0
+    masks = load_masks(out)
+    assert masks["classifier.1.weight"].shape == (3, 512, 1, 1)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == keep_n(total, 0.2)
+
+
+def test_preset_with_overrides_and_other_method(capsys):
+    assert main(["prune", "--preset", "cifar10", "--method", "synflow", "--iterations", "2", "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "model resnet20, num_classes 10, method synflow, density 0.05, iterations 2" in first
+    assert "draws" not in first
+
+
+def test_demo_wrapper(capsys):
+    assert demo_main(["--iterations", "1", "--draws", "1", "--batch-size", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "num_classes 10, method ntksap, density 0.05, iterations 1" in printed
+    assert "total" in printed and "time:" in printed
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["prune", "resnet99"], "unknown model 'resnet99'"),
+    (["prune", "torchvision:nonesuch"], "torchvision has no model 'nonesuch'"),
+    (["prune", "--preset", "mnist"], "invalid choice: 'mnist'"),
+    (["prune"], "give a model"),
+    (["prune", "resnet20", "--method", "snip"], "needs training data"),
+    (["prune", "resnet20", "--method", "magnitude", "--draws", "2"], "--draws apply to --method ntksap only"),
+    (["prune", "resnet20", "--input-shape", "3,x"], "comma-separated positive ints"),
+    (["prune", "resnet20", "--num-classes", "0"], "--num-classes must be >= 1"),
+    (["prune", "resnet20", "--draws", "0"], "draws must be >= 1"),
+    (["prune", "resnet20", "--density", "1.5"], "density must be a number in (0, 1]"),
+    (["prune", "resnet20", "--plot", "out.jpg"], "expected a .png path"),
+    (["prune", "resnet20", "--out", "/no/such/folder/m.pt"], "does not exist"),
+    (["prune", "torchvision:resnet18", "--iterations", "1"], "input_shape is needed"),
+    (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--no-progress"] if argv[0] == "prune" else argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_help_shows_example():
+    proc = subprocess.run([sys.executable, "-m", "ntksap_fast", "prune", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert proc.returncode == 0
+    assert "example:" in proc.stdout and "ntksap prune --preset cifar10" in proc.stdout
+    assert "--input-shape" in proc.stdout
