@@ -5,11 +5,12 @@
     apply_masks(model, masks)
 """
 from .api import density_schedule, keep_count, ntk_sap_prune, ntk_sap_scores
+from .baselines import prune
 from .masks import apply_masks, load_masks, mask_density, save_masks
 from .presets import PRESETS, Preset
 
 __all__ = [
-    "ntk_sap_prune", "ntk_sap_scores", "apply_masks", "save_masks", "load_masks", "mask_density",
+    "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
     "density_schedule", "keep_count", "PRESETS", "Preset",
 ]
 __version__ = "0.1.0"
