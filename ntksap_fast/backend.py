@@ -34,7 +34,8 @@ from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream
 
-__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "make_backend", "Sampled", "Backend", "TorchBackend", "TritonBackend"]
+__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "make_backend", "Sampled", "Backend", "TorchBackend",
+           "TritonBackend"]
 
 ENV_VAR = "NTKSAP_FAST_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -129,7 +130,10 @@ class Backend:
         raise NotImplementedError
 
     def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor) -> None:
-        """``grad += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p`` for ``(D, N)`` gradients (``g_clean`` may be overwritten)."""
+        """``grad += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p`` for ``(D, N)`` gradients ``g_clean``, ``g_pert``.
+
+        ``grad``: flat ``(N,)`` in ``dtype``, updated in place; ``g_clean`` may be overwritten.
+        """
         raise NotImplementedError
 
 

@@ -8,12 +8,14 @@ BatchNorm uses the clean branch's statistics recorded during the clean forward
 
     dL/dm = theta * g_c + (theta + eps * z) * g_p = theta * (g_c + g_p) + eps * z * g_p,
 
-accumulated over draws into one flat float32 vector ``G``. What differs between the PyTorch path
-and the Triton path (sampling weights and inputs, the recorded BatchNorm statistics, the loss, the
-reduction into ``G``) sits behind a backend (``ntksap_fast.backend``) chosen once per call. When a draw is larger than
+accumulated over draws into one flat float32 vector ``G``. When a draw is larger than
 ``micro_batch`` inputs, an exact pre-pass accumulates each BatchNorm's statistics over the whole
 draw first (one sweep per BatchNorm layer), then micro-batches run both branches with them: ``G``
 does not depend on the micro-batch size beyond float summation order.
+
+What differs between the PyTorch path and the Triton path (sampling the weights and the inputs,
+the recorded BatchNorm statistics, the loss, the reduction into ``G``) sits behind a backend
+(``ntksap_fast.backend``) chosen once per call from the device and ``NTKSAP_FAST_BACKEND``.
 """
 from __future__ import annotations
 
