@@ -32,8 +32,9 @@ struct FloatBits {
   static NTKSAP_HD bool is_nan(Key b) { return static_cast<Key>(b & kMag) > kInf; }
 
   static NTKSAP_HD Key to_key(Key b) {
-    // -0.0 -> +0.0, then flip: all bits for negatives, only the sign bit for non-negatives.
-    b = static_cast<Key>(b & kMag) == 0 ? Key(0) : b;
+    // -0.0 -> +0.0 (arithmetic, not a branch: half the entries of a score vector may be zero),
+    // then flip: all bits for negatives, only the sign bit for non-negatives.
+    b = static_cast<Key>(b & static_cast<Key>(Key(0) - static_cast<Key>((b & kMag) != 0)));
     const Key neg = static_cast<Key>(Key(0) - static_cast<Key>(b >> (kBits - 1)));  // 0 or ~0
     return static_cast<Key>(b ^ static_cast<Key>(neg | kSign));
   }

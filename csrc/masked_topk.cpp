@@ -176,9 +176,7 @@ struct ScanResult {
 };
 
 // Pass 1 of the bracketed path over [b, e): counts, NaN flag, and the candidates lo <= key <= hi
-// (unpruned) stored in index order into kbuf/ibuf (key, index; capacity cap + kScanBlock). Blocks of kScanBlock
-// entries are scanned with vectorised counting first; only blocks holding a candidate are
-// scanned again to store them (branch-free compaction).
+// (unpruned) stored in index order into kbuf/ibuf (key, index; capacity cap).
 constexpr int64_t kScanBlock = 32;
 template <typename Bits>
 ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t* __restrict m,
@@ -187,6 +185,7 @@ ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t*
                         int64_t cap) {
   using Key = typename Bits::key_t;
   using Float = typename FloatOf<Bits>::type;
+  constexpr bool kFloat = !std::is_same_v<Float, void*>;
   ScanResult r;
   uint32_t nan = 0;
   int64_t k = 0;
@@ -194,54 +193,37 @@ ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t*
   // 0.0 included); float16/bfloat16: compare keys.
   [[maybe_unused]] const Float* __restrict sf = reinterpret_cast<const Float*>(s);
   [[maybe_unused]] Float lo_f{}, hi_f{};
-  if constexpr (!std::is_same_v<Float, void*>) {
+  if constexpr (kFloat) {
     const Key lo_b = Bits::from_key(lo), hi_b = Bits::from_key(hi);
     std::memcpy(&lo_f, &lo_b, sizeof(Float));
     std::memcpy(&hi_f, &hi_b, sizeof(Float));
   }
-  for (int64_t i0 = b; i0 < e; i0 += kScanBlock) {
-    const int64_t len = std::min<int64_t>(kScanBlock, e - i0);
+  int64_t i0 = b;
+  // Full blocks: vectorised counts and per-entry candidate flags; the (rare) candidates are
+  // then stored by walking the set bits of the flags, in index order.
+  for (; i0 + kScanBlock <= e; i0 += kScanBlock) {
     uint32_t bc = 0, ba = 0, bi = 0, bn = 0;
-    if constexpr (!std::is_same_v<Float, void*>) {
-      if (len == kScanBlock) {
-        for (int64_t j = 0; j < kScanBlock; ++j) {
-          const Float x = sf[i0 + j];
-          const uint32_t mi = m[i0 + j];
-          bc += mi;
-          ba += mi & static_cast<uint32_t>(x > hi_f);
-          bi += mi & static_cast<uint32_t>(x >= lo_f) & static_cast<uint32_t>(x <= hi_f);
-          bn |= mi & static_cast<uint32_t>(x != x);
-        }
+    uint8_t flag[kScanBlock];
+    for (int64_t j = 0; j < kScanBlock; ++j) {
+      const uint32_t mi = m[i0 + j];
+      uint32_t above, in, isnan;
+      if constexpr (kFloat) {
+        const Float x = sf[i0 + j];
+        above = static_cast<uint32_t>(x > hi_f);
+        in = static_cast<uint32_t>(x >= lo_f) & static_cast<uint32_t>(x <= hi_f);
+        isnan = static_cast<uint32_t>(x != x);
       } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const Float x = sf[i0 + j];
-          const uint32_t mi = m[i0 + j];
-          bc += mi;
-          ba += mi & static_cast<uint32_t>(x > hi_f);
-          bi += mi & static_cast<uint32_t>(x >= lo_f) & static_cast<uint32_t>(x <= hi_f);
-          bn |= mi & static_cast<uint32_t>(x != x);
-        }
-      }
-    } else if (len == kScanBlock) {
-      for (int64_t j = 0; j < kScanBlock; ++j) {
         const Key bits = s[i0 + j];
         const Key key = Bits::to_key(bits);
-        const uint32_t mi = m[i0 + j];
-        bc += mi;
-        ba += mi & static_cast<uint32_t>(key > hi);
-        bi += mi & static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
-        bn |= mi & static_cast<uint32_t>(Bits::is_nan(bits));
+        above = static_cast<uint32_t>(key > hi);
+        in = static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
+        isnan = static_cast<uint32_t>(Bits::is_nan(bits));
       }
-    } else {
-      for (int64_t j = 0; j < len; ++j) {
-        const Key bits = s[i0 + j];
-        const Key key = Bits::to_key(bits);
-        const uint32_t mi = m[i0 + j];
-        bc += mi;
-        ba += mi & static_cast<uint32_t>(key > hi);
-        bi += mi & static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
-        bn |= mi & static_cast<uint32_t>(Bits::is_nan(bits));
-      }
+      bc += mi;
+      ba += mi & above;
+      bi += mi & in;
+      bn |= mi & isnan;
+      flag[j] = static_cast<uint8_t>(mi & in);
     }
     r.count += bc;
     r.above += ba;
@@ -251,15 +233,36 @@ ScanResult scan_bracket(const typename Bits::key_t* __restrict s, const uint8_t*
       if (k + static_cast<int64_t>(bi) > cap) {
         r.overflow = true;
       } else {
-        // Always store, advance only on a candidate (kScanBlock spare slots at the end).
-        for (int64_t j = 0; j < len; ++j) {
-          const Key key = Bits::to_key(s[i0 + j]);
-          const int64_t hit =
-              m[i0 + j] & static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
-          kbuf[k] = key;
+        uint32_t set = 0;
+        for (int j = 0; j < static_cast<int>(kScanBlock); ++j)
+          set |= static_cast<uint32_t>(flag[j]) << j;
+        while (set != 0) {
+          const int j = __builtin_ctz(set);
+          set &= set - 1;
+          kbuf[k] = Bits::to_key(s[i0 + j]);
           ibuf[k] = i0 + j;
-          k += hit;
+          ++k;
         }
+      }
+    }
+  }
+  // Tail (< kScanBlock entries), scalar.
+  for (int64_t i = i0; i < e; ++i) {
+    const Key bits = s[i];
+    const Key key = Bits::to_key(bits);
+    const uint32_t mi = m[i];
+    const uint32_t in = mi & static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
+    r.count += mi;
+    r.above += mi & static_cast<uint32_t>(key > hi);
+    r.inr += in;
+    nan |= mi & static_cast<uint32_t>(Bits::is_nan(bits));
+    if (in && !r.overflow) {
+      if (k + 1 > cap) {
+        r.overflow = true;
+      } else {
+        kbuf[k] = key;
+        ibuf[k] = i;
+        ++k;
       }
     }
   }
