@@ -12,9 +12,14 @@ every path:
 * ``scores`` is float16, bfloat16, float32 or float64, ``mask`` is bool, both 1-D of equal length
   and on the same device (``TypeError`` / ``ValueError`` otherwise).
 
-The work is done by the compiled ops ``torch.ops.ntksap_fast.masked_topk`` and
-``torch.ops.ntksap_fast.masked_topk_`` (C++ radix select with OpenMP on CPU, multi-block radix
-select on CUDA; see ``csrc/``). They come from the extension module ``ntksap_fast._C``; if it was
+The work is done by the compiled ops (C++ with OpenMP on CPU, multi-block radix select on CUDA;
+see ``csrc/``)::
+
+    ntksap_fast::masked_topk(Tensor scores, Tensor mask, int n_keep) -> Tensor
+    ntksap_fast::masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> ()
+
+(the in-place op returns nothing, as torch.compile's functionalization requires of custom ops;
+:func:`masked_topk_` returns the mask). They come from the extension module ``ntksap_fast._C``; if it was
 not built at install time it is built just in time with ninja; if that fails too, a pure-PyTorch
 implementation with the same semantics is used and one warning says why. Setting the environment
 variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementation.

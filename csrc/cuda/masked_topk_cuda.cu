@@ -89,9 +89,15 @@ __global__ void histogram_kernel(const typename Bits::key_t* __restrict__ s,
       }
       bin = static_cast<unsigned int>(key >> shift) & (kRadix - 1);
     }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
     // Lanes with the same bin add once (scores often share their top digits: contention).
     const unsigned int peers = __match_any_sync(0xffffffffu, hit ? bin : kRadix);
-    if (hit && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<unsigned int>(__popc(peers)));
+    if (hit && lane == __ffs(peers) - 1)
+      atomicAdd(&hist[bin], static_cast<unsigned int>(__popc(peers)));
+#else
+    (void)lane;
+    if (hit) atomicAdd(&hist[bin], 1u);
+#endif
   }
   if (level == 0) {
     if (count) atomicAdd(&block_count, count);
