@@ -13,6 +13,10 @@ generator and must give bit-identical words (``philox4x32``) and normals within 
 
 Integers are held in int64 tensors with values in [0, 2**32) so that products and xors are exact
 on every backend; the 32x32 -> 64 bit product is split in 16-bit halves so it never overflows.
+
+``normal`` and ``normal_at`` run the compiled op ``torch.ops.ntksap_fast.philox_normal(_at)``
+(csrc/philox.cpp: the same words, normals within a few float32 ulps, many times faster) when the
+extension is loaded, and these PyTorch ops otherwise (or with ``NTKSAP_FAST_NO_EXT=1``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import math
 from enum import IntEnum
 
 import torch
+
+from . import _ext
 
 __all__ = ["Stream", "philox4x32", "normal", "normal_at", "PHILOX_ROUNDS"]
 
@@ -83,6 +89,10 @@ def _check_counters(seed: int, round: int, draw: int) -> None:
         raise ValueError(f"draw must be an integer in [0, 2**30), got {draw}")
 
 
+def _compiled() -> bool:
+    return _ext.use_compiled("random number generator") and _ext.has_op("philox_normal")
+
+
 def _box_muller(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(blocks,) x 4 words -> (blocks, 4) float32 standard normals."""
     scale = 2.0**-24
@@ -117,6 +127,8 @@ def normal(
         return out
     key = (seed & _MASK32, seed >> 32)
     tag = draw * 4 + int(stream)
+    if _compiled():
+        return out.copy_(torch.ops.ntksap_fast.philox_normal(key[0], key[1], round, tag, offset, numel))
     first_block = offset // 4
     last_block = (offset + numel - 1) // 4
     for start in range(first_block, last_block + 1, _CHUNK):
@@ -139,10 +151,12 @@ def normal_at(seed: int, round: int, draw: int, stream: Stream, index: torch.Ten
     """
     _check_counters(seed, round, draw)
     index = index.to(torch.int64)
-    flat = index.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.float32)
     key = (seed & _MASK32, seed >> 32)
     tag = draw * 4 + int(stream)
+    if _compiled():
+        return torch.ops.ntksap_fast.philox_normal_at(key[0], key[1], round, tag, index)
+    flat = index.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32)
     for start in range(0, flat.numel(), _CHUNK):
         idx = flat[start : start + _CHUNK]
         block = idx >> 2

@@ -27,13 +27,11 @@ variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementation.
 from __future__ import annotations
 
 import operator
-import os
-import threading
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import _ext
 
 __all__ = [
     "masked_topk",
@@ -46,43 +44,7 @@ __all__ = [
 _SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("ntksap_fast::masked_topk", "ntksap_fast::masked_topk_")
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "error": None, "warned": False}
-
-
-# --------------------------------------------------------------------------------------------
-# Loading the extension
-# --------------------------------------------------------------------------------------------
-def _sources() -> tuple[list[str], list[str]]:
-    """C++ and CUDA source files of the extension (empty lists when not shipped)."""
-    root = Path(__file__).resolve().parent.parent / "csrc"
-    cpp = sorted(str(p) for p in root.glob("*.cpp") if not p.name.startswith("test_"))
-    cu = sorted(str(p) for p in (root / "cuda").glob("*.cu")) if (root / "cuda").is_dir() else []
-    return cpp, cu
-
-
-def _jit_build() -> None:
-    """Build the extension just in time with ninja (CPU only unless a CUDA device is present)."""
-    from torch.utils import cpp_extension
-
-    cpp, cu = _sources()
-    if not cpp:
-        raise RuntimeError("csrc/ sources not found next to the package")
-    sources = list(cpp)
-    kwargs: dict = {}
-    if cu and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME:
-        sources += cu
-        kwargs["extra_cuda_cflags"] = ["-O3"]
-    cpp_extension.load(
-        name="ntksap_fast_C_jit",
-        sources=sources,
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(Path(cpp[0]).parent)],
-        is_python_module=False,
-        verbose=False,
-        **kwargs,
-    )
+_state: dict = {"fakes": False}
 
 
 def _register_fakes() -> None:
@@ -104,49 +66,12 @@ def _register_fakes() -> None:
 
 
 
-def _ops_registered() -> bool:
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in _OPS)
-    except RuntimeError:
-        return False
-
-
-def _register_fakes_safely(errors: list) -> None:
+def _register_fakes_once() -> None:
     try:
         _register_fakes()
     except Exception as exc:  # already registered (e.g. module reloaded)
         if "already" not in str(exc):
-            errors.append(f"registering fake implementations failed: {exc}")
-
-
-def _load() -> bool:
-    """Load (or build) the extension once; return whether the compiled ops are usable."""
-    if _state["tried"]:
-        return _state["ok"]
-    with _lock:
-        if _state["tried"]:
-            return _state["ok"]
-        errors = []
-        try:
-            import ntksap_fast._C  # noqa: F401  (registers the ops on import)
-        except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
-            errors.append(f"import ntksap_fast._C failed ({type(exc).__name__}: {exc})")
-            if os.environ.get("NTKSAP_FAST_NO_JIT", "0") not in ("", "0"):
-                errors.append("just-in-time build disabled by NTKSAP_FAST_NO_JIT")
-            else:
-                try:
-                    _jit_build()
-                except Exception as jexc:
-                    msg = str(jexc).strip().splitlines()
-                    errors.append(
-                        f"just-in-time build failed ({type(jexc).__name__}: "
-                        f"{msg[-1] if msg else ''})"
-                    )
-        ok = _ops_registered()
-        if ok:
-            _register_fakes_safely(errors)
-        _state.update(tried=True, ok=ok, error=None if ok else "; ".join(errors) or "unknown")
-        return ok
+            raise
 
 
 def extension_available() -> bool:
@@ -155,32 +80,22 @@ def extension_available() -> bool:
     Tries to import (or build just in time) the extension on first call. Independent of
     ``NTKSAP_FAST_NO_EXT``, which only affects which path :func:`masked_topk` takes.
     """
-    return _load()
+    ok = _ext.load() and all(_ext.has_kernel(op, "CPU") for op in _OPS)
+    if ok:
+        _register_fakes_once()
+    return ok
 
 
 def extension_error() -> Optional[str]:
     """Why the compiled extension is unavailable, or ``None`` when it is loaded."""
-    _load()
-    return _state["error"]
+    return None if extension_available() else _ext.error() or "masked_topk ops not registered"
 
 
 def _use_extension(device: torch.device) -> bool:
-    if os.environ.get("NTKSAP_FAST_NO_EXT", "0") not in ("", "0"):
-        return False
-    if not _load():
-        if not _state["warned"]:
-            _state["warned"] = True
-            warnings.warn(
-                "ntksap_fast: compiled extension unavailable, using the slower PyTorch "
-                f"top-k: {_state['error']}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return False
     key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    if key is None:
+    if not _ext.use_compiled("the top-k") or not extension_available() or key is None:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in _OPS)
+    return all(_ext.has_kernel(op, key) for op in _OPS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,5 +212,5 @@ def masked_topk_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch
 # The C++ library names this module as the home of its fake implementations
 # (``m.set_python_module``): when the ops were loaded by other means (``import ntksap_fast._C``,
 # ``torch.ops.load_library``), importing this module registers them.
-if _ops_registered():
-    _register_fakes_safely([])
+if all(_ext.has_kernel(op, "CPU") for op in _OPS):
+    _register_fakes_once()

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from ntksap_fast import topk
+from ntksap_fast import _ext, topk
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = [
@@ -434,9 +434,7 @@ def test_no_ext_env_forces_torch(monkeypatch):
 
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
-    monkeypatch.setattr(
-        topk, "_state", {"tried": True, "ok": False, "error": "no compiler", "warned": False}
-    )
+    monkeypatch.setattr(_ext, "_state", {"tried": True, "ok": False, "error": "no compiler", "warned": set()})
     scores, mask = torch.randn(100), torch.ones(100, dtype=torch.bool)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
