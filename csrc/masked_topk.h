@@ -1,5 +1,6 @@
-// Masked global top-k: declarations shared by the CPU op (masked_topk.cpp), the CUDA op
-// (cuda/masked_topk_cuda.cu) and the C++ test.
+// Masked global top-k: declarations shared by the CPU op (masked_topk.cpp, with its paths in
+// masked_topk_bracket.cpp and masked_topk_radix.cpp), the CUDA op (cuda/masked_topk_cuda.cu)
+// and the C++ test.
 //
 // Ops (namespace ntksap_fast, schemas in masked_topk.cpp):
 //   masked_topk(Tensor scores, Tensor mask, int n_keep) -> Tensor
