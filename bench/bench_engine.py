@@ -4,6 +4,9 @@ Groups:
 * ``cifar10-round``: ResNet-20, 5 draws x 100 inputs of 3x32x32 (the paper's CIFAR-10 round).
 * ``imagenet-draw``: torchvision ResNet-50, one draw of 16 inputs of 3x224x224.
 
+The engine runs in float32 and bfloat16, with draws in sequence (``draw_batch=1``) and, where a
+round has several, batched through vmap (``draw_batch=5``).
+
 Run with ``make bench`` (or ``pytest bench/bench_engine.py``); ratios are printed at the end.
 """
 import pytest
@@ -32,12 +35,15 @@ def test_reference(benchmark, setting):
                        kwargs=dict(draws=draws, batch_size=batch, epsilon=0.01, seed=0), rounds=3, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("draw_batch", [1, 5])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_engine(benchmark, setting, dtype):
+def test_engine(benchmark, setting, dtype, draw_batch):
     build, shape, draws, batch = SETTINGS[setting]
+    if draw_batch > draws:
+        pytest.skip(f"{setting} has {draws} draw(s): nothing to batch")
     model = build()
-    setup = _Setup(model, shape, draws, batch, 0.01, 0, None, "cpu", getattr(torch, dtype), None)
+    setup = _Setup(model, shape, draws, batch, 0.01, 0, None, "cpu", getattr(torch, dtype), None, draw_batch)
     mask = torch.ones(setup.arena.numel, dtype=torch.bool)
     benchmark.group = setting
     benchmark.pedantic(setup.scores, args=(mask, 0), rounds=3, warmup_rounds=1)
