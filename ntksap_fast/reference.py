@@ -56,28 +56,34 @@ def reference_scores(
     seed: int,
     round: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """One scoring round: flat float32 scores ``|G| * (mask != 0)`` over ``arena``.
 
     Args:
         mask: flat bool tensor of length ``arena.numel`` (True = unpruned).
         dtype: precision of every pass (float64 gives the oracle the engine's float32 is held to).
+        device: where the passes run (the copy of the model, the weights, the inputs, the result).
+            The random numbers are still drawn on the CPU (``ntksap_fast.draws``) and moved there,
+            so every device sees the same numbers.
     """
-    net = copy.deepcopy(model).to(dtype).eval()
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     bns = [m for m in net.modules() if isinstance(m, _BN_TYPES)]
     if any(bn.running_mean is None for bn in bns):
         raise ValueError("the reference needs BatchNorm layers with running statistics (track_running_stats=True)")
     std = arena.std_vector()
+    mask = mask.to(device)
     # One mask leaf per layer, as the research code keeps them.
     masks = {n: v.detach().clone().requires_grad_(True) for n, v in arena.views(mask.to(dtype)).items()}
-    grad = torch.zeros(arena.numel, dtype=dtype)
+    grad = torch.zeros(arena.numel, dtype=dtype, device=device)
     for draw in range(draws):
         key = DrawKey(seed, round, draw)
-        theta = sample_weights(arena, key, Stream.WEIGHTS, std).to(dtype)
-        z = sample_weights(arena, key, Stream.PERTURBATION, None).to(dtype)
-        x = sample_inputs(key, input_shape, range(batch_size)).to(dtype)
+        theta = sample_weights(arena, key, Stream.WEIGHTS, std).to(device=device, dtype=dtype)
+        z = sample_weights(arena, key, Stream.PERTURBATION, None).to(device=device, dtype=dtype)
+        x = sample_inputs(key, input_shape, range(batch_size)).to(device=device, dtype=dtype)
 
         # Statistics pass: running stats = this draw's clean batch statistics, layer by layer.
         hooks = [bn.register_forward_pre_hook(_set_running_stats) for bn in bns]
