@@ -1,6 +1,7 @@
 """Public entry points: ``ntk_sap_scores`` (one scoring round) and ``ntk_sap_prune`` (T rounds)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -15,7 +16,8 @@ from .arena import Arena, ParamSelector
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DrawShare
 from .backend import resolve_backend
-from .engine import EngineConfig, check_input_shape, mask_gradient, preserved_state
+from .engine import (EngineConfig, check_input_shape, cuda_bytes_per_input, default_micro_batch, mask_gradient,
+                     preserved_state)
 from .topk import masked_topk_
 
 __all__ = ["ntk_sap_scores", "ntk_sap_prune", "density_schedule", "keep_count", "resolve_input_shape"]
@@ -122,6 +124,13 @@ class _Setup:
         self.local_draws = self.share.draws(self.draws)
         with preserved_state(model):
             check_input_shape(model, self.arena, self.input_shape, self.config)
+            if self.config.device.type == "cuda" and micro_batch is None:
+                # Bound memory by default on a GPU: as many inputs per forward as fit in 70% of
+                # the free memory (measured per input); None when whole draws fit.
+                per_input = cuda_bytes_per_input(model, self.arena, self.input_shape, self.config)
+                free = torch.cuda.mem_get_info(self.config.device)[0]
+                micro = default_micro_batch(free, per_input, max(self.batch_sizes))
+                self.config = dataclasses.replace(self.config, micro_batch=micro)
 
     def scores(self, mask: torch.Tensor, round: int, on_draw=None) -> torch.Tensor:
         """Flat float32 scores ``|G| * mask``; raises ``ValueError`` naming a tensor with NaN scores."""
@@ -167,7 +176,8 @@ def ntk_sap_scores(
         params: prunable tensors (names or a predicate); default every Conv/Linear weight.
         device: where to compute (default the model's); dtype: compute precision, float32
             (default), bfloat16 (faster, see README) or float64 (for checking).
-        micro_batch: most inputs per forward (exact: results do not depend on it).
+        micro_batch: most inputs per forward (exact: results do not depend on it); on a GPU the
+            default is what fits in 70% of the free memory (whole draws when they fit).
         draw_batch: draws run together through ``torch.func.vmap`` (same results up to float
             rounding); default 1 (in sequence), the faster choice measured on CPU.
         process_group: share the draws over the ranks of this ``torch.distributed`` group (default:

@@ -285,3 +285,36 @@ def check_input_shape(model: nn.Module, arena: Arena, input_shape: tuple[int, ..
             f"input_shape {tuple(input_shape)} does not fit the model (a forward on a batch of shape "
             f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
         ) from err
+
+
+def default_micro_batch(free_bytes: int, bytes_per_input: float, batch_size: int,
+                        headroom: float = 0.7) -> int | None:
+    """Most inputs per forward that fit in ``headroom * free_bytes``; None when a whole draw fits."""
+    if bytes_per_input <= 0:
+        return None
+    fit = int(headroom * free_bytes // bytes_per_input)
+    return None if fit >= batch_size else max(1, fit)
+
+
+def cuda_bytes_per_input(model: nn.Module, arena: Arena, input_shape: tuple[int, ...],
+                         config: EngineConfig) -> float:
+    """Device memory one more input adds to a draw (both branches, forward and backward), in bytes.
+
+    Measured on the CUDA device as the slope of the peak allocation between draws of 2 and 4
+    inputs, so the weights and their gradients, which do not grow with the inputs, drop out.
+    """
+    forward = _Forward(model, arena, config)
+    peaks = []
+    for n in (2, 4):
+        torch.cuda.synchronize(config.device)
+        torch.cuda.reset_peak_memory_stats(config.device)
+        before = torch.cuda.memory_allocated(config.device)
+        weights = _leaves(arena, torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype))
+        x = torch.zeros(n, *input_shape, device=config.device, dtype=config.param_dtype)
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out_clean = forward(weights, x, CleanStatsBatchNorm(stats, "record"))
+        out_pert = forward(weights, x, CleanStatsBatchNorm(stats, "replay"))
+        torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))
+        torch.cuda.synchronize(config.device)
+        peaks.append(torch.cuda.max_memory_allocated(config.device) - before)
+    return max(peaks[1] - peaks[0], 0) / 2

@@ -149,3 +149,13 @@ def test_micro_batches_bound_memory_and_match(tmp_path):
     whole = torch.cat([v.reshape(-1) for v in results["none"]["scores"].values()])
     micro = torch.cat([v.reshape(-1) for v in results["8"]["scores"].values()])
     assert_float32_close(micro, whole)
+
+
+def test_default_micro_batch_from_free_memory():
+    from ntksap_fast.engine import default_micro_batch
+
+    gib = 2**30
+    assert default_micro_batch(10 * gib, 0.1 * gib, 64) is None  # 64 x 0.1 GiB fits in 7 GiB
+    assert default_micro_batch(10 * gib, 0.5 * gib, 64) == 14  # floor(7 / 0.5)
+    assert default_micro_batch(gib, 2 * gib, 64) == 1  # never below one input
+    assert default_micro_batch(gib, 0, 64) is None  # nothing measured: whole draws
