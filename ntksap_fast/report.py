@@ -105,6 +105,13 @@ def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, ob
     return "\n".join(out) + "\n"
 
 
+def _save(plt, fig, path) -> None:
+    """Writes ``fig`` as a PNG at ``path`` and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -132,9 +139,7 @@ def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLik
     ax.set_ylabel("density (kept / total)")
     ax.set_title(title or "Per-layer density (red: collapsed)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None, *,
@@ -213,6 +218,4 @@ def plot_ntk_spectrum(dense: torch.Tensor, pruned: torch.Tensor, path: str | os.
     ax.set_ylabel("NTK eigenvalue")
     ax.set_title(title or "Empirical NTK spectrum")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

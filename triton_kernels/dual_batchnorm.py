@@ -138,16 +138,22 @@ def _bn_grad(dy_ptr, y_ptr, dx_ptr, off, ok, scale, RELU: tl.constexpr):
 
 
 @triton.jit
-def _dual_bn_fwd_kernel(xc_ptr, xp_ptr, yc_ptr, yp_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-                        C, S, Bg, sB, sC, sS, eps,
-                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile(C, S, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample ``b``, spatial rows ``s``, channels ``c`` and their in-bounds masks."""
     n_sb = tl.cdiv(S, BLOCK_S)
     b = tl.program_id(0) // n_sb  # axis 0 enumerates (sample, spatial block): no 65535 limit on B
     s = (tl.program_id(0) % n_sb) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    ok = (s < S)[:, None] & c_ok[None, :]
+    return b, s, c, c_ok, (s < S)[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _dual_bn_fwd_kernel(xc_ptr, xp_ptr, yc_ptr, yp_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+                        C, S, Bg, sB, sC, sS, eps,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, s, c, c_ok, ok = _tile(C, S, BLOCK_S, BLOCK_C)
     mu, scale, shift = _channel_params(mean_ptr, var_ptr, w_ptr, b_ptr, b // Bg, c, c_ok, C, eps, HAS_W, HAS_B)
     off = b.to(tl.int64) * sB + s.to(tl.int64)[:, None] * sS + c[None, :] * sC
     _bn_apply(xc_ptr, yc_ptr, off, ok, mu, scale, shift, RELU)
@@ -159,12 +165,7 @@ def _dual_bn_bwd_kernel(dyc_ptr, dyp_ptr, yc_ptr, yp_ptr, dxc_ptr, dxp_ptr, var_
                         C, S, Bg, sB, sC, sS, eps,
                         HAS_W: tl.constexpr, RELU: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n_sb = tl.cdiv(S, BLOCK_S)
-    b = tl.program_id(0) // n_sb  # axis 0 enumerates (sample, spatial block): no 65535 limit on B
-    s = (tl.program_id(0) % n_sb) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    ok = (s < S)[:, None] & c_ok[None, :]
+    b, s, c, c_ok, ok = _tile(C, S, BLOCK_S, BLOCK_C)
     scale = tl.div_rn(1.0, tl.sqrt_rn(tl.load(var_ptr + (b // Bg) * C + c, mask=c_ok, other=1.0) + eps))
     if HAS_W:
         scale = scale * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
