@@ -1,109 +1,176 @@
-"""The engine against the reference oracle, and the engine's invariances (tolerances: _tolerances.py)."""
+"""The engine against the independent oracle (``ntksap_fast.reference``) and closed forms.
+
+The oracle shares nothing with the engine but the counter generator: its own prunable layout,
+weight spread from fan-in, inputs and perturbations, a deep copy with a separate BatchNorm
+statistics pass, one draw at a time. Settings are varied on purpose (epsilon 0.003 and 0.05,
+per-draw batch sizes, seeds and rounds other than 0, a pruned mask) so that an engine that
+ignores any of them disagrees. Tolerances: ``_tolerances.py``.
+"""
+import math
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from ntksap_fast import ntk_sap_scores
-from ntksap_fast.arena import Arena
 from ntksap_fast.models import resnet20, vgg16_bn
-from ntksap_fast.reference import reference_scores
+from ntksap_fast.reference import reference_prunable, reference_scores
+from ntksap_fast.rng import Stream, normal
 
-from _tolerances import assert_float32_close as _assert_float32_close
-from _tolerances import assert_scores_close as _assert_scores_close
+from _oracle_models import MODELS, flat, tiny_resnet
+from _tolerances import assert_float32_close, assert_scores_close
 
+F64 = torch.float64
 
-def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([v.reshape(-1) for v in scores.values()])
-
-
-def _mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
-                         nn.Tanh(), nn.Linear(32, 5))
-
-
-def _conv1d():
-    return nn.Sequential(nn.Conv1d(4, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=2),
-                         nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 3))
-
-
-CASES = {
-    # name: (model, input shape, draws, batch size); the big ones small so CI stays quick.
-    "resnet20": (lambda: resnet20(), (3, 32, 32), 2, 8),
-    "vgg16_bn": (lambda: vgg16_bn(num_classes=100), (3, 32, 32), 1, 4),
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), 1, 4),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32), 1, 4),
-    "mlp": (_mlp, (20,), 3, 16),
-    "conv1d": (_conv1d, (4, 30), 3, 16),
+# (epsilon, batch sizes, seed, round): each setting differs from the defaults in every field.
+SETTINGS = {
+    "eps0.003-batches[6,3,5]": (0.003, [6, 3, 5], 7, 2),
+    "eps0.05-seed2^40": (0.05, [4, 4], 2**40 + 3, 5),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_engine_matches_reference(name):
-    torch.manual_seed(0)
-    build, shape, draws, batch = CASES[name]
+def _pruned_mask(model: nn.Module, fraction: float = 0.25, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(s, generator=gen) >= fraction for n, s in reference_prunable(model)}
+
+
+def _engine(model, shape, masks, eps, batches, seed, rnd, **kw) -> torch.Tensor:
+    return flat(ntk_sap_scores(model, shape, masks, draws=len(batches), batch_size=batches, epsilon=eps,
+                               seed=seed, round=rnd, dtype=F64, **kw))
+
+
+def _oracle(model, shape, masks, eps, batches, seed, rnd, params=None) -> torch.Tensor:
+    return reference_scores(model, params, masks, shape, draws=len(batches), batch_size=batches, epsilon=eps,
+                            seed=seed, round=rnd, dtype=F64)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_engine_matches_oracle(name, setting):
+    build, shape = MODELS[name]
     model = build()
-    arena = Arena(model)
-    # A mask with a quarter of the entries pruned, so masking is exercised too.
-    mask = torch.rand(arena.numel, generator=torch.Generator().manual_seed(1)) > 0.25
-    masks = arena.views(mask)
-    got = _flat(ntk_sap_scores(model, shape, masks, draws=draws, batch_size=batch, seed=3, round=2,
-                               dtype=torch.float64))
-    want = reference_scores(model, arena, mask, shape, draws=draws, batch_size=batch, epsilon=0.01, seed=3,
-                            round=2, dtype=torch.float64)
-    assert torch.all(got[~mask] == 0)
-    _assert_scores_close(got, want)
+    masks = _pruned_mask(model)
+    eps, batches, seed, rnd = SETTINGS[setting]
+    got = _engine(model, shape, masks, eps, batches, seed, rnd)
+    want = _oracle(model, shape, masks, eps, batches, seed, rnd)
+    assert torch.all(got[~flat(masks)] == 0)
+    assert (want > 0).float().mean() > 0.3  # enough nonzero scores for the comparison to mean something
+    assert_scores_close(got, want)
+
+
+def test_engine_matches_oracle_with_params_selection():
+    model = tiny_resnet()
+    convs = [n for n, p in model.named_parameters() if p.dim() == 4]
+    pick = convs[1:4]  # the block's convolutions and the shortcut, not the stem or the head
+    got = flat(ntk_sap_scores(model, (3, 8, 8), draws=2, batch_size=[5, 7], epsilon=0.02, seed=9, round=1,
+                              params=pick, dtype=F64))
+    want = _oracle(model, (3, 8, 8), None, 0.02, [5, 7], 9, 1, params=pick)
+    assert_scores_close(got, want)
+    predicate = lambda name, module, p: isinstance(module, nn.Linear) or name == "shortcut.0.weight"  # noqa: E731
+    got = flat(ntk_sap_scores(model, (3, 8, 8), draws=1, batch_size=6, epsilon=0.02, seed=9, params=predicate,
+                              dtype=F64))
+    assert_scores_close(got, _oracle(model, (3, 8, 8), None, 0.02, [6], 9, 0, params=predicate))
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms: a check of the oracle itself (and of the engine) that needs no autograd
+# ---------------------------------------------------------------------------------------------
+def _draw(seed, rnd, draw, shapes, batch, in_dim):
+    """theta, z per tensor (float32 numbers, as sampled) and x (batch, in_dim), written out from the counters."""
+    thetas, zs, offset = [], [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        std = torch.tensor(math.sqrt(2.0 / shape[1]), dtype=torch.float32)  # Linear: fan_in = in_features
+        thetas.append((normal(seed, rnd, draw, Stream.WEIGHTS, n, offset=offset) * std).view(shape).double())
+        zs.append(normal(seed, rnd, draw, Stream.PERTURBATION, n, offset=offset).view(shape).double())
+        offset += n
+    x = normal(seed, rnd, draw, Stream.INPUTS, batch * in_dim).view(batch, in_dim).double()
+    return thetas, zs, x
+
+
+def test_two_linear_layers_closed_form():
+    """f(x) = B A x (no bias, no nonlinearity): with D = f_clean - f_pert (batch as columns),
+    dL/dA_c = 2 B_c^T D x^T, dL/dA_p = -2 B_p^T D x^T, dL/dB_c = 2 D (A_c x)^T, dL/dB_p = -2 D (A_p x)^T,
+    and dL/dm = theta * dL/dW_c + (theta + eps z) * dL/dW_p. A is 16x6 and B 3x16, so a spread from
+    fan-out instead of fan-in, a wrong epsilon or a wrong stream shows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.Linear(16, 3, bias=False))
+    eps, seed, rnd, batches = 0.04, 21, 3, [5, 2]
+    mask = [torch.rand(16, 6) > 0.3, torch.rand(3, 16) > 0.3]
+    grad = [torch.zeros(16, 6, dtype=F64), torch.zeros(3, 16, dtype=F64)]
+    for draw, batch in enumerate(batches):
+        (ta, tb), (za, zb), x = _draw(seed, rnd, draw, [(16, 6), (3, 16)], batch, 6)
+        x = x.T  # (6, batch)
+        a_c, a_p = mask[0] * ta, mask[0] * (ta + eps * za)
+        b_c, b_p = mask[1] * tb, mask[1] * (tb + eps * zb)
+        d = b_c @ a_c @ x - b_p @ a_p @ x
+        grad[0] += ta * (2 * b_c.T @ d @ x.T) + (ta + eps * za) * (-2 * b_p.T @ d @ x.T)
+        grad[1] += tb * (2 * d @ (a_c @ x).T) + (tb + eps * zb) * (-2 * d @ (a_p @ x).T)
+    want = torch.cat([(g.abs() * m).reshape(-1) for g, m in zip(grad, mask)]).float()
+    masks = {"0.weight": mask[0], "1.weight": mask[1]}
+    assert_scores_close(_oracle(model, (6,), masks, eps, batches, seed, rnd), want)
+    assert_scores_close(_engine(model, (6,), masks, eps, batches, seed, rnd), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real architectures (DESIGN.md section 6), small inputs so CI stays quick
+# ---------------------------------------------------------------------------------------------
+def _seeded(build):
+    def make():
+        torch.manual_seed(0)
+        return build()
+    return make
+
+
+LARGE = {
+    # name: (model, input shape, batch sizes)
+    "resnet20": (_seeded(resnet20), (3, 32, 32), [8, 8]),
+    "vgg16_bn": (_seeded(lambda: vgg16_bn(num_classes=100)), (3, 32, 32), [4]),
+    "resnet18": (_seeded(lambda: torchvision.models.resnet18(num_classes=10)), (3, 32, 32), [4]),
+    "mobilenet_v2": (_seeded(lambda: torchvision.models.mobilenet_v2(num_classes=10)), (3, 32, 32), [4]),
+}
+
+
+@pytest.mark.parametrize("name", list(LARGE))
+def test_engine_matches_oracle_on_real_architectures(name):
+    build, shape, batches = LARGE[name]
+    model = build()
+    masks = _pruned_mask(model)
+    got = _engine(model, shape, masks, 0.02, batches, 3, 2)
+    assert_scores_close(got, _oracle(model, shape, masks, 0.02, batches, 3, 2))
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mlp", "conv1d"])
-def test_float32_engine_matches_float64_reference(name):
-    build, shape, draws, batch = CASES[name]
+def test_float32_engine_matches_float64_oracle(name):
+    build, shape, batches = LARGE[name] if name in LARGE else (*MODELS[name], [16, 16, 16])
     model = build()
-    arena = Arena(model)
-    mask = torch.ones(arena.numel, dtype=torch.bool)
-    got = _flat(ntk_sap_scores(model, shape, draws=draws, batch_size=batch, seed=5))
-    want = reference_scores(model, arena, mask, shape, draws=draws, batch_size=batch, epsilon=0.01, seed=5,
-                            dtype=torch.float64)
-    _assert_float32_close(got, want)
+    got = flat(ntk_sap_scores(model, shape, draws=len(batches), batch_size=batches, seed=5))
+    assert_float32_close(got, reference_scores(model, None, None, shape, draws=len(batches), batch_size=batches,
+                                               epsilon=0.01, seed=5, dtype=F64))
 
 
+# ---------------------------------------------------------------------------------------------
+# Invariances of the engine: micro-batches and batched draws change nothing but rounding
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_micro_batched_equals_whole(dtype):
-    model = resnet20()
-    whole = _flat(ntk_sap_scores(model, draws=2, batch_size=10, seed=1, dtype=dtype))
-    for micro in (1, 3, 7):
-        part = _flat(ntk_sap_scores(model, draws=2, batch_size=10, seed=1, micro_batch=micro, dtype=dtype))
+    model, shape = MODELS["tiny_resnet"][0](), (3, 8, 8)
+    kwargs = dict(draws=2, batch_size=[10, 7], seed=1, epsilon=0.02, dtype=dtype)
+    whole = flat(ntk_sap_scores(model, shape, **kwargs))
+    for micro in (1, 3):
+        part = flat(ntk_sap_scores(model, shape, micro_batch=micro, **kwargs))
         if dtype == torch.float64:
-            _assert_scores_close(part, whole)
+            assert_scores_close(part, whole)
         else:
-            _assert_float32_close(part, whole)
+            assert_float32_close(part, whole)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "conv1d", "mlp"])
+@pytest.mark.parametrize("name", ["bn_convnet", "conv1d", "mlp"])
 def test_batched_draws_equal_sequential(name):
-    build, shape, _, batch = CASES[name]
+    build, shape = MODELS[name]
     model = build()
-    kwargs = dict(draws=3, batch_size=[batch, batch, batch // 2], seed=2, dtype=torch.float64)
-    sequential = _flat(ntk_sap_scores(model, shape, **kwargs))
+    kwargs = dict(draws=3, batch_size=[8, 8, 5], seed=2, epsilon=0.005, dtype=F64)
+    sequential = flat(ntk_sap_scores(model, shape, **kwargs))
     for draw_batch in (2, 3):
-        _assert_scores_close(_flat(ntk_sap_scores(model, shape, draw_batch=draw_batch, **kwargs)), sequential)
-
-
-def test_per_draw_batch_sizes_match_reference():
-    # Draws of 5 and 9 inputs: the engine's round equals the reference run on the same sizes.
-    model = _mlp()
-    arena = Arena(model)
-    mask = torch.ones(arena.numel, dtype=torch.bool)
-    got = _flat(ntk_sap_scores(model, (20,), draws=2, batch_size=[5, 9], seed=4, dtype=torch.float64))
-    first = _flat(ntk_sap_scores(model, (20,), draws=1, batch_size=5, seed=4, dtype=torch.float64))
-    want_first = reference_scores(model, arena, mask, (20,), draws=1, batch_size=5, epsilon=0.01, seed=4,
-                                  dtype=torch.float64)
-    _assert_scores_close(first, want_first)
-    assert not torch.allclose(got, first)  # the second draw (9 inputs) contributes
-def test_bfloat16_close_to_float32():
-    model = resnet20()
-    f32 = _flat(ntk_sap_scores(model, draws=1, batch_size=8, seed=0))
-    bf16 = _flat(ntk_sap_scores(model, draws=1, batch_size=8, seed=0, dtype=torch.bfloat16))
-    # bf16 keeps 8 mantissa bits: scores agree in the large, not entry by entry.
-    corr = torch.corrcoef(torch.stack([f32, bf16]))[0, 1]
-    assert corr > 0.5
+        assert_scores_close(flat(ntk_sap_scores(model, shape, draw_batch=draw_batch, **kwargs)), sequential)
