@@ -1,19 +1,62 @@
-"""Masks: apply them in the ``torch.nn.utils.prune`` convention, save and load them.
+"""Masks: apply them in the ``torch.nn.utils.prune`` convention, save and load self-describing files.
 
 A mask dict maps parameter names (as in ``model.named_parameters()``) to bool tensors of the
-parameter's shape, True = kept.
+parameter's shape, True = kept. :class:`Masks` is such a dict that also carries ``metadata``: what
+made the masks (method, density, rounds, seed, ...), written beside them by :func:`save_masks`.
+
+File formats (chosen by the extension when saving, recognised by content when loading):
+
+* ``.safetensors``: one bool tensor per mask; the header's ``__metadata__`` holds
+  ``{"format": "ntksap_fast.masks/1", "ntksap_fast": "<metadata as JSON>", "order": "<names as
+  a JSON list>"}`` (safetensors does not keep the order of the dict; loading restores it).
+* ``.pt`` / ``.pth``: ``torch.save`` of ``{"format": "ntksap_fast.masks/1", "masks": {name: bool
+  tensor}, "metadata": "<metadata as JSON>"}``, readable with ``torch.load(weights_only=True)``.
+  A plain ``torch.save`` dict ``{name: bool tensor}`` (older files) loads too, with empty metadata.
+
+Metadata values are JSON values (tuples are stored as lists; dtypes, devices and paths as strings).
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import pickle
+import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-__all__ = ["apply_masks", "save_masks", "load_masks", "mask_density"]
+__all__ = ["Masks", "apply_masks", "save_masks", "load_masks", "mask_density", "model_fingerprint",
+           "check_mask_path", "MASK_EXTENSIONS"]
+
+#: Extensions ``save_masks`` writes: safetensors, or ``torch.save``.
+MASK_EXTENSIONS = (".pt", ".pth", ".safetensors")
+_FORMAT = "ntksap_fast.masks/1"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class Masks(dict):
+    """``{parameter name: bool tensor}`` (True = kept) with a ``metadata`` dict of what made it.
+
+    Behaves as a plain dict in every other way (``dict(masks)`` drops the metadata). The metadata
+    keys written by the library: ``method``, ``density``, ``iterations``, ``schedule``, ``draws``,
+    ``batch_size``, ``epsilon``, ``seed``, ``dtype``, ``package_version``, ``fingerprint``
+    (:func:`model_fingerprint` of the masked tensors) and whatever else the caller adds.
+    """
+
+    def __init__(self, *args: Any, metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    def copy(self) -> "Masks":
+        return Masks(self, metadata=self.metadata)
+
+    def __repr__(self) -> str:
+        return f"Masks({dict.__repr__(self)}, metadata={self.metadata!r})"
 
 
 def _check_masks(masks, argname: str = "masks") -> None:
@@ -27,6 +70,47 @@ def _check_masks(masks, argname: str = "masks") -> None:
             raise TypeError(f"{argname}[{name!r}] must be a bool tensor, got {got}")
 
 
+def _resolve(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor ``module.attr`` for ``name = "module.attr"`` (also after ``apply_masks``), or None."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    tensor = getattr(module, attr, None)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _fingerprint(pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in sorted(pairs))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> str:
+    """Stable hash of parameter names and shapes: ``"sha256:"`` and 16 hex digits.
+
+    Args:
+        model: the model; ``names`` are resolved as ``module.attr`` (so also after ``apply_masks``).
+        names: which parameters (default all of ``model.named_parameters()``); order does not matter.
+    The same names and shapes give the same string in every process and version of this package;
+    values, dtypes and devices do not enter. Masks' own names and shapes give the same fingerprint
+    as their model's (a mask has its parameter's shape), which is what ``save_masks`` stores.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if names is None:
+        return _fingerprint((n, tuple(p.shape)) for n, p in model.named_parameters())
+    if isinstance(names, str):
+        raise TypeError("names must be an iterable of parameter names, not a single string")
+    pairs = []
+    for n in names:
+        tensor = _resolve(model, n)
+        if tensor is None:
+            raise ValueError(f"names: the model has no parameter named {n!r}")
+        pairs.append((n, tuple(tensor.shape)))
+    return _fingerprint(pairs)
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
     """Prunes ``model`` in place with ``torch.nn.utils.prune.custom_from_mask``.
 
@@ -38,46 +122,192 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_masks(masks)
-    modules = dict(model.named_modules())
+    _check_against_model(masks, model, "masks")
     targets = []
     for name, m in masks.items():
         module_name, _, attr = name.rpartition(".")
-        module = modules.get(module_name)
-        param = getattr(module, attr, None) if module is not None else None
-        if not isinstance(param, torch.Tensor):
-            raise ValueError(f"masks: the model has no parameter named {name!r}")
-        if m.shape != param.shape:
-            raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)}, parameter has {tuple(param.shape)}")
-        targets.append((module, attr, m.to(param.device)))
+        module = model.get_submodule(module_name)
+        targets.append((module, attr, m.to(getattr(module, attr).device)))
     for module, attr, m in targets:
         prune.custom_from_mask(module, attr, m)
     return model
 
 
-def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Writes masks to ``path``: safetensors if it ends in ``.safetensors``, else ``torch.save``."""
+def _check_against_model(masks: Mapping[str, torch.Tensor], model: nn.Module, argname: str) -> None:
+    """ValueError naming the first mask whose parameter is missing or has another shape."""
+    for name, m in masks.items():
+        tensor = _resolve(model, name)
+        if tensor is None:
+            raise ValueError(f"{argname}: the model has no parameter named {name!r}")
+        if m.shape != tensor.shape:
+            raise ValueError(f"{argname}[{name!r}] has shape {tuple(m.shape)}, the model's parameter has "
+                             f"{tuple(tensor.shape)}")
+
+
+def check_mask_path(path: str | os.PathLike) -> str:
+    """The format ``save_masks`` would write to ``path`` (``"safetensors"`` or ``"torch"``).
+
+    Raises ``ValueError`` for any extension other than ``MASK_EXTENSIONS`` (case-insensitive).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    suffix = Path(path).suffix.lower()
+    if suffix not in MASK_EXTENSIONS:
+        raise ValueError(f"path {os.fspath(path)!r}: unknown mask file extension {suffix or '(none)'!r}; "
+                         f"use one of {', '.join(MASK_EXTENSIONS)}")
+    return "safetensors" if suffix == ".safetensors" else "torch"
+
+
+def _jsonable(value: Any, key: str) -> Any:
+    """``value`` as a JSON value; tuples become lists, dtypes/devices/paths strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (torch.dtype, torch.device, os.PathLike)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, key) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, key) for k, v in value.items()}
+    raise TypeError(f"metadata[{key!r}]: {type(value).__name__} is not storable; use str, int, float, bool, "
+                    "None, or lists/dicts of them")
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
+               metadata: Mapping[str, Any] | None = None) -> None:
+    """Writes ``masks`` and their metadata to ``path`` (``.safetensors``, or ``.pt``/``.pth``).
+
+    The metadata written is ``masks.metadata`` (for a :class:`Masks`) updated with ``metadata``,
+    plus ``fingerprint`` (of the masks' names and shapes) and ``package_version`` when absent.
+    The file is written to a temporary name and renamed, so an interrupted save leaves no
+    half-written file at ``path``. Raises ``ValueError`` for another extension.
+    """
+    kind = check_mask_path(path)
     _check_masks(masks)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    merged = {**getattr(masks, "metadata", {}), **(metadata or {})}
+    for key in merged:
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be str, got {type(key).__name__}")
+    merged.setdefault("fingerprint", _fingerprint((n, tuple(m.shape)) for n, m in masks.items()))
+    merged.setdefault("package_version", _package_version())
+    text = json.dumps({k: _jsonable(v, k) for k, v in merged.items()})
     tensors = {n: m.detach().cpu().contiguous() for n, m in masks.items()}
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(path))
-    else:
-        torch.save(tensors, path)
+            save_file(tensors, tmp, metadata={"format": _FORMAT, "ntksap_fast": text, "order": json.dumps(list(tensors))})
+        else:
+            torch.save({"format": _FORMAT, "masks": tensors, "metadata": text}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads masks written by ``save_masks`` (or any ``torch.save`` dict of bool tensors)."""
+def _safetensors_header(data: bytes) -> dict | None:
+    """The JSON header of a safetensors file's bytes; None if the bytes do not start like one."""
+    if len(data) < 10:
+        return None
+    (size,) = struct.unpack("<Q", data[:8])
+    if data[8:9] != b"{" or size > len(data) - 8:
+        return None
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _read(path: str, data: bytes) -> tuple[Mapping, str | None]:
+    """``(tensors, metadata JSON or None)`` from a file's bytes; ValueError saying what is wrong."""
+    where = f"mask file {path!r}"
+    if not data:
+        raise ValueError(f"{where} is empty")
+    header = _safetensors_header(data)
+    if header is not None:
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            tensors = load_safetensors(data)
+        except Exception as err:  # SafetensorError and friends: truncated or corrupt data
+            raise ValueError(f"{where} is a truncated or corrupt safetensors file ({err})") from None
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            return tensors, None
+        try:  # safetensors stores tensors sorted its own way; the masks' order is kept beside them
+            order = json.loads(meta.get("order", "[]"))
+            tensors = {n: tensors[n] for n in order} if sorted(order) == sorted(tensors) else tensors
+        except (ValueError, TypeError):
+            raise ValueError(f"{where} has an unreadable tensor order in its metadata") from None
+        return tensors, meta.get("ntksap_fast")
+    if data[:4] != _ZIP_MAGIC and data[:1] != b"\x80":
+        raise ValueError(f"{where} is neither a safetensors file nor a torch.save file "
+                         f"(it starts with {data[:8]!r})")
+    try:
+        content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # the weights-only unpickler refused a class or function
+            raise ValueError(f"{where} holds objects other than tensors and plain Python values; it was not "
+                             "written by save_masks and is not loaded (unpickling arbitrary objects is unsafe)") from None
+        raise ValueError(f"{where} is a truncated or corrupt torch.save file (unreadable pickle data)") from None
+    except Exception as err:  # RuntimeError from the zip reader, EOFError, ...: truncated or corrupt
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{where} is a truncated or corrupt torch.save file ({reason})") from None
+    if isinstance(content, dict) and content.get("format") == _FORMAT:
+        return content.get("masks"), content.get("metadata")
+    return content, None
+
+
+def load_masks(path: str | os.PathLike, model: nn.Module | None = None, *,
+               with_metadata: bool = False) -> Masks | tuple[Masks, dict[str, Any]]:
+    """Reads masks written by ``save_masks`` (or a ``torch.save`` dict of bool tensors).
+
+    Args:
+        path: the file; its format is recognised by content, whatever the extension.
+        model: when given, every mask must name a parameter of ``model`` (as ``module.attr``, so
+            also after ``apply_masks``) with the mask's shape; the first that does not raises
+            ``ValueError`` naming it.
+        with_metadata: return ``(masks, metadata)`` instead of ``masks``.
+    Returns:
+        A :class:`Masks` of CPU bool tensors with ``metadata`` (empty for files without any).
+    Raises:
+        ValueError: naming ``path`` when it is not a file, is empty, truncated or corrupt, is not
+            a mask file, or does not fit ``model``.
+        TypeError: naming ``path`` when it reads but holds something other than bool tensors
+            keyed by name.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     if not Path(path).is_file():
-        raise ValueError(f"path {str(path)!r} is not a file")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        masks = load_file(str(path))
-    else:
-        masks = torch.load(path, map_location="cpu", weights_only=True)
-    _check_masks(masks, argname=f"the masks in {str(path)!r}")
-    return dict(masks)
+        raise ValueError(f"path {os.fspath(path)!r} is not a file")
+    name = os.fspath(path)
+    tensors, meta_text = _read(name, Path(path).read_bytes())
+    try:
+        _check_masks(tensors, argname="masks")
+    except TypeError as err:
+        raise TypeError(f"mask file {name!r} does not hold masks: {err}") from None
+    try:
+        metadata = json.loads(meta_text) if meta_text else {}
+    except ValueError:
+        raise ValueError(f"mask file {name!r} has unreadable metadata (not JSON)") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"mask file {name!r} has unreadable metadata (not a JSON object)")
+    masks = Masks(tensors, metadata=metadata)
+    if model is not None:
+        try:
+            _check_against_model(masks, model, "masks")
+        except ValueError as err:
+            raise ValueError(f"mask file {name!r} does not fit the model: {err}") from None
+    return (masks, dict(metadata)) if with_metadata else masks
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> float:

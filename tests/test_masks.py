@@ -1,0 +1,204 @@
+"""Mask files: self-describing metadata, checks against a model, clear errors on bad files."""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import ntksap_fast
+from ntksap_fast.masks import Masks, apply_masks, check_mask_path, load_masks, model_fingerprint, save_masks
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def small_masks(model: nn.Module, metadata: dict | None = None) -> Masks:
+    gen = torch.Generator().manual_seed(1)
+    names = ("0.weight", "3.weight")
+    params = dict(model.named_parameters())
+    return Masks({n: torch.rand(params[n].shape, generator=gen) < 0.5 for n in names}, metadata=metadata)
+
+
+SETTINGS = {"method": "ntksap", "density": 0.05, "iterations": 20, "schedule": "exponential", "draws": 5,
+            "batch_size": (256, 256, 232), "epsilon": 0.01, "seed": 3, "dtype": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Masks class
+# ----------------------------------------------------------------------------------------------
+def test_masks_is_a_dict_with_metadata() -> None:
+    m = Masks({"a": torch.ones(2, dtype=torch.bool)}, metadata={"seed": 1})
+    assert isinstance(m, dict) and list(m) == ["a"] and m.metadata == {"seed": 1}
+    assert Masks().metadata == {} and Masks(b=torch.zeros(1, dtype=torch.bool)).keys() == {"b"}
+    c = m.copy()
+    assert isinstance(c, Masks) and c.metadata == {"seed": 1} and c.metadata is not m.metadata
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert isinstance(clone, Masks) and clone.metadata == {"seed": 1} and torch.equal(clone["a"], m["a"])
+    assert dict(m) == {"a": m["a"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors", ".PT"])
+def test_round_trip_with_metadata(tmp_path, suffix: str) -> None:
+    model = small_model()
+    masks = small_masks(model, metadata=SETTINGS)
+    path = tmp_path / f"masks{suffix}"
+    save_masks(masks, path, metadata={"seed": 4, "note": "run 7"})
+    loaded, meta = load_masks(path, model, with_metadata=True)
+    assert isinstance(loaded, Masks) and list(loaded) == list(masks)
+    assert all(torch.equal(loaded[n], masks[n]) for n in masks)
+    assert loaded.metadata == meta
+    # the argument wins over masks.metadata; tuples come back as lists, dtypes as strings
+    assert meta["seed"] == 4 and meta["note"] == "run 7" and meta["density"] == 0.05
+    assert meta["batch_size"] == [256, 256, 232] and meta["dtype"] == "torch.float32"
+    assert meta["package_version"] == ntksap_fast.__version__
+    assert meta["fingerprint"] == model_fingerprint(model, masks)
+    assert load_masks(path).metadata == meta  # without the model, same result
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary left behind
+
+
+def test_pt_file_is_weights_only_loadable(tmp_path) -> None:
+    masks = small_masks(small_model(), metadata=SETTINGS)
+    save_masks(masks, tmp_path / "m.pt")
+    content = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert content["format"] == "ntksap_fast.masks/1" and set(content["masks"]) == set(masks)
+
+
+def test_safetensors_header_holds_the_metadata(tmp_path) -> None:
+    from safetensors import safe_open
+
+    save_masks(small_masks(small_model(), metadata=SETTINGS), tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert header["format"] == "ntksap_fast.masks/1" and '"method": "ntksap"' in header["ntksap_fast"]
+
+
+def test_plain_dict_files_still_load(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    masks = small_masks(small_model())
+    torch.save(dict(masks), tmp_path / "old.pt")
+    save_file(dict(masks), str(tmp_path / "old.safetensors"))
+    for name in ("old.pt", "old.safetensors"):
+        loaded = load_masks(tmp_path / name)
+        assert loaded.metadata == {} and all(torch.equal(loaded[n], masks[n]) for n in masks)
+
+
+def test_plain_dict_gets_fingerprint_and_version(tmp_path) -> None:
+    model = small_model()
+    masks = dict(small_masks(model))
+    save_masks(masks, tmp_path / "m.safetensors")
+    meta = load_masks(tmp_path / "m.safetensors").metadata
+    assert meta == {"fingerprint": model_fingerprint(model, masks), "package_version": ntksap_fast.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks against a model, fingerprint
+# ----------------------------------------------------------------------------------------------
+def test_load_with_model_names_the_first_misfit(tmp_path) -> None:
+    model = small_model()
+    path = tmp_path / "m.pt"
+    save_masks(small_masks(model), path)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 7))
+    with pytest.raises(ValueError, match=r"m\.pt.* does not fit the model: masks\['3\.weight'\] has shape \(5, 144\)"):
+        load_masks(path, other)
+    renamed = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"no parameter named '3\.weight'"):
+        load_masks(path, renamed)
+    # a model with the masks applied (weight -> weight_orig * weight_mask) still fits
+    apply_masks(model, load_masks(path))
+    load_masks(path, model)
+
+
+def test_model_fingerprint() -> None:
+    model = small_model()
+    fp = model_fingerprint(model, ["0.weight", "3.weight"])
+    # Pinned: files written today must compare equal with fingerprints computed by later versions.
+    assert fp == "sha256:" + __import__("hashlib").sha256(b"0.weight:4x3x3x3;3.weight:5x144").hexdigest()[:16]
+    assert model_fingerprint(model, ["3.weight", "0.weight"]) == fp  # order does not matter
+    torch.nn.init.zeros_(model[0].weight)
+    assert model_fingerprint(model.double(), ["0.weight", "3.weight"]) == fp  # values and dtype do not matter
+    assert model_fingerprint(model) != fp  # all parameters: the biases too
+    wider = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 5))
+    assert model_fingerprint(wider, ["0.weight", "3.weight"]) != fp
+    with pytest.raises(ValueError, match="no parameter named 'x.weight'"):
+        model_fingerprint(model, ["x.weight"])
+    with pytest.raises(TypeError):
+        model_fingerprint(model, "0.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad paths and bad files
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["masks.bin", "masks", "masks.safetensor", "masks.pt.gz"])
+def test_unknown_extension_is_refused(tmp_path, name: str) -> None:
+    with pytest.raises(ValueError, match="unknown mask file extension"):
+        save_masks(small_masks(small_model()), tmp_path / name)
+    assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="unknown mask file extension"):
+        check_mask_path(name)
+    assert check_mask_path("a.SafeTensors") == "safetensors" and check_mask_path("a.pth") == "torch"
+
+
+def test_unstorable_metadata_leaves_no_file(tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"metadata\['model'\]"):
+        save_masks(small_masks(small_model()), tmp_path / "m.pt", metadata={"model": nn.Linear(1, 1)})
+    assert os.listdir(tmp_path) == []
+
+
+def _bad_files(tmp_path) -> dict[str, bytes]:
+    masks = small_masks(small_model(), metadata=SETTINGS)
+    save_masks(masks, tmp_path / "good.pt")
+    save_masks(masks, tmp_path / "good.safetensors")
+    pt, st = (tmp_path / "good.pt").read_bytes(), (tmp_path / "good.safetensors").read_bytes()
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return {
+        "empty": b"",
+        "pt_half": pt[: len(pt) // 2],
+        "pt_head": pt[:100],
+        "st_half": st[: len(st) // 2],
+        "st_data_cut": st[:-3],
+        "st_header_cut": st[:20],
+        "random": bytes(noise.tolist()),
+        "random_pickle_start": b"\x80" + bytes(noise.tolist()),
+        "random_zip_start": b"PK\x03\x04" + bytes(noise.tolist()),
+        "text": b"hello, these are not masks\n",
+    }
+
+
+@pytest.mark.parametrize("kind", ["empty", "pt_half", "pt_head", "st_half", "st_data_cut", "st_header_cut",
+                                  "random", "random_pickle_start", "random_zip_start", "text"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_corrupt_files_raise_value_error_naming_the_path(tmp_path, kind: str, suffix: str) -> None:
+    data = _bad_files(tmp_path)[kind]
+    path = tmp_path / f"bad_{kind}{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        load_masks(path)
+    assert type(info.value) is ValueError
+    message = str(info.value)
+    assert str(path) in message
+    assert any(w in message for w in ("empty", "truncated or corrupt", "neither a safetensors file"))
+    assert "weights_only" not in message
+
+
+def test_pickled_objects_are_refused_without_unsafe_advice(tmp_path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"0.weight": torch.ones(2, dtype=torch.bool), "x": nn.Linear(1, 1)}, path)
+    with pytest.raises(ValueError, match=r"evil\.pt.* holds objects other than tensors") as info:
+        load_masks(path)
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_non_mask_content_is_a_type_error_naming_the_path(tmp_path) -> None:
+    torch.save([torch.ones(2, dtype=torch.bool)], tmp_path / "list.pt")
+    with pytest.raises(TypeError, match=r"list\.pt.* does not hold masks"):
+        load_masks(tmp_path / "list.pt")
