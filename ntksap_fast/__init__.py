@@ -4,13 +4,15 @@
     masks = ntk_sap_prune(model, density=0.05, input_shape=(3, 32, 32))
     apply_masks(model, masks)
 """
-from .api import density_schedule, keep_count, ntk_sap_prune, ntk_sap_scores
+from .api import ntk_sap_prune, ntk_sap_scores
 from .baselines import prune
 from .masks import apply_masks, load_masks, mask_density, save_masks
 from .presets import PRESETS, Preset
+from .schedule import density_schedule, keep_count
+from .scorer import NtkSapScorer
 
 __all__ = [
-    "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
+    "NtkSapScorer", "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
     "density_schedule", "keep_count", "PRESETS", "Preset",
 ]
 __version__ = "0.1.0"

@@ -1,17 +1,22 @@
 """Backends of the engine: what differs between the PyTorch path and the Triton path.
 
-The engine (``ntksap_fast.engine``) is one; per round it asks a backend for five things:
+The engine (``ntksap_fast.engine``) is one; a backend lives as long as its scorer. Per round
+(``begin_round(mask, round)``) and per group of draws (``set_draws(draws)``, which may write to the
+device) the engine asks it for:
 
-* ``sample(draws)``: the draws' clean and perturbed flat weights ``(D, N)``;
-* ``inputs(key, input_shape, rows)``: rows of one draw's input batch;
+* ``sample()``: the staged draws' clean and perturbed flat weights ``(D, N)``;
+* ``inputs(k, input_shape, rows)``: rows of the k-th staged draw's input batch;
 * ``batch_stats(x)``: the clean branch's BatchNorm statistics in ``record`` mode;
 * ``loss(out_clean, out_pert)``: ``sum((f_c - f_p)**2)``;
-* ``accumulate(G, sampled, g_clean, g_pert)``: ``G += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p``.
+* ``accumulate(G, sampled, g_clean, g_pert, stats)``: ``G += sum_d c_d`` with
+  ``c_d = theta_d*(g_c+g_p) + eps*z_d*g_p`` (and the split-half / sum-of-squares statistics).
 
 ``TorchBackend`` uses ``ntksap_fast.draws``/``rng``/``batchnorm`` (CPU random numbers, moved to the
 device); ``TritonBackend`` uses ``ntksap_fast.kernels`` (all draws' weights in one launch, inputs
 generated on the device, one-pass float32 BatchNorm statistics, fused loss, and a mask-gradient
-reduction that regenerates ``theta``/``z`` instead of storing them).
+reduction that regenerates ``theta``/``z`` instead of storing them). Everything the Triton backend
+does between ``set_draws`` calls reads its counters on the device and syncs nothing with the host
+(``capturable``), so the engine can capture a whole draw in a CUDA graph.
 
 Dispatch (``resolve_backend``): CUDA tensors use Triton, everything else PyTorch;
 ``NTKSAP_FAST_BACKEND=torch|triton`` forces a path. With ``TRITON_INTERPRET=1`` (set before triton
@@ -25,7 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -34,8 +39,8 @@ from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream
 
-__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "make_backend", "Sampled", "Backend", "TorchBackend",
-           "TritonBackend"]
+__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "make_backend", "Sampled", "DrawStats", "Backend",
+           "TorchBackend", "TritonBackend"]
 
 ENV_VAR = "NTKSAP_FAST_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -96,29 +101,48 @@ class Sampled:
     noise: tuple[torch.Tensor, torch.Tensor] | None
 
 
+class DrawStats(NamedTuple):
+    """Per-entry accumulators beside ``G`` (flat ``(N,)``, ``G``'s dtype): the odd-numbered draws'
+    share of ``G`` (split-half stability) and the sum of squared per-draw contributions."""
+
+    odd: torch.Tensor
+    sq: torch.Tensor
+
+
 class Backend:
-    """What the engine asks of a path, for one round.
+    """What the engine asks of a path; one per scorer.
 
     Args:
-        arena: the model's arena; mask: flat bool ``(N,)`` (True = unpruned) on ``device``;
-        seed, round, epsilon: the round's counters and perturbation; device, dtype: where and in
-        which dtype (the engine's ``param_dtype``) weights, inputs and ``G`` live.
+        arena: the model's arena; seed, epsilon: the prune's seed and perturbation; device, dtype:
+        where and in which dtype (the engine's ``param_dtype``) weights, inputs and ``G`` live.
     """
 
     name = ""
+    #: Whether everything between ``set_draws`` calls can be captured in a CUDA graph.
+    capturable = False
 
-    def __init__(self, arena: Arena, mask: torch.Tensor, seed: int, round: int, epsilon: float,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.arena, self.seed, self.round, self.epsilon = arena, seed, round, epsilon
+    def __init__(self, arena: Arena, seed: int, epsilon: float, device: torch.device, dtype: torch.dtype) -> None:
+        self.arena, self.seed, self.epsilon = arena, seed, epsilon
         self.device, self.dtype = device, dtype
+        self.round = 0
+        self.mask = torch.ones(arena.numel, dtype=torch.bool, device=device)
+        self.draws: list[int] = []
+
+    def begin_round(self, mask: torch.Tensor, round: int) -> None:
+        """Sets the round counter and the flat bool ``(N,)`` mask (True = unpruned) on the device."""
+        self.round = round
         self.mask = mask
 
-    def sample(self, draws: Sequence[int]) -> Sampled:
-        """Weights of ``draws`` (ids of the round): ``(D, N)`` ``w_clean``/``w_pert`` on the device."""
+    def set_draws(self, draws: Sequence[int]) -> None:
+        """Stages the group of draws (ids of the round) the next calls work on."""
+        self.draws = list(draws)
+
+    def sample(self) -> Sampled:
+        """Weights of the staged draws: ``(D, N)`` ``w_clean``/``w_pert`` on the device."""
         raise NotImplementedError
 
-    def inputs(self, key: DrawKey, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
-        """Rows ``rows`` of draw ``key``'s inputs: ``(len(rows), *input_shape)`` on the device in ``dtype``."""
+    def inputs(self, k: int, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
+        """Rows ``rows`` of the k-th staged draw's inputs: ``(len(rows), *input_shape)`` on the device in ``dtype``."""
         raise NotImplementedError
 
     def batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +153,12 @@ class Backend:
         """Differentiable scalar ``sum((out_clean - out_pert)**2)``; never called inside vmap."""
         raise NotImplementedError
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor) -> None:
+    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
+                   stats: DrawStats | None = None) -> None:
         """``grad += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p`` for ``(D, N)`` gradients ``g_clean``, ``g_pert``.
 
-        ``grad``: flat ``(N,)`` in ``dtype``, updated in place; ``g_clean`` may be overwritten.
+        ``grad``: flat ``(N,)`` in ``dtype``, updated in place (as are ``stats``); ``g_clean`` may be
+        overwritten.
         """
         raise NotImplementedError
 
@@ -145,19 +171,24 @@ class TorchBackend(Backend):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.std = self.arena.std_vector()
-        self.mask_cpu = self.mask.cpu()
-        self.mask_f = self.mask.to(self.dtype)
+        self.begin_round(self.mask, 0)
 
-    def sample(self, draws: Sequence[int]) -> Sampled:
-        keys = [DrawKey(self.seed, self.round, d) for d in draws]
+    def begin_round(self, mask: torch.Tensor, round: int) -> None:
+        super().begin_round(mask, round)
+        self.mask_cpu = mask.cpu()
+        self.mask_f = mask.to(self.dtype)
+
+    def sample(self) -> Sampled:
+        keys = [DrawKey(self.seed, self.round, d) for d in self.draws]
         theta = torch.stack([sample_weights(self.arena, k, Stream.WEIGHTS, self.std, keep=self.mask_cpu) for k in keys])
         z = torch.stack([sample_weights(self.arena, k, Stream.PERTURBATION, None, keep=self.mask_cpu) for k in keys])
         theta, z = theta.to(self.device, self.dtype), z.to(self.device, self.dtype)
         w_clean = self.mask_f * theta
         w_pert = self.mask_f * theta.add(z, alpha=self.epsilon)
-        return Sampled(list(draws), w_clean, w_pert, (theta, z))
+        return Sampled(list(self.draws), w_clean, w_pert, (theta, z))
 
-    def inputs(self, key: DrawKey, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
+    def inputs(self, k: int, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
+        key = DrawKey(self.seed, self.round, self.draws[k])
         return sample_inputs(key, input_shape, rows).to(self.device, self.dtype)
 
     def batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,40 +197,66 @@ class TorchBackend(Backend):
     def loss(self, out_clean: torch.Tensor, out_pert: torch.Tensor) -> torch.Tensor:
         return (out_clean - out_pert).square().sum()
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor) -> None:
+    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
+                   stats: DrawStats | None = None) -> None:
         theta, z = sampled.noise  # type: ignore[misc]
         sum_grad = g_clean.add_(g_pert)
-        grad += (theta * sum_grad).sum(0)
-        grad += (z * g_pert).sum(0).mul_(self.epsilon)
+        if stats is None:
+            grad += (theta * sum_grad).sum(0)
+            grad += (z * g_pert).sum(0).mul_(self.epsilon)
+            return
+        for i, draw in enumerate(sampled.draws):
+            c = theta[i] * sum_grad[i] + (z[i] * g_pert[i]).mul_(self.epsilon)
+            grad += c
+            stats.sq.addcmul_(c, c)
+            if draw % 2:
+                stats.odd.add_(c)
 
 
 class TritonBackend(Backend):
-    """The Triton path (``ntksap_fast.kernels``); float32 weights, inputs and ``G``."""
+    """The Triton path (``ntksap_fast.kernels``); float32 weights, inputs and ``G``; capturable."""
 
     name = "triton"
+    capturable = True
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, max_group: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.dtype != torch.float32:
             raise ValueError(f"the Triton path computes in float32, got {self.dtype}")
-        from .kernels import dual_batchnorm, fd_loss, mask_grad, philox, sample_draw
+        from .kernels import batch_stats as kernel_stats, fd_loss, mask_grad, philox, sample_draw
 
         if self.device.type == "cpu" and philox.use_libdevice():
             raise ValueError("triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on "
                              "CPU tensors; set TRITON_INTERPRET=1 before importing triton")
-        self._dbn, self._fdl, self._mg, self._philox, self._sd = dual_batchnorm, fd_loss, mask_grad, philox, sample_draw
+        self._kernel_stats, self._fd_loss, self._mask_grad = kernel_stats, fd_loss, mask_grad
+        self._philox, self._sample_draw = philox, sample_draw
         self.table = sample_draw.StdTable.from_arena(self.arena, self.device)
-        self.mask = self.mask.to(self.device).contiguous()
+        # Counters on the device: (seed lo, seed hi, round) and the staged draw ids.
+        self.key = philox.round_key(self.seed, 0, self.device)
+        self.draw_buffer = torch.zeros(max(1, max_group), dtype=torch.int64, device=self.device)
 
-    def sample(self, draws: Sequence[int]) -> Sampled:
-        w_clean, w_pert = self._sd.sample_draws(self.table, self.seed, self.round, list(draws), self.epsilon,
-                                                self.mask)
-        return Sampled(list(draws), w_clean, w_pert, None)
+    def begin_round(self, mask: torch.Tensor, round: int) -> None:
+        super().begin_round(mask.contiguous(), round)
+        self.key.copy_(self._philox.round_key(self.seed, round, "cpu"))
 
-    def inputs(self, key: DrawKey, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
+    def set_draws(self, draws: Sequence[int]) -> None:
+        super().set_draws(draws)
+        if len(self.draws) > self.draw_buffer.numel():
+            self.draw_buffer = torch.zeros(len(self.draws), dtype=torch.int64, device=self.device)
+        self.draw_buffer[: len(self.draws)].copy_(self._philox.draw_ids(self.draws, "cpu"))
+
+    def sample(self) -> Sampled:
+        d, n = len(self.draws), self.arena.numel
+        w_clean = torch.empty(d, n, dtype=self.dtype, device=self.device)
+        w_pert = torch.empty_like(w_clean)
+        self._sample_draw.sample_draws_into(w_clean, w_pert, self.table, self.key, self.draw_buffer[:d],
+                                            self.epsilon, self.mask)
+        return Sampled(list(self.draws), w_clean, w_pert, None)
+
+    def inputs(self, k: int, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
         per_row = math.prod(input_shape)
-        x = self._philox.normal(key.seed, key.round, key.draw, Stream.INPUTS, len(rows) * per_row,
-                                offset=rows.start * per_row, device=self.device)
+        x = torch.empty(len(rows) * per_row, dtype=torch.float32, device=self.device)
+        self._philox.normal_into(x, self.key, self.draw_buffer[k : k + 1], Stream.INPUTS, rows.start * per_row)
         return x.view(len(rows), *input_shape)
 
     def batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,20 +264,24 @@ class TritonBackend(Backend):
         # PyTorch statistics (float64, rounded once: the same numbers to ~1 ulp) run there instead.
         if torch._C._functorch.is_batchedtensor(x):
             return batch_stats(x)
-        mean, var = self._dbn.clean_stats(x)
+        mean, var = self._kernel_stats.clean_stats(x)
         return mean[0], var[0]
 
     def loss(self, out_clean: torch.Tensor, out_pert: torch.Tensor) -> torch.Tensor:
         # The custom autograd.Function has no vmap rule: the engine calls this outside vmap.
-        return self._fdl.fd_loss(out_clean.reshape(-1), out_pert.reshape(-1)).sum()
+        return self._fd_loss.fd_loss(out_clean, out_pert)
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor) -> None:
-        self._mg.mask_grad_accumulate(grad, g_clean.contiguous(), g_pert.contiguous(), self.table, self.seed,
-                                      self.round, sampled.draws, self.epsilon, self.mask)
+    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
+                   stats: DrawStats | None = None) -> None:
+        d = g_clean.shape[0]
+        self._mask_grad.mask_grad_accumulate_into(
+            grad, g_clean.contiguous(), g_pert.contiguous(), self.table, self.key, self.draw_buffer[:d],
+            self.epsilon, self.mask, stats)
 
 
-def make_backend(name: str, arena: Arena, mask: torch.Tensor, seed: int, round: int, epsilon: float,
-                 device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend called ``name`` (``resolve_backend``'s answer) for one round."""
-    cls = {"torch": TorchBackend, "triton": TritonBackend}[name]
-    return cls(arena, mask, seed, round, epsilon, device, dtype)
+def make_backend(name: str, arena: Arena, seed: int, epsilon: float, device: torch.device, dtype: torch.dtype,
+                 max_group: int = 1) -> Backend:
+    """The backend called ``name`` (``resolve_backend``'s answer) for a scorer."""
+    if name == "triton":
+        return TritonBackend(arena, seed, epsilon, device, dtype, max_group=max_group)
+    return TorchBackend(arena, seed, epsilon, device, dtype)

@@ -6,7 +6,7 @@ the lower flat index, pruned entries never come back), globally or per layer, af
 the schedule (``density_schedule``). Scores, "higher = kept" (``w`` prunable weights, ``m`` mask,
 ``g = sum over batches of dL/dw`` at the masked weights ``m * w``):
 
-* ``ntksap``: NTK-SAP (``ntk_sap_prune``; per-layer scope re-scores with ``ntk_sap_scores``).
+* ``ntksap``: NTK-SAP through one ``NtkSapScorer`` (set up once for all rounds, either scope).
 * ``random``: i.i.d. uniform scores from a ``torch.Generator`` seeded with ``seed``.
 * ``magnitude``: ``|w|``.
 * ``snip``: ``|g * w|`` (Lee et al. 2019), one shot.
@@ -35,9 +35,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .api import SCHEDULES, density_schedule, keep_count, ntk_sap_prune, ntk_sap_scores, resolve_input_shape
 from .arena import Arena, ParamSelector
+from .arguments import resolve_input_shape
 from .engine import preserved_state
+from .schedule import SCHEDULES, density_schedule, keep_count
+from .scorer import NtkSapScorer
 from .topk import masked_topk_
 
 __all__ = ["prune", "METHODS", "DATA_METHODS", "DEFAULT_ITERATIONS", "SCOPES"]
@@ -48,7 +50,7 @@ DATA_METHODS = ("snip", "iter_snip", "grasp")
 #: Rounds of the iterative methods when ``iterations`` is None; the others are one shot.
 DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iter_snip": 100}
 SCOPES = ("global", "layer")
-_NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch")
+_NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "draw_batch", "allow_tf32", "output")
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -135,14 +137,6 @@ def _synflow(net: _Net, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor,
     return score
 
 
-def _ntksap(model: nn.Module, arena: Arena, input_shape, seed: int, params, device, options: dict):
-    def score(mask: torch.Tensor, round: int) -> torch.Tensor:
-        scores = ntk_sap_scores(model, input_shape, arena.views(mask), seed=seed, round=round,
-                                params=params, device=device, **options)
-        return arena.flatten(scores, argname="scores", dtype=torch.float32, device=device)
-    return score
-
-
 def _select(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, scope: str, method: str) -> None:
     """Updates ``mask`` in place: keep ``keep_count`` of the highest scores, globally or per tensor."""
     nan = torch.isnan(scores) & mask
@@ -218,17 +212,18 @@ def prune(
         seed: seed of ``random`` and ``ntksap``; params: prunable tensors (default every
             Conv/Linear weight); device: where to compute (default the model's);
             progress: bar over rounds (None: only on a terminal).
-        ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch`` of
-            ``ntk_sap_prune`` (method ``ntksap`` only).
+        ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch``,
+            ``draw_batch``, ``allow_tf32``, ``output`` of ``NtkSapScorer`` (method ``ntksap`` only).
     Returns:
         ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute device.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     iterations = _check_args(method, density, scope, schedule, iterations, data, loss_fn, ntksap_options)
-    if method == "ntksap" and scope == "global":
-        return ntk_sap_prune(model, density, input_shape, iterations=iterations, schedule=schedule, seed=seed,
-                             params=params, device=device, progress=progress, **ntksap_options)
+    if method == "ntksap":
+        ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, **ntksap_options)
+        if scope == "global":
+            return ntksap.prune(density, iterations, schedule=schedule, progress=progress)
     arena = Arena(model, params)
     try:
         device = torch.device(next(model.parameters()).device if device is None else device)
@@ -236,21 +231,21 @@ def prune(
         raise ValueError(f"device must name a torch device, got {device!r}") from err
     with preserved_state(model):
         if method == "ntksap":
-            scorer = _ntksap(model, arena, input_shape, seed, params, device, ntksap_options)
+            score_fn = ntksap.flat_scores
         elif method == "random":
             gen = torch.Generator().manual_seed(seed)
-            scorer = _fixed(torch.rand(arena.numel, generator=gen, dtype=torch.float64).to(device))
+            score_fn = _fixed(torch.rand(arena.numel, generator=gen, dtype=torch.float64).to(device))
         elif method == "magnitude":
-            scorer = _fixed(_Net(model, arena, device).weights.abs())
+            score_fn = _fixed(_Net(model, arena, device).weights.abs())
         elif method == "synflow":
-            scorer = _synflow(_Net(model, arena, device, absolute=True), resolve_input_shape(model, input_shape))
+            score_fn = _synflow(_Net(model, arena, device, absolute=True), resolve_input_shape(model, input_shape))
         elif method == "grasp":
-            scorer = _grasp(_Net(model, arena, device), data, loss_fn)
+            score_fn = _grasp(_Net(model, arena, device), data, loss_fn)
         else:
-            scorer = _snip(_Net(model, arena, device), data, loss_fn)
+            score_fn = _snip(_Net(model, arena, device), data, loss_fn)
         mask = torch.ones(arena.numel, dtype=torch.bool, device=device)
         densities = density_schedule(float(density), iterations, schedule)
         for t, d_t in enumerate(tqdm(densities, desc=method, unit="round",
                                      disable=None if progress is None else not progress)):
-            _select(arena, scorer(mask, t), mask, d_t, scope, method)
+            _select(arena, score_fn(mask, t), mask, d_t, scope, method)
     return {n: v.clone() for n, v in arena.views(mask).items()}

@@ -9,9 +9,9 @@ instead of the module's running buffers, which are never read or written:
   ``clean_stats``), keep them, normalise with them (the clean branch);
 * ``replay``: normalise with the statistics kept for the same call, in call order (the perturbed
   branch, and both branches of a micro-batched draw);
-* ``accumulate``: replay the known statistics, and at the first call past them fold this
-  micro-batch into running (count, mean, M2) sums and stop the forward (the exact pre-pass that
-  makes micro-batched results equal whole-batch ones).
+* ``frontier``: hand the call's input to a callback that returns the statistics to use (the exact
+  micro-batch pre-pass of ``ntksap_fast.prepass``: the callback folds this micro-batch into the
+  whole draw's running sums and waits until every micro-batch has reached the same call).
 """
 from __future__ import annotations
 
@@ -21,25 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CleanStatsBatchNorm", "StatsAccumulator", "StopForward", "batch_stats"]
+__all__ = ["CleanStatsBatchNorm", "StatsAccumulator", "batch_stats"]
 
 #: ``x (B, C, *spatial) -> (mean, unbiased var)``, each ``(C,)``, computed without gradient.
 StatsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class StopForward(Exception):
-    """Raised inside a pre-pass forward once the next unknown BatchNorm's input has been seen."""
+#: ``(call index, x) -> (mean, unbiased var)``: the ``frontier`` mode's callback.
+FrontierFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class StatsAccumulator:
     """Exact running per-channel mean and variance over micro-batches (Chan et al.), float64."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count = 0  # values per channel so far
+        self.adds = 0  # batches added so far
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        """Folds ``x`` ``(B, C, *spatial)`` into the per-channel sums."""
+        self.adds += 1
         dims = [d for d in range(x.dim()) if d != 1]
         n = x.numel() // x.shape[1]
         var, mean = torch.var_mean(x.detach().double(), dims, correction=0)
@@ -84,20 +85,22 @@ class CleanStatsBatchNorm(TorchFunctionMode):
 
     Args:
         stats: list of ``(mean, var)`` per BatchNorm call, shared between the branches of a draw.
-        mode: ``"record"``, ``"replay"`` or ``"accumulate"``.
-        accumulator: the ``StatsAccumulator`` fed in ``accumulate`` mode.
+        mode: ``"record"``, ``"replay"`` or ``"frontier"``.
         stats_fn: the statistics of ``record`` mode (default ``batch_stats``).
+        frontier: the callback of ``frontier`` mode.
     """
 
     def __init__(self, stats: list[tuple[torch.Tensor, torch.Tensor]], mode: str,
-                 accumulator: StatsAccumulator | None = None, stats_fn: StatsFn = batch_stats) -> None:
+                 stats_fn: StatsFn = batch_stats, frontier: FrontierFn | None = None) -> None:
         super().__init__()
-        if mode not in ("record", "replay", "accumulate"):
-            raise ValueError(f"mode must be record, replay or accumulate, got {mode!r}")
+        if mode not in ("record", "replay", "frontier"):
+            raise ValueError(f"mode must be record, replay or frontier, got {mode!r}")
+        if mode == "frontier" and frontier is None:
+            raise ValueError("frontier mode needs a frontier callback")
         self.stats = stats
         self.mode = mode
-        self.accumulator = accumulator
         self.stats_fn = stats_fn
+        self.frontier = frontier
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -110,20 +113,18 @@ class CleanStatsBatchNorm(TorchFunctionMode):
                     training=False, momentum=0.1, eps=1e-5):
         index = self.calls
         self.calls += 1
-        if index < len(self.stats) and self.mode != "record":
-            mean, var = self.stats[index]
-            if mean.shape[0] != input.shape[1]:
-                raise RuntimeError(
-                    "the model's BatchNorm calls differ between passes of one draw; "
-                    "NTK-SAP needs a forward that does the same computation every call"
-                )
-        elif self.mode == "record":
+        if self.mode == "record":
             mean, var = self.stats_fn(input.detach())
             self.stats.append((mean, var))
-        elif self.mode == "accumulate":
-            assert self.accumulator is not None
-            self.accumulator.add(input)
-            raise StopForward
+        elif self.mode == "frontier":
+            mean, var = self.frontier(index, input.detach())  # type: ignore[misc]
+        elif index < len(self.stats):
+            mean, var = self.stats[index]
         else:
             raise RuntimeError("replay saw more BatchNorm calls than the clean pass recorded")
+        if mean.shape[0] != input.shape[1]:
+            raise RuntimeError(
+                "the model's BatchNorm calls differ between passes of one draw; "
+                "NTK-SAP needs a forward that does the same computation every call"
+            )
         return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)

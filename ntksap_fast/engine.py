@@ -1,38 +1,44 @@
 """The engine: NTK-SAP mask gradients, one pass per branch, no statistics pass, no model copy.
 
 For draw ``s`` with weights ``theta``, perturbation ``z`` and inputs ``x`` (``ntksap_fast.draws``),
-the clean weights ``W_c = m * theta`` and perturbed weights ``W_p = m * (theta + eps * z)`` are two
-flat leaf tensors; the model runs through ``torch.func.functional_call`` with their arena views,
-BatchNorm uses the clean branch's statistics recorded during the clean forward
-(``ntksap_fast.batchnorm``), ``L = sum((f_c - f_p)**2)``, and one backward gives ``g_c, g_p``. Then
+the clean weights ``W_c = m * theta`` and perturbed weights ``W_p = m * (theta + eps * z)`` are flat
+buffers; the model runs on per-tensor autograd leaves viewing them (its own parameters swapped out
+for the call, ``torch.func.functional_call``-style), BatchNorm uses the clean branch's statistics
+recorded during the clean forward (``ntksap_fast.batchnorm``), ``L = sum((f_c - f_p)**2)``, and one
+backward gives ``g_c, g_p``. Then
 
     dL/dm = theta * g_c + (theta + eps * z) * g_p = theta * (g_c + g_p) + eps * z * g_p,
 
-accumulated over draws into one flat float32 vector ``G``. When a draw is larger than
-``micro_batch`` inputs, an exact pre-pass accumulates each BatchNorm's statistics over the whole
-draw first (one sweep per BatchNorm layer), then micro-batches run both branches with them: ``G``
-does not depend on the micro-batch size beyond float summation order.
+accumulated over draws into one flat vector ``G``. A draw larger than ``micro_batch`` inputs gets
+its BatchNorm statistics from the exact frontier pre-pass (``ntksap_fast.prepass``, one no-grad
+forward in all), then micro-batches run both branches with them: ``G`` does not depend on the
+micro-batch size beyond float summation order. On CUDA, whole draws can be captured once per draw
+size in a CUDA graph (``ntksap_fast.graphs``) and replayed with new counters.
 
-What differs between the PyTorch path and the Triton path (sampling the weights and the inputs,
-the recorded BatchNorm statistics, the loss, the reduction into ``G``) sits behind a backend
-(``ntksap_fast.backend``) chosen once per call from the device and ``NTKSAP_FAST_BACKEND``.
+What differs between the PyTorch path and the Triton path sits behind a backend
+(``ntksap_fast.backend``). An ``Engine`` is built once per scorer and reused for every round.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .arena import Arena
-from .backend import Backend, make_backend, resolve_backend
-from .batchnorm import CleanStatsBatchNorm, StatsAccumulator, StopForward
-from .draws import DrawKey
+from .backend import Backend, DrawStats, make_backend
+from .batchnorm import CleanStatsBatchNorm
+from .graphs import DrawGraphs
+from .prepass import frontier_stats
 
-__all__ = ["EngineConfig", "mask_gradient", "preserved_state", "check_input_shape"]
+__all__ = ["EngineConfig", "Engine", "preserved_state", "OutputFn"]
+
+#: Picks the tensor to compare from what the model returns (e.g. ``lambda out: out.logits``).
+OutputFn = Callable[[Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,20 +49,21 @@ class EngineConfig:
         device: where the passes run.
         dtype: compute precision of the passes: float32; bfloat16 (autocast; accumulation,
             loss and ``G`` stay float32); or float64 (everything in float64, for checking).
+        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.backend.resolve_backend``).
         micro_batch: most inputs per forward; None = whole draws.
-        channels_last: run 4-D/5-D activations channels-last (faster convolutions on CPU oneDNN).
+        channels_last: run 4-D/5-D activations channels-last.
         draw_batch: whole draws run together through ``torch.func.vmap`` (convolutions become
             grouped ones); 1 runs them in sequence. Ignored (1) when micro-batching.
-        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.backend``); None = chosen by
-            ``resolve_backend`` from the device, dtype and ``NTKSAP_FAST_BACKEND`` at each call.
+        graphs: capture each whole draw size in a CUDA graph and replay it (CUDA, Triton backend).
     """
 
     device: torch.device
     dtype: torch.dtype = torch.float32
+    backend: str = "torch"
     micro_batch: int | None = None
     channels_last: bool = True
     draw_batch: int = 1
-    backend: str | None = None
+    graphs: bool = False
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -76,18 +83,6 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _fixed_tensors(model: nn.Module, arena: Arena, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Non-prunable parameters and floating buffers as detached ``dtype`` tensors on ``device``."""
-    prunable = set(arena.names)
-    fixed = {}
-    for name, p in model.named_parameters():
-        if name not in prunable:
-            fixed[name] = p.detach().to(device=device, dtype=dtype)
-    for name, b in model.named_buffers():
-        fixed[name] = b.to(device=device, dtype=dtype) if b.is_floating_point() else b.to(device)
-    return fixed
-
-
 def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
     """Channels-last copy of a 4-D/5-D input when configured (done before vmap for batched draws)."""
     if torch._C._functorch.is_batchedtensor(x):
@@ -99,30 +94,53 @@ def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
     return x
 
 
-def _autocast(config: EngineConfig):
-    if config.dtype != torch.bfloat16:
-        return contextlib.nullcontext()
-    return torch.autocast(config.device.type, dtype=config.dtype)
+class Forward:
+    """Runs the model with given prunable weights, its other tensors fixed, under a BatchNorm mode.
 
+    ``fixed`` holds detached ``param_dtype`` copies of the non-prunable parameters and floating
+    buffers on the device; ``refresh()`` copies the model's current values into them in place
+    (their addresses stay, so captured CUDA graphs stay valid).
+    """
 
-class _Forward:
-    """Runs the model with a flat weight vector and a BatchNorm mode."""
+    def __init__(self, model: nn.Module, arena: Arena, config: EngineConfig, output: OutputFn | None = None) -> None:
+        self.model, self.arena, self.config, self.output = model, arena, config, output
+        prunable = set(arena.names)
+        self.fixed: dict[str, torch.Tensor] = {}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in prunable:
+                dtype = config.param_dtype if t.is_floating_point() else t.dtype
+                self.fixed[name] = t.detach().to(device=config.device, dtype=dtype, copy=True)
 
-    def __init__(self, model: nn.Module, arena: Arena, config: EngineConfig) -> None:
-        self.model = model
-        self.arena = arena
-        self.config = config
-        self.fixed = _fixed_tensors(model, arena, config.device, config.param_dtype)
+    def refresh(self) -> None:
+        """Copies the model's current non-prunable tensors into ``fixed``."""
+        current = dict(self.model.named_parameters())
+        current.update(self.model.named_buffers())
+        with torch.no_grad():
+            for name, t in self.fixed.items():
+                t.copy_(current[name])
+
+    @contextlib.contextmanager
+    def bound(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The model's parameters and buffers swapped for ``fixed`` plus ``weights`` during the block."""
+        with _reparametrize_module(self.model, {**self.fixed, **weights}, tie_weights=True, strict=False):
+            yield
+
+    def run(self, x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
+        """The bound model's output (``param_dtype``) for input batch ``x``."""
+        autocast = (torch.autocast(self.config.device.type, dtype=self.config.dtype, cache_enabled=False)
+                    if self.config.dtype == torch.bfloat16 else contextlib.nullcontext())
+        with autocast, bn:
+            out = self.model(_layout(x, self.config))
+        if self.output is not None:
+            out = self.output(out)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
+                            "that picks the tensor to compare, e.g. output=lambda out: out['logits']")
+        return out.to(self.config.param_dtype)
 
     def __call__(self, weights: dict[str, torch.Tensor], x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
-        """Model output (``param_dtype``) for per-tensor ``weights`` and input batch ``x``."""
-        tensors = dict(self.fixed)
-        tensors.update(weights)
-        with _autocast(self.config), bn:
-            out = functional_call(self.model, tensors, (_layout(x, self.config),), strict=False)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
-        return out.to(self.config.param_dtype)
+        with self.bound(weights):
+            return self.run(x, bn)
 
 
 def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -132,72 +150,6 @@ def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     tensor of the whole arena, which costs O(layers x N) (seconds on ResNet-50).
     """
     return {n: v.detach().requires_grad_(True) for n, v in arena.views(flat).items()}
-
-
-def _pre_pass_stats(forward: _Forward, backend: Backend, clean: dict[str, torch.Tensor], key: DrawKey,
-                    input_shape: tuple[int, ...], batch_size: int,
-                    micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Exact clean-branch BatchNorm statistics of a whole draw, by micro-batches."""
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        while True:
-            acc = StatsAccumulator()
-            for start in range(0, batch_size, micro_batch):
-                rows = range(start, min(start + micro_batch, batch_size))
-                x = backend.inputs(key, input_shape, rows)
-                try:
-                    forward(clean, x, CleanStatsBatchNorm(stats, "accumulate", acc))
-                except StopForward:
-                    continue
-                return stats  # the forward went through: no BatchNorm left to compute
-            stats.append(acc.finish(forward.config.param_dtype))
-
-
-def mask_gradient(
-    model: nn.Module,
-    arena: Arena,
-    mask: torch.Tensor,
-    input_shape: tuple[int, ...],
-    *,
-    batch_sizes: Sequence[int],
-    epsilon: float,
-    seed: int,
-    round: int,
-    config: EngineConfig,
-    draw_ids: Sequence[int] | None = None,
-    on_draw=None,
-) -> torch.Tensor:
-    """``G = sum over draws of dL_s/dm``: flat tensor (``config.param_dtype``) of length ``arena.numel`` on ``config.device``.
-
-    Args:
-        mask: flat bool tensor (True = unpruned) on ``config.device``.
-        batch_sizes: inputs per draw, one entry per draw of the round.
-        draw_ids: which draws of the round to compute (default all); the rest contribute nothing.
-        on_draw: optional callable run after each draw (progress).
-    """
-    device, dtype = config.device, config.param_dtype
-    name = config.backend or resolve_backend(device, config.dtype)
-    backend = make_backend(name, arena, mask, seed, round, epsilon, device, dtype)
-    forward = _Forward(model, arena, config)
-    grad = torch.zeros(arena.numel, dtype=dtype, device=device)
-    ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
-    group_size = 1 if config.micro_batch else config.draw_batch
-    for group in _groups(ids, batch_sizes, group_size):
-        keys = [DrawKey(seed, round, draw) for draw in group]
-        sampled = backend.sample(group)
-        batch_size = batch_sizes[group[0]]
-        if len(group) == 1:
-            g_clean, g_pert = _one_draw(forward, backend, sampled.w_clean[0], sampled.w_pert[0], keys[0],
-                                        input_shape, batch_size)
-            g_clean, g_pert = g_clean.unsqueeze(0), g_pert.unsqueeze(0)
-        else:
-            x = torch.stack([backend.inputs(k, input_shape, range(batch_size)) for k in keys])
-            g_clean, g_pert = _batched_draws(forward, backend, sampled.w_clean, sampled.w_pert, x)
-        backend.accumulate(grad, sampled, g_clean, g_pert)
-        if on_draw is not None:
-            for _ in group:
-                on_draw()
-    return grad
 
 
 def _groups(ids: list[int], batch_sizes: Sequence[int], size: int) -> list[list[int]]:
@@ -212,109 +164,142 @@ def _groups(ids: list[int], batch_sizes: Sequence[int], size: int) -> list[list[
     return groups
 
 
-def _one_draw(forward: _Forward, backend: Backend, w_clean: torch.Tensor, w_pert: torch.Tensor, key: DrawKey,
-              input_shape: tuple[int, ...], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g_c, g_p)`` of one draw, flat ``(N,)``, micro-batched when ``micro_batch < batch_size``."""
-    arena, config = forward.arena, forward.config
-    clean, pert = _leaves(arena, w_clean), _leaves(arena, w_pert)
-    micro = config.micro_batch or batch_size
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if micro < batch_size:
-        stats = _pre_pass_stats(forward, backend, clean, key, input_shape, batch_size, micro)
-    g_clean = torch.zeros_like(w_clean)
-    g_pert = torch.zeros_like(w_clean)
-    clean_views = list(arena.views(g_clean).values())
-    pert_views = list(arena.views(g_pert).values())
-    for start in range(0, batch_size, micro):
-        rows = range(start, min(start + micro, batch_size))
-        x = backend.inputs(key, input_shape, rows)
-        mode = "record" if micro >= batch_size else "replay"
-        out_clean = forward(clean, x, CleanStatsBatchNorm(stats, mode, stats_fn=backend.batch_stats))
-        out_pert = forward(pert, x, CleanStatsBatchNorm(stats, "replay"))
-        loss = backend.loss(out_clean, out_pert)
-        grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
-        torch._foreach_add_(clean_views, grads[: len(arena)])
-        torch._foreach_add_(pert_views, grads[len(arena) :])
-    return g_clean, g_pert
-
-
-def _batched_draws(forward: _Forward, backend: Backend, w_clean: torch.Tensor, w_pert: torch.Tensor,
-                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g_c, g_p)`` of ``k`` whole draws at once (``torch.func.vmap`` over draws).
-
-    Inside vmap the backend's statistics see batched tensors (the Triton backend falls back to
-    PyTorch ops there); the loss of all ``k`` draws is taken outside vmap.
+class Engine:
+    """A model's draws on one device: built once per scorer, reused for every round.
 
     Args:
-        w_clean, w_pert: ``(k, N)`` weights; x: ``(k, batch, *input_shape)`` inputs.
-    Returns:
-        two ``(k, N)`` tensors.
+        model, arena, input_shape: the model, its prunable tensors, one input's shape.
+        config: how to compute; seed, epsilon: the prune's seed and perturbation size.
+        output: optional selector of the output tensor.
     """
-    arena = forward.arena
-    clean, pert = _leaves(arena, w_clean), _leaves(arena, w_pert)
-    if forward.config.channels_last and x.dim() in (5, 6):  # each draw's batch channels-last
-        order = (0, 1, *range(3, x.dim()), 2)
-        x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
 
-    def draw_outputs(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor],
-                     xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats, "record", stats_fn=backend.batch_stats))
-        out_pert = forward(pert_w, xs, CleanStatsBatchNorm(stats, "replay"))
-        return out_clean, out_pert
+    def __init__(self, model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig,
+                 seed: int, epsilon: float, output: OutputFn | None = None) -> None:
+        self.arena, self.input_shape, self.config = arena, input_shape, config
+        self.forward = Forward(model, arena, config, output)
+        self.backend: Backend = make_backend(config.backend, arena, seed, epsilon, config.device,
+                                             config.param_dtype, max_group=config.draw_batch)
+        self.grad = torch.zeros(arena.numel, dtype=config.param_dtype, device=config.device)
+        self.stats: DrawStats | None = None
+        self.graphs = DrawGraphs(config.device) if config.graphs and self.backend.capturable else None
 
-    loss = backend.loss(*torch.func.vmap(draw_outputs)(clean, pert, x))
-    grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
-    g_clean = torch.empty_like(w_clean)
-    g_pert = torch.empty_like(w_clean)
-    for view, g in zip([*arena.views(g_clean).values(), *arena.views(g_pert).values()], grads):
-        view.copy_(g)
-    return g_clean, g_pert
+    def mask_gradient(self, mask: torch.Tensor, round: int, batch_sizes: Sequence[int],
+                      draw_ids: Sequence[int] | None = None, on_draw: Callable[[], None] | None = None,
+                      stats: bool = False) -> torch.Tensor:
+        """``G = sum over draws of dL_s/dm``: flat ``param_dtype`` ``(N,)`` on the device.
 
+        The returned tensor is the engine's own buffer, overwritten by the next call.
 
-def check_input_shape(model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig) -> None:
-    """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
-    forward = _Forward(model, arena, config)
-    weights = arena.views(torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype))
-    x = torch.zeros(2, *input_shape, device=config.device, dtype=config.param_dtype)
-    try:
-        with torch.no_grad():
-            forward(weights, x, CleanStatsBatchNorm([], "record"))
-    except (RuntimeError, IndexError) as err:
-        raise ValueError(
-            f"input_shape {tuple(input_shape)} does not fit the model (a forward on a batch of shape "
-            f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
-        ) from err
+        Args:
+            mask: flat bool ``(N,)`` (True = unpruned) on the device.
+            round: the round counter; batch_sizes: inputs per draw, one entry per draw of the round.
+            draw_ids: which draws of the round to compute (default all); the rest contribute nothing.
+            on_draw: optional callable run after each draw (progress).
+            stats: also fill ``self.stats`` (split-half and sum-of-squares accumulators).
+        """
+        self.grad.zero_()
+        if stats:
+            if self.stats is None:
+                self.stats = DrawStats(torch.zeros_like(self.grad), torch.zeros_like(self.grad))
+            for acc in self.stats:
+                acc.zero_()
+        draw_stats = self.stats if stats else None
+        self.backend.begin_round(mask, round)
+        ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
+        group_size = 1 if self.config.micro_batch else self.config.draw_batch
+        for group in _groups(ids, batch_sizes, group_size):
+            batch_size = batch_sizes[group[0]]
+            self.backend.set_draws(group)
+            if len(group) > 1:
+                self._batched_draws(batch_size, draw_stats)
+            elif self.graphs is not None and not (self.config.micro_batch and self.config.micro_batch < batch_size):
+                self.graphs.run((batch_size, stats), lambda: self._one_draw(batch_size, draw_stats))
+            else:
+                self._one_draw(batch_size, draw_stats)
+            if on_draw is not None:
+                for _ in group:
+                    on_draw()
+        return self.grad
 
+    def _one_draw(self, batch_size: int, stats: DrawStats | None) -> None:
+        """The staged draw's contribution to ``grad`` (micro-batched when ``micro_batch < batch_size``)."""
+        backend, arena, forward = self.backend, self.arena, self.forward
+        sampled = backend.sample()
+        clean, pert = _leaves(arena, sampled.w_clean[0]), _leaves(arena, sampled.w_pert[0])
+        micro = min(self.config.micro_batch or batch_size, batch_size)
+        n_micro = math.ceil(batch_size / micro)
 
-def default_micro_batch(free_bytes: int, bytes_per_input: float, batch_size: int,
-                        headroom: float = 0.7) -> int | None:
-    """Most inputs per forward that fit in ``headroom * free_bytes``; None when a whole draw fits."""
-    if bytes_per_input <= 0:
-        return None
-    fit = int(headroom * free_bytes // bytes_per_input)
-    return None if fit >= batch_size else max(1, fit)
+        def rows(i: int) -> range:
+            return range(i * micro, min((i + 1) * micro, batch_size))
 
+        stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if n_micro > 1:
+            with forward.bound(clean):
+                stats_bn = frontier_stats(
+                    lambda i, bn: forward.run(backend.inputs(0, self.input_shape, rows(i)), bn),
+                    n_micro, self.config.param_dtype)
+        leaves = [*clean.values(), *pert.values()]
+        g_flat = torch.empty(2, arena.numel, dtype=sampled.w_clean.dtype, device=sampled.w_clean.device)
+        for i in range(n_micro):
+            x = backend.inputs(0, self.input_shape, rows(i))
+            mode = "record" if n_micro == 1 else "replay"
+            out_clean = forward(clean, x, CleanStatsBatchNorm(stats_bn, mode, stats_fn=backend.batch_stats))
+            out_pert = forward(pert, x, CleanStatsBatchNorm(stats_bn, "replay"))
+            grads = torch.autograd.grad(backend.loss(out_clean, out_pert), leaves)
+            if i == 0:
+                torch.cat([g.reshape(-1) for g in grads], out=g_flat.view(-1))
+            else:
+                g_flat.view(-1).add_(torch.cat([g.reshape(-1) for g in grads]))
+        backend.accumulate(self.grad, sampled, g_flat[0:1], g_flat[1:2], stats)
 
-def cuda_bytes_per_input(model: nn.Module, arena: Arena, input_shape: tuple[int, ...],
-                         config: EngineConfig) -> float:
-    """Device memory one more input adds to a draw (both branches, forward and backward), in bytes.
+    def _batched_draws(self, batch_size: int, stats: DrawStats | None) -> None:
+        """The staged draws' contributions, ``k`` whole draws at once (``torch.func.vmap`` over draws).
 
-    Measured on the CUDA device as the slope of the peak allocation between draws of 2 and 4
-    inputs, so the weights and their gradients, which do not grow with the inputs, drop out.
-    """
-    forward = _Forward(model, arena, config)
-    peaks = []
-    for n in (2, 4):
-        torch.cuda.synchronize(config.device)
-        torch.cuda.reset_peak_memory_stats(config.device)
-        before = torch.cuda.memory_allocated(config.device)
-        weights = _leaves(arena, torch.zeros(arena.numel, device=config.device, dtype=config.param_dtype))
-        x = torch.zeros(n, *input_shape, device=config.device, dtype=config.param_dtype)
-        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        out_clean = forward(weights, x, CleanStatsBatchNorm(stats, "record"))
-        out_pert = forward(weights, x, CleanStatsBatchNorm(stats, "replay"))
+        Inside vmap the backend's statistics see batched tensors (the Triton backend falls back to
+        PyTorch ops there); the loss of all ``k`` draws is taken outside vmap.
+        """
+        backend, arena, forward = self.backend, self.arena, self.forward
+        sampled = backend.sample()
+        k = sampled.w_clean.shape[0]
+        x = torch.stack([backend.inputs(i, self.input_shape, range(batch_size)) for i in range(k)])
+        clean, pert = _leaves(arena, sampled.w_clean), _leaves(arena, sampled.w_pert)
+        if self.config.channels_last and x.dim() in (5, 6):  # each draw's batch channels-last
+            order = (0, 1, *range(3, x.dim()), 2)
+            x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
+
+        def draw_outputs(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor],
+                         xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
+            out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
+            out_pert = forward(pert_w, xs, CleanStatsBatchNorm(stats_bn, "replay"))
+            return out_clean, out_pert
+
+        loss = backend.loss(*torch.func.vmap(draw_outputs)(clean, pert, x))
+        grads = torch.autograd.grad(loss, [*clean.values(), *pert.values()])
+        g_clean = torch.cat([g.reshape(k, -1) for g in grads[: len(arena)]], dim=1)
+        g_pert = torch.cat([g.reshape(k, -1) for g in grads[len(arena) :]], dim=1)
+        backend.accumulate(self.grad, sampled, g_clean, g_pert, stats)
+
+    def check_input_shape(self) -> None:
+        """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
+        weights = self.arena.views(torch.zeros(self.arena.numel, device=self.config.device,
+                                               dtype=self.config.param_dtype))
+        x = torch.zeros(2, *self.input_shape, device=self.config.device, dtype=self.config.param_dtype)
+        try:
+            with torch.no_grad():
+                self.forward(weights, x, CleanStatsBatchNorm([], "record"))
+        except (RuntimeError, IndexError) as err:
+            raise ValueError(
+                f"input_shape {tuple(self.input_shape)} does not fit the model (a forward on a batch of shape "
+                f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
+            ) from err
+
+    def probe_draw(self, n: int) -> None:
+        """A whole draw of ``n`` zero inputs with zero weights (for the memory plan's measurement)."""
+        weights = _leaves(self.arena, torch.zeros(self.arena.numel, device=self.config.device,
+                                                  dtype=self.config.param_dtype))
+        x = torch.zeros(n, *self.input_shape, device=self.config.device, dtype=self.config.param_dtype)
+        stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out_clean = self.forward(weights, x, CleanStatsBatchNorm(stats_bn, "record"))
+        out_pert = self.forward(weights, x, CleanStatsBatchNorm(stats_bn, "replay"))
         torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))
-        torch.cuda.synchronize(config.device)
-        peaks.append(torch.cuda.max_memory_allocated(config.device) - before)
-    return max(peaks[1] - peaks[0], 0) / 2

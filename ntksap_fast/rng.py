@@ -27,12 +27,16 @@ import torch
 
 from . import _ext
 
-__all__ = ["Stream", "philox4x32", "normal", "normal_at", "PHILOX_ROUNDS"]
+__all__ = ["Stream", "philox4x32", "normal", "normal_at", "PHILOX_ROUNDS", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0",
+           "PHILOX_W1", "MASK32", "check_counters", "MAX_DRAW"]
 
+# The generator's constants, one home for the PyTorch twin and the Triton kernels.
 PHILOX_ROUNDS = 10
-_M0, _M1 = 0xD2511F53, 0xCD9E8D57
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (Weyl sequence)
+MASK32 = 0xFFFFFFFF
+#: Draw ids live in [0, MAX_DRAW): ``draw * 4 + stream`` must fit the 32-bit counter word.
+MAX_DRAW = 2**30
 # Elements generated per chunk: keeps the ~20 int64 temporaries in cache.
 _CHUNK = 1 << 16
 
@@ -52,7 +56,7 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo_part = p_lo * a  # < 2**48
     hi_part = p_hi * a  # < 2**48
     low_sum = lo_part + ((hi_part & 0xFFFF) << 16)  # < 2**49
-    return (hi_part >> 16) + (low_sum >> 32), low_sum & _MASK32
+    return (hi_part >> 16) + (low_sum >> 32), low_sum & MASK32
 
 
 def philox4x32(
@@ -69,23 +73,24 @@ def philox4x32(
         four int64 tensors of uint32 values, the output words.
     """
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
-    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    k0, k1 = key[0] & MASK32, key[1] & MASK32
     for r in range(rounds):
-        hi0, lo0 = _mulhilo(_M0, c0)
-        hi1, lo1 = _mulhilo(_M1, c2)
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         if r + 1 < rounds:
-            k0 = (k0 + _W0) & _MASK32
-            k1 = (k1 + _W1) & _MASK32
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
     return c0, c1, c2, c3
 
 
-def _check_counters(seed: int, round: int, draw: int) -> None:
+def check_counters(seed: int, round: int, draw: int) -> None:
+    """Raises ``ValueError`` unless ``0 <= seed < 2**64``, ``0 <= round < 2**32``, ``0 <= draw < MAX_DRAW``."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
     if not 0 <= round < 2**32:
         raise ValueError(f"round must be an integer in [0, 2**32), got {round}")
-    if not 0 <= draw < 2**30:
+    if not 0 <= draw < MAX_DRAW:
         raise ValueError(f"draw must be an integer in [0, 2**30), got {draw}")
 
 
@@ -118,14 +123,14 @@ def normal(
     float32 CPU tensor of that many elements). Any split of the element range gives the same
     numbers as one call over the whole range.
     """
-    _check_counters(seed, round, draw)
+    check_counters(seed, round, draw)
     if out is None:
         out = torch.empty(numel, dtype=torch.float32)
     elif out.numel() != numel or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out must be a contiguous float32 tensor with numel elements")
     if numel == 0:
         return out
-    key = (seed & _MASK32, seed >> 32)
+    key = (seed & MASK32, seed >> 32)
     tag = draw * 4 + int(stream)
     if _compiled():
         return out.copy_(torch.ops.ntksap_fast.philox_normal(key[0], key[1], round, tag, offset, numel))
@@ -134,7 +139,7 @@ def normal(
     for start in range(first_block, last_block + 1, _CHUNK):
         stop = min(start + _CHUNK, last_block + 1)
         block = torch.arange(start, stop, dtype=torch.int64)
-        words = philox4x32((block & _MASK32, block >> 32, round, tag), key)
+        words = philox4x32((block & MASK32, block >> 32, round, tag), key)
         values = _box_muller(words).reshape(-1)
         lo = max(offset - 4 * start, 0)
         hi = min(offset + numel - 4 * start, values.numel())
@@ -149,9 +154,9 @@ def normal_at(seed: int, round: int, draw: int, stream: Stream, index: torch.Ten
     Gives exactly the values ``normal`` gives at those positions; cheaper than ``normal`` when few
     elements of a long range are needed.
     """
-    _check_counters(seed, round, draw)
+    check_counters(seed, round, draw)
     index = index.to(torch.int64)
-    key = (seed & _MASK32, seed >> 32)
+    key = (seed & MASK32, seed >> 32)
     tag = draw * 4 + int(stream)
     if _compiled():
         return torch.ops.ntksap_fast.philox_normal_at(key[0], key[1], round, tag, index)
@@ -160,6 +165,6 @@ def normal_at(seed: int, round: int, draw: int, stream: Stream, index: torch.Ten
     for start in range(0, flat.numel(), _CHUNK):
         idx = flat[start : start + _CHUNK]
         block = idx >> 2
-        values = _box_muller(philox4x32((block & _MASK32, block >> 32, round, tag), key))
+        values = _box_muller(philox4x32((block & MASK32, block >> 32, round, tag), key))
         out[start : start + idx.numel()] = values.gather(1, (idx & 3).unsqueeze(1)).squeeze(1)
     return out.reshape(index.shape)

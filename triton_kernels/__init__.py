@@ -6,9 +6,12 @@ publishes. One module per fused op, each with its PyTorch twin:
 
 * ``philox``         Philox-4x32-10 words and Box-Muller normals (twin: ``ntksap_fast.rng``)
 * ``sample_draw``    clean/perturbed weights of many draws, all tensors, one launch
-* ``dual_batchnorm`` BatchNorm of both branches with the clean branch's statistics (+ ReLU)
-* ``fd_loss``        ``sum((f_clean - f_pert)**2)`` per draw and its gradient
+* ``batch_stats``    the clean branch's BatchNorm statistics in one pass (float64 combine)
+* ``fd_loss``        ``sum((f_clean - f_pert)**2)`` and its gradient
 * ``mask_grad``      ``G += sum_d theta*(g_c + g_p) + eps*z*g_p`` with theta/z regenerated
+
+Kernels read seed, round and draw ids from device tensors and take sizes as runtime arguments, so
+each compiles once per dtype/layout and a CUDA graph of a draw replays with new counters.
 
 Importing this package needs nothing; importing a module needs ``triton``. Kernels run on CUDA
 tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
@@ -19,9 +22,9 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-__all__ = ["available", "philox", "sample_draw", "dual_batchnorm", "fd_loss", "mask_grad"]
+__all__ = ["available", "philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad"]
 
-_MODULES = ("philox", "sample_draw", "dual_batchnorm", "fd_loss", "mask_grad")
+_MODULES = ("philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad")
 
 
 def available() -> bool:

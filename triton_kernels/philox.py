@@ -1,9 +1,14 @@
 """Philox-4x32-10 and Box-Muller normals in Triton, the twin of ``ntksap_fast.rng``.
 
-Counter layout (exactly as ``ntksap_fast.rng``): key = (seed lo32, seed hi32), counter =
-(block lo32, block hi32, round, draw * 4 + stream) with ``block = element // 4``; the four words of
-a block give the normals of elements ``4*block + lane``, lane 0..3, through two Box-Muller
-transforms (lanes 0/1: cos/sin of words 0/1, lanes 2/3: cos/sin of words 2/3).
+Counter layout (exactly as ``ntksap_fast.rng``, whose constants these kernels use): key = (seed
+lo32, seed hi32), counter = (block lo32, block hi32, round, draw * 4 + stream) with ``block =
+element // 4``; the four words of a block give the normals of elements ``4*block + lane``, lane
+0..3, through two Box-Muller transforms (lanes 0/1: cos/sin of words 0/1, lanes 2/3: of words 2/3).
+
+Kernels read the counters from device memory, never from launch arguments: a ``round_key`` (int64
+``(3,)`` tensor ``(seed lo32, seed hi32, round)``) and an int64 draw id. One compiled kernel then
+serves every seed, round and draw, and a CUDA graph that launches it draws new numbers when the
+tensors are rewritten between replays.
 
 * ``philox4x32`` words are bit-identical to the PyTorch twin (uint32 arithmetic, ``tl.umulhi``).
 * Normals agree with the twin to a few float32 ulps, not bit for bit: both sides compute
@@ -14,9 +19,8 @@ transforms (lanes 0/1: cos/sin of words 0/1, lanes 2/3: cos/sin of words 2/3).
   NORMAL_TOL * max(1, |b|)`` with ``NORMAL_TOL = 2e-6`` (about 16 ulps of 1, the largest normal
   is < 5.7); measured under the interpreter: 2.4e-7 (2 ulps).
 
-Jitted helpers (usable from other kernels): ``philox4x32_10``, ``box_muller``,
-``block_normals`` (4 normals per block index), ``interleave4`` (lanes -> element order) and
-``element_normals`` (one normal per arbitrary element index).
+Jitted helpers (usable from other kernels): ``philox4x32_10``, ``box_muller``, ``load_key``,
+``block_normals`` (4 normals per block index) and ``interleave4`` (lanes -> element order).
 """
 from __future__ import annotations
 
@@ -25,19 +29,21 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ntksap_fast.rng import Stream, _check_counters
+from ntksap_fast import rng
+from ntksap_fast.rng import Stream, check_counters
 
 __all__ = [
-    "philox4x32_10", "box_muller", "block_normals", "interleave4", "element_normals",
-    "philox4x32", "normal", "normal_at", "use_libdevice", "NORMAL_TOL",
+    "philox4x32_10", "box_muller", "load_key", "block_normals", "interleave4",
+    "philox4x32", "round_key", "draw_ids", "normal", "normal_into", "use_libdevice", "NORMAL_TOL",
 ]
 
 #: Normals agree with ``ntksap_fast.rng`` to ``|a - b| <= NORMAL_TOL * max(1, |b|)``.
 NORMAL_TOL = 2e-6
-_MASK32 = 0xFFFFFFFF
-#: Scalar counter arguments of a kernel: never specialised (a value of 1 would become a constexpr,
-#: and each new round would otherwise compile a new kernel).
-_COUNTER_ARGS = ["seed_lo", "seed_hi", "round_", "tag"]
+_ROUNDS = tl.constexpr(rng.PHILOX_ROUNDS)
+_M0 = tl.constexpr(rng.PHILOX_M0)
+_M1 = tl.constexpr(rng.PHILOX_M1)
+_W0 = tl.constexpr(rng.PHILOX_W0)
+_W1 = tl.constexpr(rng.PHILOX_W1)
 
 
 def use_libdevice() -> bool:
@@ -46,19 +52,34 @@ def use_libdevice() -> bool:
     return type(_philox_words_kernel).__name__ != "InterpretedFunction"
 
 
+def round_key(seed: int, round: int, device: torch.device | str) -> torch.Tensor:
+    """The counters shared by a round's draws: int64 ``(3,)`` ``(seed lo32, seed hi32, round)`` on ``device``."""
+    check_counters(seed, round, 0)
+    return torch.tensor([seed & rng.MASK32, seed >> 32, round], dtype=torch.int64, device=device)
+
+
+def draw_ids(draws, device: torch.device | str) -> torch.Tensor:
+    """Draw ids as a contiguous int64 ``(D,)`` tensor on ``device``; checks the range [0, 2**30)."""
+    ids = [int(d) for d in draws]
+    for d in ids:
+        if not 0 <= d < rng.MAX_DRAW:
+            raise ValueError(f"draws must be integers in [0, 2**30), got {d}")
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox-4x32 with 10 rounds on uint32 tensors (broadcastable); returns the 4 output words."""
     k0 = k0.to(tl.uint32)
     k1 = k1.to(tl.uint32)
-    for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
+    for _ in tl.static_range(_ROUNDS):
+        hi0 = tl.umulhi(c0, _M0)
+        lo0 = c0 * _M0
+        hi1 = tl.umulhi(c2, _M1)
+        lo1 = c2 * _M1
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        k0 = k0 + _W0
+        k1 = k1 + _W1
     return c0, c1, c2, c3
 
 
@@ -102,10 +123,17 @@ def box_muller(w0, w1, w2, w3, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def load_key(key_ptr):
+    """``(seed lo32, seed hi32, round)`` from a ``round_key`` tensor, as uint32 scalars."""
+    return (tl.load(key_ptr).to(tl.uint32), tl.load(key_ptr + 1).to(tl.uint32),
+            tl.load(key_ptr + 2).to(tl.uint32))
+
+
+@triton.jit
 def block_normals(block, seed_lo, seed_hi, round_, tag, PRECISE: tl.constexpr):
     """Normals of lanes 0..3 of Philox blocks ``block`` (int64 tensor): four float32 tensors.
 
-    ``seed_lo/seed_hi/round_/tag`` are scalars < 2**32 (``tag = draw * 4 + stream``).
+    ``seed_lo/seed_hi/round_/tag`` are uint32 scalars (``tag = draw * 4 + stream``).
     """
     c0 = block.to(tl.uint32)
     c1 = (block >> 32).to(tl.uint32)
@@ -120,17 +148,6 @@ def interleave4(n0, n1, n2, n3):
     """Four (BLOCK,) lane tensors -> one (4*BLOCK,) tensor with ``out[4*i + lane] = n_lane[i]``."""
     n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [BLOCK, 2, 2]: n[i, j, k] = n_{2j+k}[i]
     return tl.reshape(n, (4 * n0.shape[0],))
-
-
-@triton.jit
-def element_normals(elem, seed_lo, seed_hi, round_, tag, PRECISE: tl.constexpr):
-    """Normal of each element index ``elem`` (int64 tensor, any order): float32, same shape.
-
-    Costs a full Philox block per element; dense ranges should use ``block_normals``.
-    """
-    n0, n1, n2, n3 = block_normals(elem >> 2, seed_lo, seed_hi, round_, tag, PRECISE)
-    lane = elem & 3
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
 
 
 @triton.jit(do_not_specialize=["k0", "k1"])
@@ -148,24 +165,17 @@ def _philox_words_kernel(c_ptr, out_ptr, n, k0, k1, BLOCK: tl.constexpr):
     tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=ok)
 
 
-@triton.jit(do_not_specialize=_COUNTER_ARGS)
-def _normal_range_kernel(out_ptr, first_block, offset, numel, seed_lo, seed_hi, round_, tag,
-                         BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+@triton.jit(do_not_specialize=["first_block", "offset", "numel"])
+def _normal_range_kernel(out_ptr, first_block, offset, numel, key_ptr, draw_ptr,
+                         STREAM: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+    seed_lo, seed_hi, round_ = load_key(key_ptr)
+    tag = tl.load(draw_ptr).to(tl.uint32) * 4 + STREAM
     block = first_block + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     n0, n1, n2, n3 = block_normals(block, seed_lo, seed_hi, round_, tag, PRECISE)
     vals = interleave4(n0, n1, n2, n3)
     elem = first_block * 4 + tl.program_id(0).to(tl.int64) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
     ok = (elem >= offset) & (elem < offset + numel)
     tl.store(out_ptr + (elem - offset), vals, mask=ok)
-
-
-@triton.jit(do_not_specialize=_COUNTER_ARGS)
-def _normal_at_kernel(idx_ptr, out_ptr, n, seed_lo, seed_hi, round_, tag,
-                      BLOCK: tl.constexpr, PRECISE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    elem = tl.load(idx_ptr + offs, mask=ok, other=0)
-    tl.store(out_ptr + offs, element_normals(elem, seed_lo, seed_hi, round_, tag, PRECISE), mask=ok)
 
 
 def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -183,9 +193,28 @@ def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     out = torch.empty_like(c)
     if n:
         grid = (triton.cdiv(n, 1024),)
-        _philox_words_kernel[grid](c, out, n, key[0] & _MASK32, key[1] & _MASK32, BLOCK=1024)
+        _philox_words_kernel[grid](c, out, n, key[0] & rng.MASK32, key[1] & rng.MASK32, BLOCK=1024)
     shape = torch.as_tensor(counter[0]).shape
     return tuple(w.reshape(shape) for w in out.unbind(0))  # type: ignore[return-value]
+
+
+def normal_into(out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream: Stream, offset: int = 0) -> torch.Tensor:
+    """Writes the normals of elements ``offset .. offset + out.numel() - 1`` into ``out``; returns it.
+
+    Args:
+        out: contiguous float32 tensor on the device of ``key``.
+        key: a ``round_key`` tensor; draw: int64 tensor whose first element is the draw id (e.g.
+            a one-element view of a draw-id buffer). Both are read on the device (no host sync),
+            so the call can be captured in a CUDA graph.
+    """
+    numel = out.numel()
+    if numel:
+        first_block, last_block = offset // 4, (offset + numel - 1) // 4
+        block = 256
+        grid = (triton.cdiv(last_block - first_block + 1, block),)
+        _normal_range_kernel[grid](out, first_block, offset, numel, key, draw, STREAM=int(stream), BLOCK=block,
+                                   PRECISE=use_libdevice())
+    return out
 
 
 def normal(seed: int, round: int, draw: int, stream: Stream, numel: int, *, offset: int = 0,
@@ -194,28 +223,6 @@ def normal(seed: int, round: int, draw: int, stream: Stream, numel: int, *, offs
 
     Twin of ``ntksap_fast.rng.normal``.
     """
-    _check_counters(seed, round, draw)
+    check_counters(seed, round, draw)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    if numel == 0:
-        return out
-    first_block, last_block = offset // 4, (offset + numel - 1) // 4
-    block = 256
-    grid = (triton.cdiv(last_block - first_block + 1, block),)
-    _normal_range_kernel[grid](out, first_block, offset, numel, seed & _MASK32, seed >> 32, round,
-                               draw * 4 + int(stream), BLOCK=block, PRECISE=use_libdevice())
-    return out
-
-
-def normal_at(seed: int, round: int, draw: int, stream: Stream, index: torch.Tensor) -> torch.Tensor:
-    """Normals at element indices ``index`` (int64, any shape, any device): float32, same shape/device.
-
-    Twin of ``ntksap_fast.rng.normal_at``.
-    """
-    _check_counters(seed, round, draw)
-    flat = index.to(torch.int64).reshape(-1).contiguous()
-    out = torch.empty(flat.shape, dtype=torch.float32, device=index.device)
-    if flat.numel():
-        grid = (triton.cdiv(flat.numel(), 1024),)
-        _normal_at_kernel[grid](flat, out, flat.numel(), seed & _MASK32, seed >> 32, round,
-                                draw * 4 + int(stream), BLOCK=1024, PRECISE=use_libdevice())
-    return out.reshape(index.shape)
+    return normal_into(out, round_key(seed, round, device), draw_ids([draw], device), stream, offset)

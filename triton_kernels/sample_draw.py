@@ -9,7 +9,9 @@ For arena element ``e`` (index into the flat prunable space of length ``N``) of 
 
 exactly the quantities of ``ntksap_fast.draws`` / ``ntksap_fast.engine`` (dense sampling). The std
 comes from a per-tensor table (``StdTable``: T+1 offsets and T stds) found by an in-kernel binary
-search, not from an N-long vector. Normals match the twin to ``philox.NORMAL_TOL``; everything
+search, not from an N-long vector. Seed, round and draw ids are read on the device
+(``philox.round_key``, a draw-id tensor), so one compiled kernel serves every round and a CUDA graph
+replay samples new draws. Normals match the twin to ``philox.NORMAL_TOL``; everything
 after them is the same float32 arithmetic up to one fused multiply-add (``theta + eps*z``), so
 ``w_clean``/``w_pert`` match the twin to ``NORMAL_TOL`` times std plus an ulp (bf16 outputs: plus
 one bf16 ulp, as values a few float32 ulps apart may round to neighbouring bf16 numbers).
@@ -24,16 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ntksap_fast.rng import Stream, _check_counters, normal
+from ntksap_fast.rng import Stream, normal
 
-from .philox import _COUNTER_ARGS, block_normals, interleave4, use_libdevice
+from .philox import block_normals, draw_ids, interleave4, load_key, round_key, use_libdevice
 
 if TYPE_CHECKING:
     from ntksap_fast.arena import Arena
 
-__all__ = ["StdTable", "lookup_std", "sample_draws", "sample_draws_reference", "draw_tensor"]
+__all__ = ["StdTable", "lookup_std", "sample_draws", "sample_draws_into", "sample_draws_reference"]
 
-_MASK32 = 0xFFFFFFFF
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -92,17 +93,16 @@ def lookup_std(elem, offsets_ptr, std_ptr, T, STEPS: tl.constexpr):
     return tl.load(std_ptr + lo)
 
 
-@triton.jit(do_not_specialize=_COUNTER_ARGS)
-def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, draws_ptr, wc_ptr, wp_ptr, theta_ptr, z_ptr,
-                         N, T, seed_lo, seed_hi, round_, eps,
-                         HAS_MASK: tl.constexpr, WRITE_NOISE: tl.constexpr, STEPS: tl.constexpr,
-                         BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+@triton.jit
+def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, key_ptr, draws_ptr, wc_ptr, wp_ptr, N, T, eps,
+                         HAS_MASK: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1)
-    draw = tl.load(draws_ptr + d)
+    seed_lo, seed_hi, round_ = load_key(key_ptr)
+    tag = tl.load(draws_ptr + d).to(tl.uint32) * 4
     block = pid * BLOCK + tl.arange(0, BLOCK)
-    w0, w1, w2, w3 = block_normals(block, seed_lo, seed_hi, round_, draw * 4 + 0, PRECISE)
-    p0, p1, p2, p3 = block_normals(block, seed_lo, seed_hi, round_, draw * 4 + 1, PRECISE)
+    w0, w1, w2, w3 = block_normals(block, seed_lo, seed_hi, round_, tag + 0, PRECISE)
+    p0, p1, p2, p3 = block_normals(block, seed_lo, seed_hi, round_, tag + 1, PRECISE)
     n_w = interleave4(w0, w1, w2, w3)
     z = interleave4(p0, p1, p2, p3)
     elem = pid * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
@@ -120,26 +120,10 @@ def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, draws_ptr, wc_ptr, wp_p
     row = d.to(tl.int64) * N + elem
     tl.store(wc_ptr + row, w_c.to(wc_ptr.dtype.element_ty), mask=ok)
     tl.store(wp_ptr + row, w_p.to(wp_ptr.dtype.element_ty), mask=ok)
-    if WRITE_NOISE:
-        tl.store(theta_ptr + row, theta, mask=ok)
-        tl.store(z_ptr + row, z, mask=ok)
 
 
-def draw_tensor(draws: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Draw ids as a contiguous int64 ``(D,)`` tensor on ``device``; checks the range [0, 2**30)."""
-    if isinstance(draws, torch.Tensor):
-        t = draws.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
-        ids = t.cpu().tolist() if t.numel() <= 4096 else []
-    else:
-        ids = [int(d) for d in draws]
-        t = torch.tensor(ids, dtype=torch.int64, device=device)
-    for d in ids:
-        if not 0 <= d < 2**30:
-            raise ValueError(f"draws must be integers in [0, 2**30), got {d}")
-    return t
-
-
-def _check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+def check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+    """``mask`` as a contiguous flat tensor of ``n`` elements on ``device`` (ValueError otherwise)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != n:
@@ -149,9 +133,25 @@ def _check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> torc
     return mask.contiguous()
 
 
-def sample_draws(table: StdTable, seed: int, round: int, draws: Sequence[int] | torch.Tensor,
-                 eps: float, mask: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
-                 return_noise: bool = False) -> tuple[torch.Tensor, ...]:
+def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTable, key: torch.Tensor,
+                      draws: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> None:
+    """Fills ``w_clean``/``w_pert`` (contiguous ``(D, N)`` float32 or bf16) with ``D`` draws, one launch.
+
+    ``key``: a ``philox.round_key`` tensor; ``draws``: int64 ``(D,)`` draw ids; ``mask``: contiguous
+    flat ``(N,)`` bool/float or None. All on the table's device; nothing is read on the host, so the
+    call can be captured in a CUDA graph.
+    """
+    d, n = w_clean.shape
+    if d and n:
+        block = 256
+        _sample_draws_kernel[(triton.cdiv(n, 4 * block), d)](
+            mask if mask is not None else w_clean, table.offsets, table.std, key, draws, w_clean, w_pert,
+            n, table.std.numel(), float(eps), HAS_MASK=mask is not None, STEPS=table.steps, BLOCK=block,
+            PRECISE=use_libdevice())
+
+
+def sample_draws(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
+                 mask: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and perturbed weights of ``D`` draws in one launch.
 
     Args:
@@ -161,50 +161,34 @@ def sample_draws(table: StdTable, seed: int, round: int, draws: Sequence[int] | 
         eps: perturbation scale (float32 in-kernel).
         mask: optional flat ``(N,)`` bool or float mask (1 = kept); None = all kept.
         dtype: float32 or bfloat16, the dtype of ``w_clean``/``w_pert``.
-        return_noise: also return float32 ``theta`` and ``z`` (unmasked).
     Returns:
-        ``(w_clean, w_pert)`` each ``(D, N)`` ``dtype``; plus ``(theta, z)`` float32 ``(D, N)``.
+        ``(w_clean, w_pert)`` each ``(D, N)`` ``dtype``.
     """
     if dtype not in _OUT_DTYPES:
         raise TypeError(f"dtype must be float32 or bfloat16, got {dtype}")
     device = table.offsets.device
-    draw_ids = draw_tensor(draws, device)
-    _check_counters(seed, round, 0)
-    mask = _check_mask(mask, table.numel, device)
-    d, n = draw_ids.numel(), table.numel
-    w_clean = torch.empty(d, n, dtype=dtype, device=device)
-    w_pert = torch.empty(d, n, dtype=dtype, device=device)
-    theta = torch.empty(d, n, device=device) if return_noise else w_clean
-    z = torch.empty(d, n, device=device) if return_noise else w_clean
-    if d and n:
-        block = 256
-        grid = (triton.cdiv(n, 4 * block), d)
-        _sample_draws_kernel[grid](
-            mask if mask is not None else w_clean, table.offsets, table.std, draw_ids, w_clean, w_pert,
-            theta, z, n, table.std.numel(), seed & _MASK32, seed >> 32, round, float(eps),
-            HAS_MASK=mask is not None, WRITE_NOISE=return_noise, STEPS=table.steps, BLOCK=block,
-            PRECISE=use_libdevice())
-    return (w_clean, w_pert, theta, z) if return_noise else (w_clean, w_pert)
+    ids = draw_ids(draws, device)
+    key = round_key(seed, round, device)
+    mask = check_mask(mask, table.numel, device)
+    w_clean = torch.empty(ids.numel(), table.numel, dtype=dtype, device=device)
+    w_pert = torch.empty_like(w_clean)
+    sample_draws_into(w_clean, w_pert, table, key, ids, eps, mask)
+    return w_clean, w_pert
 
 
-def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequence[int] | torch.Tensor,
-                           eps: float, mask: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
-                           return_noise: bool = False) -> tuple[torch.Tensor, ...]:
+def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
+                           mask: torch.Tensor | None = None, *,
+                           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of ``sample_draws`` (``ntksap_fast.rng`` on the CPU, then moved to the table's device)."""
     device = table.offsets.device
-    ids = draw_tensor(draws, "cpu").tolist()
     std = table.vector()
     m = None if mask is None else mask.detach().cpu().to(torch.float32)
-    outs: list[list[torch.Tensor]] = [[], [], [], []]
-    for draw in ids:
+    clean, pert = [], []
+    for draw in draw_ids(draws, "cpu").tolist():
         theta = normal(seed, round, draw, Stream.WEIGHTS, table.numel).mul_(std)
-        z = normal(seed, round, draw, Stream.PERTURBATION, table.numel)
-        pert = theta.add(z, alpha=eps)
-        w_c, w_p = (theta, pert) if m is None else (m * theta, m * pert)
-        for lst, t in zip(outs, (w_c, w_p, theta, z)):
-            lst.append(t)
-    stacked = [torch.stack(o) if o else torch.empty(0, table.numel) for o in outs]
-    res = [stacked[0].to(device, dtype), stacked[1].to(device, dtype)]
-    if return_noise:
-        res += [stacked[2].to(device), stacked[3].to(device)]
-    return tuple(res)
+        w_p = theta.add(normal(seed, round, draw, Stream.PERTURBATION, table.numel), alpha=eps)
+        clean.append(theta if m is None else m * theta)
+        pert.append(w_p if m is None else m * w_p)
+    if not clean:
+        return (torch.empty(0, table.numel, dtype=dtype, device=device),) * 2
+    return torch.stack(clean).to(device, dtype), torch.stack(pert).to(device, dtype)
