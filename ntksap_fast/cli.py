@@ -4,7 +4,9 @@ Settings come from, highest first: explicit flags, ``--preset`` (the paper's NTK
 model, classes, input shape, rounds, draws, inputs per draw, epsilon), the library's defaults.
 The preset's rounds apply to ``--method ntksap``; other iterative methods use their own defaults
 (``ntksap_fast.baselines.DEFAULT_ITERATIONS``) unless ``--iterations`` is given. Models are built
-with random weights only (never pretrained: no network access).
+with random weights only (never pretrained: no network access), initialised from ``--seed``: the
+masks depend on the model's non-pruned parameters too (biases, normalisation weights, and for
+magnitude pruning the weights themselves), so the same command and seed give the same masks.
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ import torch
 from torch import nn
 
 from .baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
-from .masks import save_masks
+from .masks import check_mask_path, save_masks
 from .models import MODELS
 from .presets import PRESETS
-from .report import (collapse_warning, layer_table, markdown_report, ntk_eigenvalues, plot_layer_density,
-                     plot_ntk_spectrum)
+from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
+                     plot_layer_density, plot_ntk_spectrum)
 
 __all__ = ["main", "build_model", "build_parser"]
 
@@ -47,8 +49,12 @@ _NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """A randomly initialised model: ``ntksap_fast.models`` name or ``torchvision:<name>``."""
+def build_model(name: str, num_classes: int | None = None, seed: int | None = None) -> nn.Module:
+    """A randomly initialised model (on the CPU): ``ntksap_fast.models`` name or ``torchvision:<name>``.
+
+    With ``seed`` the initialisation draws from ``torch.manual_seed(seed)`` and the global CPU
+    random state is restored afterwards, so the same name and seed give the same weights.
+    """
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith("torchvision:"):
         import torchvision
@@ -56,10 +62,16 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
         tv_name = name.split(":", 1)[1]
         if tv_name not in torchvision.models.list_models():
             raise ValueError(f"model: torchvision has no model {tv_name!r} (see torchvision.models.list_models())")
-        return torchvision.models.get_model(tv_name, weights=None, **kwargs)
-    if name not in MODELS:
+        make = lambda: torchvision.models.get_model(tv_name, weights=None, **kwargs)  # noqa: E731
+    elif name in MODELS:
+        make = lambda: MODELS[name](**kwargs)  # noqa: E731
+    else:
         raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:<name>")
-    return MODELS[name](**kwargs)
+    if seed is None:
+        return make()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -97,12 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
     p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
     p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random numbers (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the random "
+                   "numbers of the prune (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
     p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
-    p.add_argument("--out", help="write the masks here (.pt, or .safetensors)")
+    p.add_argument("--out", help="write the masks and the settings that made them here (.pt, .pth or .safetensors)")
     p.add_argument("--report", help="write a markdown report here")
     p.add_argument("--plot", help="write a per-layer density bar chart here (.png)")
     p.add_argument("--spectrum", help="write dense vs pruned NTK eigenvalues here (.png; small models only)")
@@ -119,6 +132,11 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             parser.error(f"--{flag}: folder {folder!r} does not exist")
+        if flag == "out":
+            try:
+                check_mask_path(path)
+            except ValueError as err:
+                parser.error(f"--out: {err}")
         if flag in ("plot", "spectrum") and not path.lower().endswith(".png"):
             parser.error(f"--{flag}: expected a .png path, got {path!r}")
         if flag in ("plot", "spectrum") and importlib.util.find_spec("matplotlib") is None:
@@ -180,9 +198,14 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     spec, kwargs = _settings(parser, args)
     kwargs["method"] = args.method
     try:
-        model = build_model(spec["model"], spec["num_classes"]).to(args.device)
-    except (ValueError, RuntimeError) as err:  # unknown model, bad --num-classes or --device
+        model = build_model(spec["model"], spec["num_classes"], seed=args.seed).to(args.device)
+    except (ValueError, RuntimeError) as err:  # unknown model, bad --num-classes, --seed or --device
         parser.error(str(err))
+    if args.spectrum:  # refuse a model too large for the spectrum before the prune, not after it
+        try:
+            check_ntk_size(model, input_shape=kwargs["input_shape"])
+        except ValueError as err:
+            parser.error(f"--spectrum: {err}")
     settings = _describe(spec, model, kwargs)
     print(", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
     start = time.perf_counter()
@@ -197,7 +220,7 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if warning:
         print(warning)
     if args.out:
-        save_masks(masks, args.out)
+        save_masks(masks, args.out, metadata=settings)
         print(f"masks: {args.out}")
     if args.report:
         with open(args.report, "w") as f:

@@ -27,7 +27,7 @@ from .masks import _check_masks
 
 __all__ = [
     "COLLAPSE_RATIO", "layer_rows", "collapsed_layers", "collapse_warning", "layer_table", "markdown_report",
-    "plot_layer_density", "empirical_ntk", "ntk_eigenvalues", "plot_ntk_spectrum",
+    "plot_layer_density", "check_ntk_size", "empirical_ntk", "ntk_eigenvalues", "plot_ntk_spectrum",
 ]
 
 #: A layer whose density is below this fraction of the global density is reported as collapsed.
@@ -142,6 +142,38 @@ def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLik
     _save(plt, fig, path)
 
 
+def _limit_error(what: str, entries: int, limit: int) -> ValueError:
+    return ValueError(f"the Jacobian has {what} = {entries} entries, above max_jacobian_entries={limit}; "
+                      "use a smaller batch or model, or raise the limit")
+
+
+def check_ntk_size(model: nn.Module, *, input_shape: Sequence[int] | None = None, batch_size: int = 8,
+                   params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> int:
+    """Raises the ``ValueError`` that ``ntk_eigenvalues`` would raise for its size limit, cheaply.
+
+    Checks ``batch_size * P`` first (``P`` prunable weights, no forward), then
+    ``batch_size * O * P`` with ``O`` from a no-grad forward of one zero input on a copy in eval
+    mode (``model`` is not touched). Returns the number of Jacobian entries ``batch_size * O * P``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    limit = int(max_jacobian_entries)
+    arena = Arena(model, params)
+    if batch_size * arena.numel > limit:
+        raise _limit_error("at least batch * params", batch_size * arena.numel, limit)
+    shape = resolve_input_shape(model, input_shape)
+    work = copy.deepcopy(model).eval()
+    first = next(work.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    with torch.no_grad():
+        outputs = work(torch.zeros(1, *shape, device=device, dtype=dtype)).numel()
+    entries = batch_size * outputs * arena.numel
+    if entries > limit:
+        raise _limit_error("batch * outputs * params", entries, limit)
+    return entries
+
+
 def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None, *,
                   params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> torch.Tensor:
     """Empirical NTK ``J J^T`` over the prunable weights: float64 ``(B * O, B * O)``.
@@ -155,8 +187,7 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, to
     arena = Arena(model, params)
     limit = int(max_jacobian_entries)
     if inputs.shape[0] * arena.numel > limit:
-        raise ValueError(f"the Jacobian has at least batch * params = {inputs.shape[0] * arena.numel} entries, "
-                         f"above max_jacobian_entries={limit}; use a smaller batch or model, or raise the limit")
+        raise _limit_error("at least batch * params", inputs.shape[0] * arena.numel, limit)
     work = copy.deepcopy(model).eval()
     for m in work.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -175,8 +206,7 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, to
         w.requires_grad_(True)
     out = work(inputs.to(weights[0].device, weights[0].dtype)).reshape(-1)
     if out.numel() * arena.numel > limit:
-        raise ValueError(f"the Jacobian has batch * outputs * params = {out.numel() * arena.numel} entries, "
-                         f"above max_jacobian_entries={limit}; use a smaller batch or model, or raise the limit")
+        raise _limit_error("batch * outputs * params", out.numel() * arena.numel, limit)
     jac = torch.empty(out.numel(), arena.numel, dtype=out.dtype, device=out.device)
     for r in range(out.numel()):
         grads = torch.autograd.grad(out[r], weights, retain_graph=r + 1 < out.numel(),

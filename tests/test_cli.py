@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from ntksap_fast import load_masks
-from ntksap_fast.cli import main
+import ntksap_fast
+from ntksap_fast import cli, load_masks
+from ntksap_fast.cli import build_model, main
 from ntksap_fast.demo import main as demo_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +79,8 @@ def test_demo_wrapper(capsys):
     (["prune", "resnet20", "--density", "1.5"], "density must be a number in (0, 1]"),
     (["prune", "resnet20", "--plot", "out.jpg"], "expected a .png path"),
     (["prune", "resnet20", "--out", "/no/such/folder/m.pt"], "does not exist"),
+    (["prune", "resnet20", "--out", "masks.bin"], "--out: path 'masks.bin': unknown mask file extension '.bin'"),
+    (["prune", "resnet20", "--out", "masks"], "unknown mask file extension '(none)'"),
     (["prune", "torchvision:resnet18", "--iterations", "1"], "input_shape is needed"),
     (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -95,3 +99,58 @@ def test_help_shows_example():
     assert proc.returncode == 0
     assert "example:" in proc.stdout and "ntksap prune --preset cifar10" in proc.stdout
     assert "--input-shape" in proc.stdout
+
+
+def test_out_records_the_settings(tmp_path):
+    out = tmp_path / "masks.safetensors"
+    assert main(["prune", "resnet20", "--density", "0.1", *TINY, "--seed", "3", "--out", str(out)]) == 0
+    meta = load_masks(out).metadata
+    assert {k: meta[k] for k in ("model", "method", "density", "iterations", "schedule", "draws", "batch_size",
+                                 "epsilon", "seed", "dtype")} == {
+        "model": "resnet20", "method": "ntksap", "density": 0.1, "iterations": 2, "schedule": "exponential",
+        "draws": 1, "batch_size": 2, "epsilon": 0.01, "seed": 3, "dtype": "torch.float32"}
+    assert meta["fingerprint"].startswith("sha256:") and meta["package_version"] == ntksap_fast.__version__
+
+
+def test_build_model_is_seeded_and_restores_the_global_rng():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = build_model("resnet20", seed=5).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = build_model("resnet20", seed=5).state_dict()
+    c = build_model("resnet20", seed=6).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.bias"], c["fc.bias"]) and not torch.equal(a["conv1.weight"], c["conv1.weight"])
+
+
+@pytest.mark.parametrize("extra", [["--method", "magnitude"], ["--draws", "1", "--batch-size", "2", "--iterations", "3"]],
+                         ids=["magnitude", "ntksap"])
+def test_two_processes_give_identical_masks(tmp_path, extra):
+    """Same command, same seed, two processes: the same mask file, bit for bit (issue 14.7)."""
+    outs = [tmp_path / f"run{i}.safetensors" for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ntksap_fast", "prune", "resnet20", "--density", "0.1",
+                               "--seed", "0", *extra, "--no-progress", "--out", str(out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in outs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    first, second = (load_masks(out) for out in outs)
+    assert list(first) == list(second)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first.metadata == second.metadata
+
+
+def test_spectrum_size_is_checked_before_the_prune(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+
+    def no_prune(*args, **kwargs):
+        raise AssertionError("the prune ran before the --spectrum size check")
+
+    monkeypatch.setattr(cli, "prune", no_prune)
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "vgg16", "--method", "magnitude", "--no-progress", "--spectrum", str(tmp_path / "s.png")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--spectrum: the Jacobian has at least batch * params" in err and "max_jacobian_entries" in err

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from ntksap_fast.report import (collapsed_layers, empirical_ntk, layer_table, markdown_report, ntk_eigenvalues,
+from ntksap_fast.report import (check_ntk_size, collapsed_layers, empirical_ntk, layer_table, markdown_report, ntk_eigenvalues,
                                 plot_layer_density, plot_ntk_spectrum)
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +73,21 @@ def test_ntk_size_limit_and_bad_masks():
         empirical_ntk(model, torch.randn(4, 5, dtype=torch.float64), max_jacobian_entries=20)
     with pytest.raises(ValueError, match="masks"):
         empirical_ntk(model, torch.randn(4, 5, dtype=torch.float64), {"bias": torch.ones(3, dtype=torch.bool)})
+
+
+def test_check_ntk_size_agrees_with_the_computation():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # P = 32, O = 3
+    assert check_ntk_size(model, input_shape=(5,), batch_size=8) == 8 * 3 * 32
+    before = [m.training for m in model.modules()]
+    for limit, words in ((8 * 32 - 1, "at least batch \\* params = 256"), (8 * 3 * 32 - 1, "batch \\* outputs \\* params = 768")):
+        with pytest.raises(ValueError, match=words):
+            check_ntk_size(model, input_shape=(5,), batch_size=8, max_jacobian_entries=limit)
+        with pytest.raises(ValueError, match=words):
+            ntk_eigenvalues(model, input_shape=(5,), batch_size=8, max_jacobian_entries=limit)
+    ntk_eigenvalues(model, input_shape=(5,), batch_size=8, max_jacobian_entries=8 * 3 * 32)
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(ValueError, match="batch_size"):
+        check_ntk_size(model, input_shape=(5,), batch_size=0)
 
 
 def example_masks() -> dict[str, torch.Tensor]:
