@@ -7,12 +7,11 @@ Groups (sizes from the paper's settings; the baseline of each group has ``refere
   entries, 50% mask). reference_cpu: the engine's path today (CPU twin, then a copy to the GPU);
   reference: the same PyTorch ops on CUDA tensors.
 * ``mask-grad-resnet50-8draws``: ``G += sum_d theta*(g_c+g_p) + eps*z*g_p`` over 8 draws.
-  reference: stored theta/z with the engine's ``addcmul_`` pair; triton_stored / triton (theta
-  and z regenerated in-kernel, no stored noise).
-* ``dual-bn-relu``: clean-statistics BatchNorm + ReLU of both branches, forward + backward, on a
-  ResNet-50 layer-1 activation (64 x 64 x 56 x 56, channels-last, float32). reference: float64
-  statistics (the engine's) + ``F.batch_norm`` + ``relu`` twice.
-* ``fd-loss``: loss and gradient of (256, 1000) outputs, 4 draws.
+  reference: stored theta/z with the engine's ``addcmul_`` pair; triton (theta and z regenerated
+  in-kernel, no stored noise), with and without the split-half/sum-of-squares statistics.
+* ``bn-stats``: the clean branch's BatchNorm statistics of a ResNet-50 layer-1 activation
+  (64 x 64 x 56 x 56, channels-last, float32). reference: the torch path's float64 statistics.
+* ``fd-loss``: loss and gradient of (1024, 1000) outputs.
 
 The interpreter is no benchmark: without a CUDA device the module is skipped.
 Run: ``pytest bench/bench_kernels.py --benchmark-columns=median,iqr,rounds``.
@@ -31,7 +30,8 @@ import torchvision  # noqa: E402
 from ntksap_fast import rng  # noqa: E402
 from ntksap_fast.arena import Arena  # noqa: E402
 from ntksap_fast.draws import DrawKey, sample_weights  # noqa: E402
-from ntksap_fast.kernels import dual_batchnorm as dbn  # noqa: E402
+from ntksap_fast.batchnorm import batch_stats  # noqa: E402
+from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
 from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
 from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
 from ntksap_fast.kernels import philox  # noqa: E402
@@ -115,8 +115,9 @@ def grads(resnet50_arena):
     g = torch.Generator(device=DEV).manual_seed(0)
     g_c = torch.randn(len(draws), arena.numel, device=DEV, generator=g)
     g_p = -g_c + 0.01 * torch.randn(len(draws), arena.numel, device=DEV, generator=g)
-    theta, z = sd.sample_draws(table, 0, 0, draws, EPS, mask_d, return_noise=True)[2:]
-    return table, mask_d, draws, g_c, g_p, theta, z
+    theta = torch.stack([_torch_normal(0, d, rng.Stream.WEIGHTS, arena.numel) for d in draws])
+    z = torch.stack([_torch_normal(0, d, rng.Stream.PERTURBATION, arena.numel) for d in draws])
+    return table, mask_d, draws, g_c, g_p, theta * table.vector().to(DEV) * mask_d, z * mask_d
 
 
 def test_mask_grad_reference_torch(benchmark, grads):
@@ -130,47 +131,26 @@ def test_mask_grad_reference_torch(benchmark, grads):
     _run(benchmark, "mask-grad-resnet50-8draws", engine_path)
 
 
-def test_mask_grad_triton_stored(benchmark, grads):
-    table, _, draws, g_c, g_p, theta, z = grads
-    G = torch.zeros(table.numel, device=DEV)
-    _run(benchmark, "mask-grad-resnet50-8draws", lambda: mg.mask_grad_accumulate_stored(G, g_c, g_p, theta, z, EPS))
-
-
-def test_mask_grad_triton(benchmark, grads):
+@pytest.mark.parametrize("stats", [False, True])
+def test_mask_grad_triton(benchmark, grads, stats):
     table, mask_d, draws, g_c, g_p, _, _ = grads
     G = torch.zeros(table.numel, device=DEV)
+    acc = (torch.zeros_like(G), torch.zeros_like(G)) if stats else None
     _run(benchmark, "mask-grad-resnet50-8draws",
-         lambda: mg.mask_grad_accumulate(G, g_c, g_p, table, 0, 0, draws, EPS, mask_d))
+         lambda: mg.mask_grad_accumulate(G, g_c, g_p, table, 0, 0, draws, EPS, mask_d, stats=acc))
 
 
-# --- dual BatchNorm + ReLU -------------------------------------------------------------------
+# --- BatchNorm statistics --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def activations():
+def activation():
     g = torch.Generator(device=DEV).manual_seed(0)
-    shape = (64, 64, 56, 56)
-    x_c = torch.randn(shape, device=DEV, generator=g).contiguous(memory_format=torch.channels_last)
-    x_p = x_c + 0.01 * torch.randn(shape, device=DEV, generator=g).contiguous(memory_format=torch.channels_last)
-    w, b = torch.rand(64, device=DEV) + 0.5, torch.randn(64, device=DEV)
-    return x_c.requires_grad_(), x_p.requires_grad_(), w, b, torch.randn_like(x_c), torch.randn_like(x_p)
-
-
-def _engine_dual_bn(x_c, x_p, w, b):
-    mean = torch.zeros(x_c.shape[1], dtype=torch.float64, device=DEV)
-    var = torch.ones_like(mean)
-    torch.batch_norm_update_stats(x_c.detach().double(), mean, var, 1.0)
-    mean, var = mean.float(), var.float()
-    return tuple(torch.relu(torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)) for x in (x_c, x_p))
+    return torch.randn(64, 64, 56, 56, device=DEV, generator=g).contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("impl", ["reference_torch", "triton"])
-def test_dual_bn_relu(benchmark, activations, impl):
-    x_c, x_p, w, b, dy_c, dy_p = activations
-    fn = _engine_dual_bn if impl == "reference_torch" else (lambda *a: dbn.dual_batch_norm(*a, relu=True))
-
-    def fwd_bwd():
-        y_c, y_p = fn(x_c, x_p, w, b)
-        return torch.autograd.grad((y_c, y_p), (x_c, x_p), (dy_c, dy_p))
-    _run(benchmark, "dual-bn-relu", fwd_bwd)
+def test_bn_stats(benchmark, activation, impl):
+    fn = batch_stats if impl == "reference_torch" else bst.clean_stats
+    _run(benchmark, "bn-stats", lambda: fn(activation))
 
 
 # --- finite-difference loss ------------------------------------------------------------------
@@ -182,5 +162,5 @@ def test_fd_loss(benchmark, impl):
     fn = fdl.fd_loss_reference if impl == "reference_torch" else fdl.fd_loss
 
     def fwd_bwd():
-        return torch.autograd.grad(fn(f_c, f_p, 4).sum(), (f_c, f_p))
+        return torch.autograd.grad(fn(f_c, f_p), (f_c, f_p))
     _run(benchmark, "fd-loss", fwd_bwd)

@@ -1,6 +1,8 @@
-"""One scoring round at the paper's four settings (DESIGN.md sections 2 and 7): the reference
-(the research code's passes, ``ntksap_fast.reference``) against the engine in float32 and
-bfloat16, on one device, one benchmark group per setting (ratios printed by bench/conftest.py).
+"""One scoring round at the paper's four settings (docs/DESIGN.md): the reference (the research
+code's passes, ``ntksap_fast.reference``) against the engine in float32 and bfloat16, on one
+device, one benchmark group per setting (ratios printed by bench/conftest.py). Two engine figures
+each: ``engine-*`` times a round on a kept ``NtkSapScorer`` (set up once, outside the timing);
+``call-*`` times what a user calls, ``ntk_sap_scores`` with its set-up.
 
 Settings (``ntksap_fast.PRESETS``, full round, all prunable weights unpruned):
 
@@ -43,7 +45,7 @@ from itertools import groupby
 import pytest
 import torch
 
-from ntksap_fast.api import _Setup
+from ntksap_fast import NtkSapScorer, ntk_sap_scores
 from ntksap_fast.arena import Arena
 from ntksap_fast.cli import build_model
 from ntksap_fast.presets import PRESETS
@@ -202,8 +204,20 @@ def test_engine(benchmark, setting, dtype, draw_batch):
     s = SETTINGS[setting]
     if draw_batch > s.draws:
         pytest.skip(f"{s.label} times {s.draws} draw(s): nothing to batch {draw_batch} at a time")
-    model = s.model()
-    setup = _Setup(model, s.shape, s.draws, s.sizes, EPSILON, SEED, None, DEVICE, getattr(torch, dtype),
-                   MICRO_BATCH, draw_batch)
-    mask = torch.ones(setup.arena.numel, dtype=torch.bool, device=DEVICE)
-    _time(benchmark, s, f"engine-{dtype}-db{draw_batch}", lambda: setup.scores(mask, 0))
+    model = s.model().to(DEVICE)
+    kwargs = dict(draws=s.draws, batch_size=s.sizes, epsilon=EPSILON, seed=SEED, device=DEVICE,
+                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH, draw_batch=draw_batch)
+    scorer = NtkSapScorer(model, s.shape, **kwargs)
+    mask = torch.ones(scorer.arena.numel, dtype=torch.bool, device=DEVICE)
+    benchmark.extra_info["scorer"] = repr(scorer)
+    _time(benchmark, s, f"engine-{dtype}-db{draw_batch}", lambda: scorer.flat_scores(mask, 0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_call(benchmark, setting, dtype):
+    s = SETTINGS[setting]
+    model = s.model().to(DEVICE)
+    kwargs = dict(draws=s.draws, batch_size=s.sizes, epsilon=EPSILON, seed=SEED, device=DEVICE,
+                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH)
+    _time(benchmark, s, f"call-{dtype}", lambda: ntk_sap_scores(model, s.shape, **kwargs))

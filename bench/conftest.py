@@ -1,6 +1,6 @@
 """Prints, after a benchmark run, each group's medians as ratios to the group's baseline.
 
-A benchmark whose name contains ``reference`` (or ``research``) is its group's baseline.
+A benchmark whose name contains ``reference``, ``research`` or ``baseline`` is its group's baseline.
 """
 import platform
 import subprocess
@@ -27,7 +27,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             groups.setdefault(bench.group or bench.name, []).append(bench)
     terminalreporter.write_sep("=", f"ratios (median of the baseline / median), {_machine()}")
     for group, benches in sorted(groups.items()):
-        base = next((b for b in benches if "reference" in b.name or "research" in b.name), None)
+        base = next((b for b in benches if any(w in b.name for w in ("reference", "research", "baseline"))), None)
         if base is None:
             continue
         for b in benches:

@@ -40,25 +40,31 @@ class _BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs. Input ``(B, 3, 32, 32)`` float, output ``(B, num_classes)``."""
+    """ResNet-(6n+2) for 32x32 inputs. Input ``(B, 3, 32, 32)`` float, output ``(B, num_classes)``.
+
+    ``width``: channels of the first stage (16 in the paper); the stages have ``width``,
+    ``2 * width`` and ``4 * width`` channels.
+    """
 
     input_shape = CIFAR_INPUT_SHAPE
 
-    def __init__(self, depth: int, num_classes: int = 10) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         layers: list[nn.Module] = []
-        in_planes = 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        in_planes = width
+        for planes, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
             for i in range(n):
                 layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
