@@ -1,10 +1,15 @@
 """The engine's Triton path against its PyTorch path, and the backend dispatch.
 
-Without a CUDA device the Triton path runs on CPU tensors under ``TRITON_INTERPRET=1`` (set here
-before triton is imported) with ``NTKSAP_FAST_BACKEND=triton``; with one, the same tests run
-compiled on CUDA tensors. Same seeds, so the same draws: the scores agree to float32 rounding
-(normals within ``NORMAL_TOL``, one-pass float32 BatchNorm statistics within ~1 ulp of the
-float64 ones), checked with the oracle tests' float32 criterion.
+Without a CUDA device the Triton path runs on CPU tensors under ``TRITON_INTERPRET=1`` (set in
+conftest before triton is imported) with ``NTKSAP_FAST_BACKEND=triton``; with one, the same tests
+run compiled on CUDA tensors. Same seeds, so the same draws: both float32 computations differ only
+by rounding, which the estimator amplifies ~1/eps. The README's claim, held here: every entry away
+from kinks agrees to ``TRITON_TOL`` = 5e-6 of the largest score (``_tolerances.py``); entries near a
+kink, by the kink rule of ``_oracle_kinks.py`` (computed with the float64 oracle), are held to the
+float32 criterion only. Measured under the interpreter, largest difference away from kinks in
+these cases: 3.0e-6 (MLP), 2.1e-6 (convnet, micro-batched), 7.2e-7 (ResNet-8, where 12 ReLU inputs
+at a kink put 11% of the entries near one; those stayed within 1.9e-6); over seeds 3-7 up to
+4.2e-6 (MLP) and 4.0e-6 (convnet).
 """
 from __future__ import annotations
 
@@ -16,44 +21,62 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
+import triton  # noqa: E402,F401  (a test dependency: without it the Triton path would go untested)
 from torch import nn  # noqa: E402
 
 from ntksap_fast import ntk_sap_scores  # noqa: E402
 from ntksap_fast.backend import ENV_VAR, resolve_backend  # noqa: E402
 from ntksap_fast.models import CifarResNet  # noqa: E402
 
+from _oracle_kinks import kink_entries  # noqa: E402
+from _oracle_models import flat  # noqa: E402
+from _tolerances import TRITON_TOL, assert_float32_close  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _assert_float32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """tests/test_oracle.py's criterion: 99.9% within rtol/atol 1e-4 (of the max), relative L2 <= 1e-2."""
-    scale = expected.abs().max().item()
-    within = (actual - expected).abs() <= 1e-4 * scale + 1e-4 * expected.abs()
-    assert within.float().mean().item() >= 0.999
-    assert ((actual - expected).norm() / expected.norm()).item() <= 1e-2
-
-
 def _mlp() -> nn.Module:
+    torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
 
 
 def _convnet() -> nn.Module:
+    torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-# ResNet-8 (78k weights) once: under the interpreter the cost is the Philox work per weight.
-CASES = {"resnet8": (lambda: CifarResNet(8), (3, 8, 8)), "mlp": (_mlp, (20,)), "convnet": (_convnet, (3, 7, 7))}
-
-
-def _scores(monkeypatch, backend: str, build, shape, **kwargs) -> torch.Tensor:
-    monkeypatch.setenv(ENV_VAR, backend)
+def _resnet8() -> nn.Module:
     torch.manual_seed(0)
-    scores = ntk_sap_scores(build().to(DEVICE), shape, seed=3, round=1, **kwargs)
-    return torch.cat([v.flatten() for v in scores.values()]).cpu()
+    return CifarResNet(8)
+
+
+# ResNet-8 (78k weights) once: under the interpreter the cost is the Philox work per weight.
+CASES = {"resnet8": (_resnet8, (3, 8, 8)), "mlp": (_mlp, (20,)), "convnet": (_convnet, (3, 7, 7))}
+SEED, ROUND = 3, 1
+
+
+def _scores(monkeypatch, backend: str, model: nn.Module, shape, **kwargs) -> torch.Tensor:
+    monkeypatch.setenv(ENV_VAR, backend)
+    return flat(ntk_sap_scores(model.to(DEVICE), shape, seed=SEED, round=ROUND, **kwargs))
+
+
+def assert_triton_close(got: torch.Tensor, want: torch.Tensor, near_kink: torch.Tensor) -> None:
+    """Away from kinks: ``|got - want| <= TRITON_TOL * max|want|``; everywhere: the float32 criterion."""
+    scale = want.abs().max().item()
+    assert scale > 0
+    assert near_kink.float().mean().item() <= 0.25, "the kink rule excludes too much for the test to mean anything"
+    error = (got - want).abs()[~near_kink].max().item() / scale
+    assert error <= TRITON_TOL, f"{error:.2e} of the largest score away from kinks"
+    assert_float32_close(got, want)
+
+
+def _near_kink(model, shape, masks=None, **kwargs) -> torch.Tensor:
+    draws = kwargs["draws"]
+    batch = kwargs["batch_size"]
+    near, _ = kink_entries(model, shape, masks, draws=draws, batch_size=batch, epsilon=0.01, seed=SEED,
+                           round=ROUND)
+    return near
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -64,25 +87,51 @@ def _scores(monkeypatch, backend: str, build, shape, **kwargs) -> torch.Tensor:
 ])
 def test_triton_scores_match_torch(monkeypatch, name, kwargs):
     build, shape = CASES[name]
-    want = _scores(monkeypatch, "torch", build, shape, **kwargs)
-    got = _scores(monkeypatch, "triton", build, shape, **kwargs)
-    assert want.abs().max() > 0
-    _assert_float32_close(got, want)
+    model = build()
+    want = _scores(monkeypatch, "torch", model, shape, **kwargs)
+    got = _scores(monkeypatch, "triton", model, shape, **kwargs)
+    assert_triton_close(got, want, _near_kink(model.cpu(), shape, **kwargs))
 
 
 def test_triton_scores_with_mask(monkeypatch):
     """Pruned entries get score 0 and the rest match the torch path (sparse vs dense sampling)."""
-    monkeypatch.setenv(ENV_VAR, "torch")
     model = _mlp().to(DEVICE)
     gen = torch.Generator().manual_seed(5)
     masks = {n: (torch.rand(p.shape, generator=gen) > 0.9).to(DEVICE) for n, p in model.named_parameters()
              if n.endswith("weight") and p.dim() == 2}
-    want = ntk_sap_scores(model, draws=2, batch_size=4, masks=masks, input_shape=(20,))
+    kwargs = dict(draws=2, batch_size=4)
+    want = flat(ntk_sap_scores(model, (20,), masks, seed=SEED, round=ROUND, **kwargs))
     monkeypatch.setenv(ENV_VAR, "triton")
-    got = ntk_sap_scores(model, draws=2, batch_size=4, masks=masks, input_shape=(20,))
-    for n in masks:
-        assert not got[n][~masks[n]].any()
-        _assert_float32_close(got[n].cpu(), want[n].cpu())
+    got = flat(ntk_sap_scores(model, (20,), masks, seed=SEED, round=ROUND, **kwargs))
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert not got[~flat(masks)].any()
+    assert_triton_close(got, want, _near_kink(model.cpu(), (20,), {n: m.cpu() for n, m in masks.items()}, **kwargs))
+
+
+def test_kink_rule_finds_a_placed_kink(monkeypatch):
+    """One BatchNorm output placed at 0 (its bias set to minus its clean float64 value for input 0
+    of draw 0): the rule must flag exactly the weight row that produces that unit, and every other
+    entry must still agree to TRITON_TOL. (With seed 8 the two paths measured on opposite sides of
+    this kink and the row's scores 0.14 of the largest score apart; other entries within 7.6e-7.)"""
+    from _oracle_kinks import _ReluGates  # records the ReLU inputs of the oracle's passes
+    from ntksap_fast.reference import reference_scores
+
+    model = _mlp()
+    kwargs = dict(draws=2, batch_size=[6, 5])
+    with _ReluGates() as record:
+        reference_scores(model, None, None, (20,), epsilon=0.01, seed=SEED, round=ROUND, dtype=torch.float64,
+                         **kwargs)
+    first = record.inputs[0]  # the statistics pass of draw 0: the clean ReLU input
+    with torch.no_grad():
+        model[2].bias[0] -= first[0, 0].float()
+    near = _near_kink(model, (20,), **kwargs)
+    row0 = torch.zeros_like(near)
+    row0[:20] = True  # "1.weight"[0, :], the first tensor of the layout
+    assert torch.equal(near, row0)
+    want = _scores(monkeypatch, "torch", model, (20,), **kwargs)
+    got = _scores(monkeypatch, "triton", model, (20,), **kwargs)
+    scale = want.abs().max().item()
+    assert (got - want).abs()[~near].max().item() <= TRITON_TOL * scale
 
 
 def test_dispatch(monkeypatch):
