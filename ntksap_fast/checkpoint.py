@@ -5,6 +5,11 @@ File layout: ``MAGIC`` (8 bytes), the SHA-256 of the payload (32 bytes), then th
 temporary file in the same folder, is flushed to disk, then renamed over the target, so a crash
 leaves either the old or the new checkpoint, never half of one. A truncated or altered file fails
 the checksum and is refused.
+
+The settings a checkpoint is written with name everything the masks depend on; a resume with any
+other value is refused. Besides the arguments, the masks depend on the model's non-prunable
+tensors (biases, normalisation parameters, buffers), which the prune reads but never resamples:
+``model_digest`` fingerprints them, so a model with other biases does not resume silently.
 """
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "model_digest"]
 
 MAGIC = b"NTKSAPC1"
 _DIGEST = 32
@@ -25,6 +31,42 @@ _DIGEST = 32
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupted, truncated, or from other settings."""
+
+
+def model_digest(model: nn.Module, prunable: Iterable[str]) -> str:
+    """SHA-256 (64 hex digits) of the tensors of ``model`` that NTK-SAP reads but does not resample.
+
+    Covers every parameter whose name is not in ``prunable`` and every floating-point buffer
+    (``model.named_parameters()`` then ``model.named_buffers()`` order): for each, its name,
+    shape, dtype and the bytes of its values (copied to the CPU, contiguous, native byte order).
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are left out: NTK-SAP never reads them.
+    The prunable tensors are left out too: their values are resampled from the counters.
+
+    The digest does not depend on the device the model lives on, on memory layout (strides) or on
+    ``requires_grad``; it changes with any value, a shape, a dtype (a model cast to float64 has
+    another digest even where the values are equal) or a name.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``prunable`` is a single string.
+        ValueError: a name in ``prunable`` is not a parameter of ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(prunable, str):
+        raise TypeError("prunable must be an iterable of parameter names, not a single string")
+    skip = set(prunable)
+    params = list(model.named_parameters())
+    unknown = skip - {n for n, _ in params}
+    if unknown:
+        raise ValueError(f"prunable: no parameter named {sorted(unknown)[:5]} in the model")
+    tensors = [(n, p) for n, p in params if n not in skip]
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    h = hashlib.sha256()
+    for name, t in tensors:
+        value = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0{value.numel()}\0".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, settings: dict[str, Any], round: int, mask: torch.Tensor) -> None:
