@@ -14,6 +14,7 @@ from torch import nn
 from .arena import ParamSelector
 from .arguments import resolve_input_shape
 from .engine import OutputFn
+from .masks import Masks
 from .schedule import density_schedule, keep_count
 from .scorer import NtkSapScorer
 
@@ -79,22 +80,28 @@ def ntk_sap_prune(
     output: OutputFn | None = None,
     checkpoint: str | os.PathLike | None = None,
     progress: bool | None = None,
-    on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-) -> dict[str, torch.BoolTensor]:
+    on_round: Callable[..., None] | None = None,
+    min_layer_density: float = 0.0,
+    stats: bool = False,
+    target_overlap: float | None = None,
+    max_draws: int | None = None,
+) -> Masks:
     """Iterative NTK-SAP: ``NtkSapScorer(model, input_shape, ...).prune(density, iterations, ...)``.
 
     After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
     ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
     ties to the lower flat index; pruned entries never come back. The scorer's arguments as for
-    ``NtkSapScorer``; ``schedule``, ``checkpoint``, ``progress`` and ``on_round`` as for
+    ``NtkSapScorer``; ``schedule``, ``checkpoint``, ``progress``, ``on_round``,
+    ``min_layer_density``, ``stats``, ``target_overlap`` and ``max_draws`` as for
     ``NtkSapScorer.prune``.
 
     Returns:
-        ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True = kept),
-        on the compute device.
+        ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =
+        kept), on the compute device, with ``metadata`` saying what made them.
     """
     scorer = NtkSapScorer(model, input_shape, draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed,
                           params=params, device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
                           process_group=process_group, allow_tf32=allow_tf32, output=output)
     return scorer.prune(density, iterations, schedule=schedule, checkpoint=checkpoint, progress=progress,
-                        on_round=on_round)
+                        on_round=on_round, min_layer_density=min_layer_density, stats=stats,
+                        target_overlap=target_overlap, max_draws=max_draws)

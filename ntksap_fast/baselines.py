@@ -39,7 +39,9 @@ from .arena import Arena, ParamSelector
 from .arguments import resolve_input_shape
 from .engine import preserved_state
 from .schedule import SCHEDULES, density_schedule, keep_count
+from .masks import Masks
 from .scorer import NtkSapScorer
+from .selection import select_
 from .topk import masked_topk_
 
 __all__ = ["prune", "METHODS", "DATA_METHODS", "DEFAULT_ITERATIONS", "SCOPES"]
@@ -137,14 +139,16 @@ def _synflow(net: _Net, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor,
     return score
 
 
-def _select(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, scope: str, method: str) -> None:
-    """Updates ``mask`` in place: keep ``keep_count`` of the highest scores, globally or per tensor."""
+def _select(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, scope: str, method: str,
+            min_layer_density: float) -> None:
+    """Updates ``mask`` in place: keep ``keep_count`` of the highest scores, globally (each tensor at
+    least ``min_layer_density`` of its entries) or per tensor."""
     nan = torch.isnan(scores) & mask
     if nan.any():
         bad = [n for n, v in arena.views(nan).items() if v.any()]
         raise ValueError(f"NaN in the {method} scores of {bad}: the model's output or gradient is not finite")
     if scope == "global":
-        masked_topk_(scores, mask, keep_count(arena.numel, density))
+        select_(scores, mask, keep_count(arena.numel, density), arena.slots, min_layer_density)
         return
     for s in arena.slots:
         masked_topk_(scores[s.offset : s.stop], mask[s.offset : s.stop], keep_count(s.numel, density))
@@ -194,8 +198,9 @@ def prune(
     params: ParamSelector | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    min_layer_density: float = 0.0,
     **ntksap_options,
-) -> dict[str, torch.BoolTensor]:
+) -> Masks:
     """Prune ``model`` at initialization with ``method`` (see the module docstring for the scores).
 
     Args:
@@ -212,18 +217,25 @@ def prune(
         seed: seed of ``random`` and ``ntksap``; params: prunable tensors (default every
             Conv/Linear weight); device: where to compute (default the model's);
             progress: bar over rounds (None: only on a terminal).
+        min_layer_density: with ``scope="global"``, each tensor keeps at least this fraction of its
+            entries (``ntksap_fast.selection``); 0 (default): plain global top-k.
         ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch``,
             ``draw_batch``, ``allow_tf32``, ``output`` of ``NtkSapScorer`` (method ``ntksap`` only).
     Returns:
-        ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute device.
+        ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
+        device, with ``metadata`` saying what made them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     iterations = _check_args(method, density, scope, schedule, iterations, data, loss_fn, ntksap_options)
+    if scope == "layer" and min_layer_density != 0.0:
+        raise ValueError("min_layer_density applies to scope='global'; scope='layer' already keeps the same "
+                         "fraction of every tensor")
     if method == "ntksap":
         ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, **ntksap_options)
         if scope == "global":
-            return ntksap.prune(density, iterations, schedule=schedule, progress=progress)
+            return ntksap.prune(density, iterations, schedule=schedule, progress=progress,
+                                min_layer_density=min_layer_density)
     arena = Arena(model, params)
     try:
         device = torch.device(next(model.parameters()).device if device is None else device)
@@ -247,5 +259,9 @@ def prune(
         densities = density_schedule(float(density), iterations, schedule)
         for t, d_t in enumerate(tqdm(densities, desc=method, unit="round",
                                      disable=None if progress is None else not progress)):
-            _select(arena, score_fn(mask, t), mask, d_t, scope, method)
-    return {n: v.clone() for n, v in arena.views(mask).items()}
+            _select(arena, score_fn(mask, t), mask, d_t, scope, method, min_layer_density)
+    metadata = {"method": method, "density": float(density), "iterations": iterations, "schedule": schedule,
+                "scope": scope, "seed": seed, "min_layer_density": min_layer_density}
+    if method == "ntksap":
+        metadata.update(ntksap.settings())
+    return Masks({n: v.clone() for n, v in arena.views(mask).items()}, metadata=metadata)

@@ -185,7 +185,7 @@ class Engine:
 
     def mask_gradient(self, mask: torch.Tensor, round: int, batch_sizes: Sequence[int],
                       draw_ids: Sequence[int] | None = None, on_draw: Callable[[], None] | None = None,
-                      stats: bool = False) -> torch.Tensor:
+                      stats: bool = False, accumulate: bool = False) -> torch.Tensor:
         """``G = sum over draws of dL_s/dm``: flat ``param_dtype`` ``(N,)`` on the device.
 
         The returned tensor is the engine's own buffer, overwritten by the next call.
@@ -196,13 +196,16 @@ class Engine:
             draw_ids: which draws of the round to compute (default all); the rest contribute nothing.
             on_draw: optional callable run after each draw (progress).
             stats: also fill ``self.stats`` (split-half and sum-of-squares accumulators).
+            accumulate: add to what the previous call left in ``G`` (and ``self.stats``) instead of
+                starting from zero (more draws of the same round).
         """
-        self.grad.zero_()
-        if stats:
-            if self.stats is None:
-                self.stats = DrawStats(torch.zeros_like(self.grad), torch.zeros_like(self.grad))
-            for acc in self.stats:
-                acc.zero_()
+        if stats and self.stats is None:
+            self.stats = DrawStats(torch.zeros_like(self.grad), torch.zeros_like(self.grad))
+        if not accumulate:
+            self.grad.zero_()
+            if stats:
+                for acc in self.stats:
+                    acc.zero_()
         draw_stats = self.stats if stats else None
         self.backend.begin_round(mask, round)
         ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)

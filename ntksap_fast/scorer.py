@@ -22,11 +22,13 @@ from . import arguments as args
 from . import memory
 from .arena import Arena, ParamSelector
 from .backend import resolve_backend
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_digest, save_checkpoint
 from .distributed import DrawShare
 from .engine import Engine, EngineConfig, OutputFn, preserved_state
+from .masks import Masks
 from .schedule import SCHEDULES, density_schedule, keep_count
-from .topk import masked_topk_
+from .selection import select_
+from .stability import RoundStats, round_stats
 
 __all__ = ["NtkSapScorer", "tf32_policy"]
 
@@ -168,47 +170,106 @@ class NtkSapScorer:
 
         Raises ``ValueError`` naming the tensors whose scores are NaN.
         """
+        return self._round(mask, round, on_draw)[0]
+
+    def _round(self, mask: torch.Tensor, round: int, on_draw: Callable[[], None] | None = None,
+               density: float | None = None, target_overlap: float | None = None,
+               max_draws: int | None = None) -> tuple[torch.Tensor, RoundStats | None]:
+        """Scores of one round and, when ``density`` is given, its ``RoundStats`` at that density.
+
+        With ``target_overlap``, draws ``D, D+1, ...`` (the counter generator's order; each of the
+        first draw's batch size) are added until the split-half overlap reaches it or ``max_draws``
+        draws are summed.
+        """
         if mask is not self.mask:
             self.mask.copy_(mask)
+        stats = density is not None
+        sizes = list(self.batch_sizes)
+        drawn = self.draws
         with tf32_policy(self.allow_tf32), preserved_state(self.model):
             self.engine.forward.refresh()
-            grad = self.engine.mask_gradient(self.mask, round, self.batch_sizes, self.local_draws, on_draw)
-            scores = self.share.all_reduce(grad).abs().mul_(self.mask).to(torch.float32)
-        if torch.isnan(scores).any():
-            bad = [n for n, v in self.arena.views(scores).items() if torch.isnan(v).any()]
-            raise ValueError(f"NaN in the NTK-SAP scores of {bad}: the model's output or gradient is not finite")
-        return scores
+            self.engine.mask_gradient(self.mask, round, sizes, self.local_draws, on_draw, stats=stats)
+            totals = self._totals(stats)
+            info = self._stats(totals, round, drawn, density) if stats else None
+            while (target_overlap is not None and max_draws is not None and drawn < max_draws
+                   and not info.split_half_overlap >= target_overlap):  # NaN (one draw) adds draws too
+                new = list(range(drawn, min(drawn + self.share.world, max_draws)))
+                sizes += [self.batch_sizes[0]] * len(new)
+                mine = [d for d in new if d % self.share.world == self.share.rank]
+                self.engine.mask_gradient(self.mask, round, sizes, mine, on_draw, stats=True, accumulate=True)
+                drawn = new[-1] + 1
+                totals = self._totals(True)
+                info = self._stats(totals, round, drawn, density)
+        return totals[0].abs().mul_(self.mask).to(torch.float32), info
 
-    def scores(self, masks: Mapping[str, torch.Tensor] | None = None, round: int = 0) -> dict[str, torch.Tensor]:
+    def _totals(self, stats: bool) -> list[torch.Tensor]:
+        """``[G]`` or ``[G, G_odd, sum c**2]`` summed over ranks (copies; the engine's sums stay)."""
+        parts = [self.engine.grad] + (list(self.engine.stats) if stats else [])
+        totals = [self.share.all_reduce(p.clone()) if self.share.world > 1 else p for p in parts]
+        if torch.isnan(totals[0]).any():
+            bad = [n for n, v in self.arena.views(totals[0] * self.mask).items() if torch.isnan(v).any()]
+            if bad:
+                raise ValueError(f"NaN in the NTK-SAP scores of {bad}: the model's output or gradient is not finite")
+        return totals
+
+    def _stats(self, totals: list[torch.Tensor], round: int, draws: int, density: float) -> RoundStats:
+        n_keep = min(keep_count(self.arena.numel, density), int(self.mask.sum()))
+        return round_stats(totals[0], totals[1], totals[2], self.mask, draws, n_keep, round, density)
+
+    def scores(self, masks: Mapping[str, torch.Tensor] | None = None, round: int = 0, *, stats: bool = False,
+               density: float | None = None):
         """One scoring round: ``{name: float32 tensor of the parameter's shape}``, ``|sum_s dL_s/dm| * mask``.
 
         Args:
             masks: current masks (bool, parameter shapes) keyed by parameter name; None = dense.
             round: the round counter of the random numbers (``ntk_sap_prune`` scores round ``t`` with
                 ``round=t``).
+            stats: also return the round's ``RoundStats`` (``ntksap_fast.stability``), the
+                split-half overlap taken at ``density`` (the kept fraction you would prune to;
+                required with ``stats=True``).
+        Returns:
+            the scores, or ``(scores, RoundStats)`` with ``stats=True``.
         """
         round = args.check_int("round", round, minimum=0)
-        scores = self.flat_scores(self.flat_mask(masks), round)
-        return {n: v.clone() for n, v in self.arena.views(scores).items()}
+        if stats and density is None:
+            raise ValueError("scores(stats=True) needs density=, the kept fraction the split-half overlap is taken at")
+        if density is not None:
+            density = args.check_density(density)
+        flat, info = self._round(self.flat_mask(masks), round, density=density if stats else None)
+        out = {n: v.clone() for n, v in self.arena.views(flat).items()}
+        return (out, info) if stats else out
 
     def prune(self, density: float, iterations: int = 20, *, schedule: str = "exponential",
               checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
-              on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+              on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
+              target_overlap: float | None = None, max_draws: int | None = None) -> Masks:
         """Iterative NTK-SAP: ``iterations`` scoring rounds, global top-k after each.
 
         After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
         ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
-        ties to the lower flat index; pruned entries never come back. ``progress`` shows a bar per
-        draw (None: only on a terminal; rank 0 only); ``on_round(t, masks)`` is called after each
-        round with the masks so far.
+        ties to the lower flat index; pruned entries never come back.
 
-        ``checkpoint``: a file path; after each round the mask and the round counter are written to
-        it atomically (by rank 0), and a call with the same settings resumes after the last finished
-        round, giving the identical final masks. A checkpoint written with other settings, or a
-        corrupted one, raises ``ValueError`` (``ntksap_fast.checkpoint.CheckpointError``).
-
+        Args:
+            schedule: ``"exponential"`` or ``"linear"``.
+            checkpoint: a file path; after each round the mask and the round counter are written to
+                it atomically (by rank 0), and a call with the same settings and model resumes after
+                the last finished round, giving the identical final masks. A checkpoint written with
+                other settings or another model's non-prunable tensors, or a corrupted one, raises
+                ``ValueError`` (``ntksap_fast.checkpoint.CheckpointError``).
+            progress: a bar over draws (None: only on a terminal; rank 0 only).
+            on_round: called after each round as ``on_round(t, masks)``, or ``on_round(t, masks,
+                round_stats)`` when ``stats`` or ``target_overlap`` is given.
+            min_layer_density: each prunable tensor keeps at least this fraction of its entries (its
+                highest-scoring unpruned ones; ``ntksap_fast.selection``), the rest is chosen
+                globally; the total stays exactly ``n_keep``. 0 (default): plain global top-k.
+            stats: compute each round's ``RoundStats`` (split-half overlap at the round's density,
+                relative standard error); they go to ``on_round`` and to ``masks.metadata["rounds"]``.
+            target_overlap: add draws to a round (in the counter generator's order, each of the first
+                draw's batch size) until its split-half overlap reaches this value or the round has
+                ``max_draws`` draws (default ``4 * draws``). Implies ``stats``.
         Returns:
-            ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute device.
+            ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
+            device, with ``metadata`` saying what made them (written by ``save_masks``).
         """
         density = args.check_density(density)
         iterations = args.check_int("iterations", iterations)
@@ -218,6 +279,19 @@ class NtkSapScorer:
             raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
         if on_round is not None and not callable(on_round):
             raise TypeError(f"on_round must be callable (round, masks) -> None, got {type(on_round).__name__}")
+        min_layer_density = args.check_float("min_layer_density", min_layer_density)
+        if not 0.0 <= min_layer_density <= 1.0:
+            raise ValueError(f"min_layer_density must be in [0, 1], got {min_layer_density}")
+        if target_overlap is not None:
+            target_overlap = args.check_float("target_overlap", target_overlap)
+            if not 0.0 < target_overlap <= 1.0:
+                raise ValueError(f"target_overlap must be in (0, 1], got {target_overlap}")
+            max_draws = 4 * self.draws if max_draws is None else args.check_int("max_draws", max_draws)
+            if max_draws < self.draws:
+                raise ValueError(f"max_draws must be >= draws ({self.draws}), got {max_draws}")
+            stats = True
+        elif max_draws is not None:
+            raise ValueError("max_draws applies with target_overlap only")
         n_total = self.arena.numel
         mask = self.mask
         mask.fill_(True)
@@ -226,21 +300,32 @@ class NtkSapScorer:
             "tensors": [(s.name, tuple(s.shape)) for s in self.arena.slots], "density": density,
             "iterations": iterations, "schedule": schedule, "batch_sizes": tuple(self.batch_sizes),
             "epsilon": self.epsilon, "seed": self.seed, "input_shape": self.input_shape,
-            "dtype": str(self.config.dtype),
+            "dtype": str(self.config.dtype), "min_layer_density": min_layer_density,
+            "target_overlap": target_overlap, "max_draws": max_draws,
+            "model_digest": model_digest(self.model, self.arena.names),
         }
         if checkpoint is not None and Path(checkpoint).exists():
             done, saved = load_checkpoint(checkpoint, settings)
             mask.copy_(saved)
         densities = density_schedule(density, iterations, schedule)
+        rounds: list[dict] = []
         show = self.share.is_main and (progress is None or progress)
         with tqdm(total=(iterations - done) * len(self.local_draws), desc="NTK-SAP", unit="draw",
                   disable=None if progress is None and show else not show) as bar:
             for t in range(done, iterations):
                 bar.set_postfix(round=f"{t + 1}/{iterations}", density=f"{densities[t]:.4f}")
-                scores = self.flat_scores(mask, round=t, on_draw=lambda: bar.update(1))
-                masked_topk_(scores, mask, keep_count(n_total, densities[t]))
+                scores, info = self._round(mask, t, lambda: bar.update(1), densities[t] if stats else None,
+                                           target_overlap, max_draws)
+                select_(scores, mask, keep_count(n_total, densities[t]), self.arena.slots, min_layer_density)
                 if checkpoint is not None and self.share.is_main:
                     save_checkpoint(checkpoint, settings, t + 1, mask)
+                if info is not None:
+                    rounds.append(info.as_dict())
                 if on_round is not None:
-                    on_round(t + 1, {n: v.clone() for n, v in self.arena.views(mask).items()})
-        return {n: v.clone() for n, v in self.arena.views(mask).items()}
+                    masks_now = {n: v.clone() for n, v in self.arena.views(mask).items()}
+                    on_round(t + 1, masks_now, info) if stats else on_round(t + 1, masks_now)
+        metadata = {"method": "ntksap", "density": density, "iterations": iterations, "schedule": schedule,
+                    "min_layer_density": min_layer_density, **self.settings()}
+        if stats:
+            metadata["rounds"] = rounds
+        return Masks({n: v.clone() for n, v in self.arena.views(mask).items()}, metadata=metadata)
