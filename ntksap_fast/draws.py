@@ -1,4 +1,4 @@
-"""One draw's random quantities, straight from the counters (DESIGN.md section 2).
+"""One draw's random quantities, straight from the counters (docs/DESIGN.md section 2).
 
 Draw ``s`` of round ``t`` under ``seed`` has
 

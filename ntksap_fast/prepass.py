@@ -1,7 +1,7 @@
 """Exact BatchNorm statistics of a whole draw from micro-batches, in one forward's worth of work.
 
 When a draw of ``B`` inputs is run ``micro_batch`` inputs at a time, both branches must still
-normalise with the clean branch's statistics over all ``B`` inputs (DESIGN section 2). Those
+normalise with the clean branch's statistics over all ``B`` inputs (docs/DESIGN.md section 2). Those
 statistics depend on each other layer by layer: BatchNorm ``k``'s input depends on the statistics of
 BatchNorms ``0..k-1``. Recomputing every micro-batch from its input for each BatchNorm costs about
 half a forward per BatchNorm layer; instead each micro-batch's forward runs once, paused at the

@@ -1,4 +1,4 @@
-"""The paper's four settings (DESIGN.md section 2) as presets."""
+"""The paper's four settings (docs/DESIGN.md section 2) as presets."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """Counter-based randomness: Philox-4x32-10 in plain PyTorch ops (the CPU twin).
 
 Every random number of a prune is a pure function of ``(seed, round, draw, stream, element)``
-(DESIGN.md section 3). One Philox call maps a 128-bit counter and a 64-bit key to four 32-bit
+(docs/DESIGN.md section 3). One Philox call maps a 128-bit counter and a 64-bit key to four 32-bit
 words; we use
 
 * key     = (seed mod 2**32, seed // 2**32)

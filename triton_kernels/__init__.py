@@ -1,6 +1,6 @@
 """Triton kernels of ntksap_fast, imported as ``ntksap_fast.kernels``.
 
-The folder is ``triton_kernels/`` in the repository (DESIGN.md section 4); setup.py installs it
+The folder is ``triton_kernels/`` in the repository (docs/DESIGN.md section 4); setup.py installs it
 under ``ntksap_fast.kernels`` so that it never shadows the ``triton_kernels`` distribution Triton
 publishes. One module per fused op, each with its PyTorch twin:
 
