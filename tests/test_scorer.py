@@ -218,3 +218,40 @@ def test_cuda_graph_replays_equal_eager_draws():
         assert_float32_close(a, b)
         assert ((a - b).abs().max() <= 1e-5 * b.abs().max()).item()
     assert graphed.engine.graphs.captured == 2 and graphed.engine.graphs.error is None
+
+
+_NARROW = r'''
+import os, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+if sys.argv[2] == "triton":
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["NTKSAP_FAST_BACKEND"] = "triton"
+from ntksap_fast import ntk_sap_scores
+from ntksap_fast.models import CifarResNet
+torch.manual_seed(0)
+model = CifarResNet(8, width=4)
+scores = ntk_sap_scores(model, (3, 16, 16), draws=2, batch_size=8)
+torch.save(scores, sys.argv[3])
+'''
+
+
+def test_width4_resnet_runs_and_both_paths_agree(tmp_path):
+    """oneDNN issue 6035 (strided 1x1 convolutions with < 16 input channels, channels-last) crashed,
+    hung or gave wrong shortcut gradients on this ResNet; the engine guards those convolutions."""
+    import subprocess
+    import sys
+
+    got = {}
+    for threads, backend in ((1, "torch"), (2, "torch"), (2, "triton")):
+        path = tmp_path / f"{backend}{threads}.pt"
+        res = subprocess.run([sys.executable, "-c", _NARROW, str(threads), backend, str(path)],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[(threads, backend)] = torch.load(path)
+    want = got[(1, "torch")]
+    for key, scores in got.items():
+        for name, value in scores.items():
+            scale = want[name].abs().max().item()
+            assert torch.isfinite(value).all(), (key, name)
+            close = (value - want[name]).abs() <= 1e-4 * scale + 1e-4 * want[name].abs()
+            assert close.float().mean().item() >= 0.999, (key, name)
