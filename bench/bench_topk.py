@@ -1,16 +1,22 @@
 """Global masking step of NTK-SAP: the research code's ``cat + kthvalue + where`` against
-``torch.topk`` on the flat vector and the ``ntksap_fast`` masked top-k on the flat arena vector.
+``torch.topk`` on the flat vector and the ``ntksap_fast`` masked top-k on the flat arena vector,
+each measured beside one read of the same scores (``scores.sum()``).
 
-Groups (one per model size and device, side by side in the table; ratios printed at the end by
-bench/conftest.py, the baseline being the benchmark named ``research``):
+Groups (one per model size, mask density and device; ratios to ``research`` printed at the end
+by bench/conftest.py, and a table of ratios to one read and to ``torch.topk`` printed by this
+module at the end of the same run):
 
-* ``topk-resnet50-25.5M-<dev>``: the prunable weights of torchvision's ResNet-50 (54 tensors,
-  25.5M entries), scores ``|N(0,1)| * 10**U(-3, 0)`` per layer (NTK-SAP scores are ``|G|`` with
-  layer-dependent scales), half the entries already pruned (score 0, the research code's
-  convention), keep 40% of all entries (a mid-schedule round).
-* ``topk-vgg16-138M-<dev>``: the same for VGG-16 (16 tensors, 138.3M entries, one of 102.8M).
+* ``topk-resnet50-25.5M-d0.5-<dev>``: the prunable weights of torchvision's ResNet-50 (54
+  tensors, 25.5M entries), scores ``|N(0,1)| * 10**U(-3, 0)`` per layer (NTK-SAP scores are
+  ``|G|`` with layer-dependent scales), half the entries already pruned (score 0, the research
+  code's convention), keep 40% of all entries (80% of the unpruned: a mid-schedule round).
+* ``topk-vgg16-138M-d0.5-<dev>``: the same for VGG-16 (16 tensors, 138.3M entries).
+* ``...-d1.0-<dev>``: nothing pruned yet, keep 50% (a first round); ``...-d0.05-<dev>``: 5% left,
+  keep 90% of those (a late round). Only ``one_read`` and the ``ntksap`` methods there.
 
 Benchmarks:
+
+* ``one_read``: ``scores.sum()``, the memory-bandwidth anchor (one read of the 4-byte scores).
 
 * ``research``: the research code's global masking (Synaptic-Flow code base, ``_global_mask``):
   ``torch.cat`` of the flattened per-layer score tensors, ``torch.kthvalue`` for the threshold at
@@ -27,8 +33,13 @@ All compute the same selection up to ties (checked once per group before timing)
 
     .venv/bin/python -m pytest bench/bench_topk.py -p no:cacheprovider \
         --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
+
+(``-k cpu`` / ``-k cuda`` for one device.)
 """
 from __future__ import annotations
+
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -39,7 +50,9 @@ if not topk.extension_available():
     pytest.skip(f"compiled extension unavailable: {topk.extension_error()}", allow_module_level=True)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DENSITY_BEFORE, DENSITY_AFTER = 0.5, 0.4
+# Mask density before the round -> fraction of the unpruned entries kept.
+DENSITIES = {0.5: 0.8, 1.0: 0.5, 0.05: 0.9}
+MAIN_DENSITY = 0.5
 
 
 def _layer_shapes(model: str) -> list[tuple[int, ...]]:
@@ -58,7 +71,7 @@ def _layer_shapes(model: str) -> list[tuple[int, ...]]:
 class Case:
     """Per-layer scores/masks as the research code holds them, and the same data as one arena."""
 
-    def __init__(self, model: str, device: str):
+    def __init__(self, model: str, device: str, density: float):
         shapes = _layer_shapes(model)
         sizes = [int(torch.Size(s).numel()) for s in shapes]
         self.n = sum(sizes)
@@ -69,12 +82,12 @@ class Case:
         off = 0
         for size, scale in zip(sizes, scales.tolist()):
             flat[off : off + size].normal_(generator=g).abs_().mul_(scale)
-            mask[off : off + size] = torch.rand(size, generator=g) < DENSITY_BEFORE
+            mask[off : off + size] = torch.rand(size, generator=g) < density
             off += size
         flat.mul_(mask)  # pruned entries score 0, as in the research code
         self.scores = flat.to(device)  # the arena: one flat vector, per-layer views
         self.mask = mask.to(device)
-        self.n_keep = int(DENSITY_AFTER * self.n)
+        self.n_keep = int(DENSITIES[density] * int(mask.sum()))
         self.device = device
         # The research code's layout: separate score tensors and float masks per layer.
         self.layer_scores = [t.clone().view(s) for t, s in zip(self.scores.split(sizes), shapes)]
@@ -84,6 +97,10 @@ class Case:
     def sync(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
+
+    def one_read(self):
+        self.scores.sum()
+        self.sync()
 
     def research(self):
         global_scores = torch.cat([torch.flatten(v) for v in self.layer_scores])
@@ -103,7 +120,7 @@ class Case:
         return out
 
     def ntksap(self):
-        out = torch.ops.ntksap_fast.masked_topk(self.scores, self.mask, self.n_keep)
+        out = topk.masked_topk(self.scores, self.mask, self.n_keep)
         self.sync()
         return out
 
@@ -112,50 +129,99 @@ class Case:
         self.sync()
 
     def ntksap_inplace(self):
-        torch.ops.ntksap_fast.masked_topk_(self.scores, self.work_mask, self.n_keep)
+        topk.masked_topk_(self.scores, self.work_mask, self.n_keep)
         self.sync()
 
 
 _CASES: dict = {}
 
 
-def _case(model: str, device: str) -> Case:
-    key = (model, device)
+def _case(model: str, device: str, density: float) -> Case:
+    key = (model, device, density)
     if key not in _CASES:
         _CASES.clear()  # one case in memory at a time
-        case = Case(model, device)
+        case = Case(model, device, density)
         # Same selection everywhere (the scores are continuous: no ties at the threshold).
         ours = case.ntksap()
         assert int(ours.sum()) == case.n_keep
-        assert torch.equal(ours, case.torch_topk())
-        case.research()
-        assert torch.equal(ours, torch.cat([m.flatten() for m in case.layer_masks]).bool())
+        if density == MAIN_DENSITY:
+            assert torch.equal(ours, case.torch_topk())
+            case.research()
+            assert torch.equal(ours, torch.cat([m.flatten() for m in case.layer_masks]).bool())
         _CASES[key] = case
     return _CASES[key]
 
 
 MODELS = [("resnet50", "25.5M"), ("vgg16", "138M")]
-METHODS = ["research", "torch_topk", "ntksap_masked_topk", "ntksap_masked_topk_inplace"]
+METHODS = ["one_read", "research", "torch_topk", "ntksap_masked_topk", "ntksap_masked_topk_inplace"]
 # Model-major order, so that each case's data is built once.
 PARAMS = [
-    pytest.param(m, d, meth, id=f"{m}-{d}-{meth}")
+    pytest.param(m, d, dens, meth, id=f"{m}-{d}-d{dens}-{meth}")
     for m, _ in MODELS
     for d in DEVICES
+    for dens in DENSITIES
     for meth in METHODS
+    if dens == MAIN_DENSITY or meth in ("one_read", "ntksap_masked_topk", "ntksap_masked_topk_inplace")
 ]
 ROUNDS = {"cpu": 5, "cuda": 20}
+_MEDIANS: dict = {}  # (group, method) -> median seconds
 
 
-@pytest.mark.parametrize("model,device,method", PARAMS)
-def test_topk(benchmark, model, device, method):
-    case = _case(model, device)
-    benchmark.group = f"topk-{model}-{dict(MODELS)[model]}-{device}"
+@pytest.mark.parametrize("model,device,density,method", PARAMS)
+def test_topk(benchmark, model, device, density, method):
+    case = _case(model, device, density)
+    benchmark.group = f"topk-{model}-{dict(MODELS)[model]}-d{density}-{device}"
     rounds = ROUNDS[device]
     if method == "research":
         benchmark.pedantic(case.research, rounds=rounds, warmup_rounds=1)
     elif method == "torch_topk":
         benchmark.pedantic(case.torch_topk, rounds=rounds, warmup_rounds=1)
+    elif method == "one_read":
+        benchmark.pedantic(case.one_read, rounds=4 * rounds, warmup_rounds=2)
     elif method == "ntksap_masked_topk":
         benchmark.pedantic(case.ntksap, rounds=4 * rounds, warmup_rounds=2)
     else:
         benchmark.pedantic(case.ntksap_inplace, setup=case.restore, rounds=4 * rounds, warmup_rounds=2)
+    if benchmark.stats is not None:
+        _MEDIANS[(benchmark.group, method)] = benchmark.stats.stats.median
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "CPU"
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ratio_table(request):
+    """After the module's benchmarks: each group's ntksap medians as multiples of one read of
+    the scores, and torch.topk's median as a multiple of ntksap's (same run, same data)."""
+    yield
+    rep = request.config.pluginmanager.get_plugin("terminalreporter")
+    groups = sorted({g for g, _ in _MEDIANS})
+    if rep is None or not groups:
+        return
+    rep.write_sep("=", "masked top-k: median / one read of the scores (scores.sum()); torch.topk / ntksap")
+    for dev in DEVICES:
+        rows = [g for g in groups if g.endswith(f"-{dev}")]
+        if rows:
+            rep.write_line(f"{dev}: {_device_name(dev)}, torch {torch.__version__}")
+        for g in rows:
+            one = _MEDIANS.get((g, "one_read"))
+            if one is None:
+                continue
+            line = f"  {g:<32} one read {one * 1e3:9.3f} ms"
+            for meth, label in (("ntksap_masked_topk", "out"), ("ntksap_masked_topk_inplace", "in place")):
+                t = _MEDIANS.get((g, meth))
+                if t is not None:
+                    line += f" | {label} {t * 1e3:9.3f} ms = {t / one:5.2f} reads"
+            tk = _MEDIANS.get((g, "torch_topk"))
+            best = min((_MEDIANS[(g, m)] for m in ("ntksap_masked_topk", "ntksap_masked_topk_inplace") if (g, m) in _MEDIANS), default=None)
+            if tk is not None and best is not None:
+                line += f" | torch.topk {tk * 1e3:9.3f} ms = {tk / best:5.1f}x ntksap"
+            rep.write_line(line)

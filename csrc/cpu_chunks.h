@@ -2,7 +2,8 @@
 // loop over the chunks (at::parallel_for). Chunk c is always the same range in every pass, so
 // per-chunk counts from one pass are valid offsets for the next (and the lower index wins every
 // tie when chunks are visited in order). One chunk below kSmallN entries; chunks hold fewer than
-// 2^31 entries, so uint32 per-chunk counters cannot overflow.
+// 2^31 entries, so uint32 per-chunk counters cannot overflow; chunk starts are multiples of
+// kChunkAlign entries (whole 32-bit words of a bitmap of the entries).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -15,9 +16,8 @@ namespace detail {
 
 constexpr int64_t kSmallN = int64_t(1) << 17;       // below this: one chunk (threads cost more)
 constexpr int64_t kMaxChunk = int64_t(1) << 31;     // uint32 bin counters cannot overflow
+constexpr int64_t kChunkAlign = 64;
 
-// Static split of [0, n) into contiguous chunks; chunk c is always the same range in every pass,
-// so per-chunk counts from one pass are valid offsets for the next.
 struct Chunks {
   int64_t n = 0, count = 1, size = 0;
   explicit Chunks(int64_t n_) : n(n_) {
@@ -25,6 +25,7 @@ struct Chunks {
     count = std::max<int64_t>(threads, (n + kMaxChunk - 1) / kMaxChunk);
     count = std::max<int64_t>(1, std::min<int64_t>(count, std::max<int64_t>(n, 1)));
     size = (n + count - 1) / count;
+    size = (size + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   }
   int64_t begin(int64_t c) const { return std::min(n, c * size); }
   int64_t end(int64_t c) const { return std::min(n, (c + 1) * size); }

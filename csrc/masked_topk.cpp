@@ -4,13 +4,14 @@
 // threads, chunks < 2^31 entries); chunk c is the same range in every pass, so per-chunk counts
 // from one pass are valid offsets for the next and the lower index wins every tie.
 //
-// Small N (< 2^16) and whatever the fast path cannot settle go to the exact radix select.
-// Files:
+// N >= 2^16 takes the sample-bracketed one-pass path; small N and whatever that path cannot
+// settle go to the exact radix select. Files:
 //   masked_topk.cpp         input checks, dtype dispatch, the CPU entry points and the op
 //                           schemas/registration (TORCH_LIBRARY ntksap_fast).
 //   masked_topk_cpu.h       MaskedTopK<Bits> (internal, namespace detail) and the write passes
 //                           both paths share.
-//   masked_topk_bracket.cpp the sample-bracketed fast path (N >= 2^16, two passes).
+//   masked_topk_bracket.cpp the sample-bracketed path (one pass plus a touch-up);
+//   masked_topk_scan.cpp    its fused pass (vectorised, AVX2 where the CPU has it).
 //   masked_topk_radix.cpp   the exact radix-select path (16-bit digits, exact for any data).
 //   cpu_chunks.h            the static split into per-thread chunks.
 #include "masked_topk.h"
@@ -22,8 +23,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
-
-#include <cstdlib>
 
 namespace ntksap_fast {
 
@@ -46,43 +45,33 @@ void check_topk_inputs(const at::Tensor& scores, const at::Tensor& mask, int64_t
                     "masked_topk: n_keep must be in [0, number of unpruned entries], got ", n_keep);
 }
 
-void check_n_keep(int64_t n_keep, int64_t count) {
-  TORCH_CHECK_VALUE(n_keep >= 0 && n_keep <= count,
-                    "masked_topk: n_keep must be in [0, number of unpruned entries = ", count,
-                    "], got ", n_keep);
-}
-
-void throw_nan_error() {
-  TORCH_CHECK_VALUE(false, "masked_topk: scores contains NaN at an unpruned entry (mask == True)");
-  std::abort();  // unreachable
+at::Tensor status_tensor(const TopKStatus& st) {
+  at::Tensor t = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = t.mutable_data_ptr<int64_t>();
+  p[0] = st.count;
+  p[1] = st.nan ? 1 : 0;
+  return t;
 }
 
 namespace {
 
 // scores, mask, out: contiguous CPU tensors of length n; out may be mask itself.
-void masked_topk_cpu_impl(const at::Tensor& scores, const at::Tensor& mask, const at::Tensor& out,
-                          int64_t n_keep) {
+TopKStatus masked_topk_cpu_impl(const at::Tensor& scores, const at::Tensor& mask,
+                                const at::Tensor& out, int64_t n_keep) {
   const int64_t n = scores.numel();
-  if (n == 0) {
-    check_n_keep(n_keep, 0);
-    return;
-  }
+  if (n == 0) return TopKStatus{};
   const void* s = scores.const_data_ptr();
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   uint8_t* o = reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>());
   switch (scores.scalar_type()) {
     case at::kHalf:
-      detail::MaskedTopK<HalfBits>(static_cast<const uint16_t*>(s), m, o, n).run(n_keep);
-      break;
+      return detail::MaskedTopK<HalfBits>(static_cast<const uint16_t*>(s), m, o, n).run(n_keep);
     case at::kBFloat16:
-      detail::MaskedTopK<BFloat16Bits>(static_cast<const uint16_t*>(s), m, o, n).run(n_keep);
-      break;
+      return detail::MaskedTopK<BFloat16Bits>(static_cast<const uint16_t*>(s), m, o, n).run(n_keep);
     case at::kFloat:
-      detail::MaskedTopK<Float32Bits>(static_cast<const uint32_t*>(s), m, o, n).run(n_keep);
-      break;
+      return detail::MaskedTopK<Float32Bits>(static_cast<const uint32_t*>(s), m, o, n).run(n_keep);
     case at::kDouble:
-      detail::MaskedTopK<Float64Bits>(static_cast<const uint64_t*>(s), m, o, n).run(n_keep);
-      break;
+      return detail::MaskedTopK<Float64Bits>(static_cast<const uint64_t*>(s), m, o, n).run(n_keep);
     default:
       TORCH_CHECK_TYPE(false, "masked_topk: unsupported scores dtype ", scores.scalar_type());
   }
@@ -90,25 +79,24 @@ void masked_topk_cpu_impl(const at::Tensor& scores, const at::Tensor& mask, cons
 
 }  // namespace
 
-at::Tensor masked_topk_cpu(const at::Tensor& scores, const at::Tensor& mask, int64_t n_keep) {
+std::tuple<at::Tensor, at::Tensor> masked_topk_cpu(const at::Tensor& scores, const at::Tensor& mask,
+                                                   int64_t n_keep) {
   check_topk_inputs(scores, mask, n_keep);
   const at::Tensor s = scores.contiguous();
   const at::Tensor m = mask.contiguous();
   at::Tensor out = at::empty({m.size(0)}, m.options());
-  masked_topk_cpu_impl(s, m, out, n_keep);
-  return out;
+  const TopKStatus st = masked_topk_cpu_impl(s, m, out, n_keep);
+  return {out, status_tensor(st)};
 }
 
-void masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t n_keep) {
+at::Tensor masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t n_keep) {
   check_topk_inputs(scores, mask, n_keep);
   const at::Tensor s = scores.contiguous();
-  if (mask.is_contiguous()) {
-    masked_topk_cpu_impl(s, mask, mask, n_keep);
-  } else {
-    at::Tensor m = mask.contiguous();
-    masked_topk_cpu_impl(s, m, m, n_keep);
-    mask.copy_(m);
-  }
+  if (mask.is_contiguous()) return status_tensor(masked_topk_cpu_impl(s, mask, mask, n_keep));
+  at::Tensor m = mask.contiguous();
+  const TopKStatus st = masked_topk_cpu_impl(s, m, m, n_keep);
+  if (st.ok(n_keep)) mask.copy_(m);
+  return status_tensor(st);
 }
 
 }  // namespace ntksap_fast
@@ -116,12 +104,13 @@ void masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t n_keep
 TORCH_LIBRARY(ntksap_fast, m) {
   // Fake (meta) implementations live in ntksap_fast/topk.py; torch imports it when needed.
   m.set_python_module("ntksap_fast.topk");
-  m.def("masked_topk(Tensor scores, Tensor mask, int n_keep) -> Tensor",
+  // Both return the status [count, nan] (int64, CPU) instead of raising on the data; see
+  // masked_topk.h. The in-place op returns only the status: functionalization (torch.compile)
+  // does not support custom ops whose output aliases an input; the Python wrapper
+  // ntksap_fast.topk.masked_topk_ returns the mask.
+  m.def("masked_topk(Tensor scores, Tensor mask, int n_keep) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  // The in-place op returns nothing: functionalization (torch.compile) does not support custom
-  // ops whose output aliases an input. The Python wrapper ntksap_fast.topk.masked_topk_
-  // returns the mask.
-  m.def("masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> ()",
+  m.def("masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }
 

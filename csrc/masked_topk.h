@@ -3,11 +3,18 @@
 // and the C++ test.
 //
 // Ops (namespace ntksap_fast, schemas in masked_topk.cpp):
-//   masked_topk(Tensor scores, Tensor mask, int n_keep) -> Tensor
-//   masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> ()   (overwrites mask)
+//   masked_topk(Tensor scores, Tensor mask, int n_keep) -> (Tensor, Tensor)  (new mask, status)
+//   masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> Tensor       (status; mask
+//                                                                            overwritten)
 // Keep exactly n_keep entries among mask == True: the largest scores, ties broken by the lower
-// index, -0.0 == 0.0, +-inf ordinary, NaN among unpruned entries -> ValueError, n_keep outside
-// [0, mask.sum()] -> ValueError, wrong dtypes -> TypeError, wrong shapes/devices -> ValueError.
+// index, -0.0 == 0.0, +-inf ordinary.
+//
+// Errors that depend on the data are not thrown: the ops return a status, an int64 CPU tensor
+// [count, nan] (count = number of unpruned entries, nan = 1 if a NaN score sits at an unpruned
+// entry, else 0). The result is valid iff nan == 0 and n_keep <= count; otherwise the in-place
+// op leaves mask unchanged and the out-of-place op returns an all-False mask, and the Python
+// wrapper (ntksap_fast/topk.py) raises the ValueError. Only argument errors that need no data
+// are thrown (TORCH_CHECK): wrong dtypes (TypeError), shapes, devices, n_keep < 0 (ValueError).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,16 +23,22 @@
 
 namespace ntksap_fast {
 
-// Dtype / shape / device checks common to every backend (throws c10::TypeError/ValueError).
+// Outcome of one selection (the status tensor's two entries).
+struct TopKStatus {
+  int64_t count = 0;  // unpruned entries
+  bool nan = false;   // a NaN score at an unpruned entry
+  bool ok(int64_t n_keep) const { return !nan && n_keep <= count; }
+};
+
+// Dtype / shape / device / sign-of-n_keep checks common to every backend (throws
+// c10::TypeError / c10::ValueError).
 void check_topk_inputs(const at::Tensor& scores, const at::Tensor& mask, int64_t n_keep);
 
-// Throws the ValueError for n_keep outside [0, count].
-void check_n_keep(int64_t n_keep, int64_t count);
+// The status as returned by the ops: int64 CPU tensor [count, nan].
+at::Tensor status_tensor(const TopKStatus& st);
 
-// Throws the ValueError for a NaN at an unpruned entry.
-[[noreturn]] void throw_nan_error();
-
-at::Tensor masked_topk_cpu(const at::Tensor& scores, const at::Tensor& mask, int64_t n_keep);
-void masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t n_keep);
+std::tuple<at::Tensor, at::Tensor> masked_topk_cpu(const at::Tensor& scores, const at::Tensor& mask,
+                                                   int64_t n_keep);
+at::Tensor masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t n_keep);
 
 }  // namespace ntksap_fast

@@ -1,8 +1,9 @@
 // Masked global top-k, CPU: the exact radix-select path MaskedTopK<Bits>::radix(), taken when
-// the sample-bracketed fast path (masked_topk_bracket.cpp) does not apply (bracket missed, too
-// many candidates, mostly pruned, small N):
+// the sample-bracketed path (masked_topk_bracket.cpp) does not apply (small N, bracket missed,
+// too many candidates, mostly pruned):
 //  1. Histogram pass over the top 16-bit digit of the unpruned keys (one 2^16-bin histogram per
-//     chunk), NaN flags and count.
+//     chunk), NaN flags and count. A NaN or n_keep > count ends the call here (status only,
+//     out-of-place result all False, nothing written in place).
 //  2. Select the digit d holding the n_keep-th largest key (scan the summed histogram from the
 //     top) and the number k still to keep inside that bin. Prefix P = digits chosen so far.
 //  3. Then, whichever applies first: last digit: P is the exact threshold key T, one write pass
@@ -21,23 +22,30 @@
 namespace ntksap_fast {
 namespace detail {
 
-// ---------------------------------------------------------------------------------------
-// General path: radix select with 16-bit digits (exact for any data, e.g. heavy ties).
-// ---------------------------------------------------------------------------------------
 template <typename Bits>
-void MaskedTopK<Bits>::radix(int64_t n_keep) {
+TopKStatus MaskedTopK<Bits>::radix(int64_t n_keep) {
   hist_.reset(new uint32_t[static_cast<size_t>(ch_.count * kBins)]);
   total_.assign(static_cast<size_t>(kBins), 0);
   // Level 0: histogram of the top digit, NaN flags, count of unpruned entries.
   std::vector<uint8_t> nan_flags(static_cast<size_t>(ch_.count), 0);
   histogram(0, Key(0), nan_flags.data());
-  for (uint8_t f : nan_flags)
-    if (f) throw_nan_error();
-  const int64_t count = reduce();
-  check_n_keep(n_keep, count);
-  if (n_keep == 0) return fill_zero();
-  if (n_keep == count) return copy_mask();
-
+  TopKStatus st;
+  st.count = reduce();
+  st.nan = std::any_of(nan_flags.begin(), nan_flags.end(), [](uint8_t f) { return f != 0; });
+  if (!st.ok(n_keep)) {
+    if (out_ != m_) fill_zero();
+    return st;
+  }
+  if (n_keep == 0) {
+    fill_zero();
+    return st;
+  }
+  if (n_keep == st.count) {
+    copy_mask();
+    return st;
+  }
+  // Largest bin gathered for a final nth_element instead of another histogram pass.
+  const int64_t cap = std::clamp<int64_t>(n_ / 32, int64_t(1) << 20, int64_t(1) << 24);
   uint64_t k = static_cast<uint64_t>(n_keep);
   uint64_t prefix = 0;
   for (int level = 0;; ++level) {
@@ -56,13 +64,21 @@ void MaskedTopK<Bits>::radix(int64_t n_keep) {
     const uint64_t in_bin = total_[static_cast<size_t>(d)];
     prefix = (prefix << kDigitBits) | static_cast<uint64_t>(d);
     const int shift = kKeyBits - kDigitBits * (level + 1);
-    if (level == kLevels - 1) return write_exact(static_cast<Key>(prefix), k, chunk_offsets(d));
-    if (k == in_bin) {  // keep every entry with top bits >= prefix
-      if (prefix == 0) return copy_mask();
-      return write_above(static_cast<Key>(prefix - 1), shift);
+    if (level == kLevels - 1) {
+      write_exact(static_cast<Key>(prefix), k, chunk_offsets(d));
+      return st;
     }
-    if (static_cast<int64_t>(in_bin) <= cap_)
-      return collect(static_cast<Key>(prefix), shift, d, k);
+    if (k == in_bin) {  // keep every entry with top bits >= prefix
+      if (prefix == 0)
+        copy_mask();
+      else
+        write_above(static_cast<Key>(prefix - 1), shift);
+      return st;
+    }
+    if (static_cast<int64_t>(in_bin) <= cap) {
+      collect(static_cast<Key>(prefix), shift, d, k);
+      return st;
+    }
   }
 }
 
@@ -152,14 +168,14 @@ void MaskedTopK<Bits>::collect(Key prefix, int shift, int64_t d, uint64_t k) {
   Cand* first = bufp;
   Cand* last = first + total;
   Cand* nth = first + k;
-  if (nth < last) std::nth_element(first, nth, last, better);
+  if (nth < last) std::nth_element(first, nth, last, better<Key>);
   for (Cand* q = first; q < nth; ++q) out[q->idx] = 1;
 }
 
-template void MaskedTopK<HalfBits>::radix(int64_t);
-template void MaskedTopK<BFloat16Bits>::radix(int64_t);
-template void MaskedTopK<Float32Bits>::radix(int64_t);
-template void MaskedTopK<Float64Bits>::radix(int64_t);
+template TopKStatus MaskedTopK<HalfBits>::radix(int64_t);
+template TopKStatus MaskedTopK<BFloat16Bits>::radix(int64_t);
+template TopKStatus MaskedTopK<Float32Bits>::radix(int64_t);
+template TopKStatus MaskedTopK<Float64Bits>::radix(int64_t);
 
 }  // namespace detail
 }  // namespace ntksap_fast

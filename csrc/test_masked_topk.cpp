@@ -1,7 +1,8 @@
 // C++ test of torch.ops.ntksap_fast.masked_topk / masked_topk_ (run by ctest, see
 // CMakeLists.txt). Calls the ops through the dispatcher, as Python does, and compares with a
 // selection written here: std::stable_sort of the unpruned indices by score, descending (ties
-// keep index order; -0.0 == 0.0 since the comparison is on doubles).
+// keep index order; -0.0 == 0.0 since the comparison is on doubles). Data errors come back in
+// the status [count, nan]; argument errors are thrown.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -31,18 +32,28 @@ int g_failures = 0;
     }                                                                            \
   } while (0)
 
-at::Tensor op_topk(const at::Tensor& s, const at::Tensor& m, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> op_topk_status(const at::Tensor& s, const at::Tensor& m, int64_t k) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ntksap_fast::masked_topk", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
   return op.call(s, m, k);
 }
 
-void op_topk_(const at::Tensor& s, at::Tensor& m, int64_t k) {
+at::Tensor op_topk(const at::Tensor& s, const at::Tensor& m, int64_t k) {
+  return std::get<0>(op_topk_status(s, m, k));
+}
+
+// Returns the status [count, nan].
+at::Tensor op_topk_(const at::Tensor& s, at::Tensor& m, int64_t k) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ntksap_fast::masked_topk_", "")
-                       .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
-  op.call(s, m, k);
+                       .typed<at::Tensor(const at::Tensor&, at::Tensor&, int64_t)>();
+  return op.call(s, m, k);
+}
+
+bool status_is(const at::Tensor& st, int64_t count, int64_t nan) {
+  return st.device().is_cpu() && st.scalar_type() == at::kLong && st.numel() == 2 &&
+         st[0].item<int64_t>() == count && st[1].item<int64_t>() == nan;
 }
 
 // The selection the ops must reproduce.
@@ -68,10 +79,12 @@ void expect_topk(const std::string& name, const at::Tensor& scores, const at::Te
                  int64_t k) {
   const std::vector<uint8_t> want = reference(scores, mask, k);
   const at::Tensor m0 = mask.clone();
-  const at::Tensor got = op_topk(scores, mask, k);
+  const int64_t count = count_true(mask);
+  const auto [got, st] = op_topk_status(scores, mask, k);
   at::Tensor inplace = mask.clone();
-  op_topk_(scores, inplace, k);
+  const at::Tensor st_ = op_topk_(scores, inplace, k);
   EXPECT(at::equal(mask, m0), "%s: out-of-place op modified mask", name.c_str());
+  EXPECT(status_is(st, count, 0) && status_is(st_, count, 0), "%s: status", name.c_str());
   for (const at::Tensor& t : {got, inplace}) {
     const at::Tensor c = t.to(at::kCPU).contiguous();
     EXPECT(c.scalar_type() == at::kBool && c.numel() == mask.numel(), "%s: bad output",
@@ -119,11 +132,12 @@ void run_all(const at::Device& dev) {
 
   // Random values, every dtype, sizes that divide nothing (and above the threading threshold).
   for (at::ScalarType dt : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) {
-    for (int64_t n : {int64_t(1), int64_t(7), int64_t(1000), int64_t(70001), int64_t(300007)}) {
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(1000), int64_t(70001), int64_t(300007),
+                      (int64_t(1) << 21) + 3}) {
       const at::Tensor s = at::randn({n}, fopt).to(dt).to(dev);
       const at::Tensor m = (at::rand({n}, fopt) < 0.7).to(dev);
       const int64_t count = count_true(m);
-      for (int64_t k : keeps(count))
+      for (int64_t k : n < (int64_t(1) << 20) ? keeps(count) : std::vector<int64_t>{count / 3})
         expect_topk(d + " random " + c10::toString(dt), s, m, k);
     }
   }
@@ -176,20 +190,29 @@ void run_all(const at::Device& dev) {
       same = same && static_cast<uint8_t>(c.const_data_ptr<bool>()[i]) == want[i];
     EXPECT(same, "%s: in place through a strided mask", d.c_str());
   }
-  // Errors.
-  {
-    at::Tensor s = at::randn({200000}, fopt);
+  // Data errors: status only, mask unchanged / result all False.
+  for (int64_t n : {int64_t(200000), (int64_t(1) << 21) + 5}) {
+    at::Tensor s = at::randn({n}, fopt);
     s[12345] = std::numeric_limits<float>::quiet_NaN();
-    at::Tensor m = at::ones({200000}, at::TensorOptions().dtype(at::kBool));
+    at::Tensor m = at::ones({n}, at::TensorOptions().dtype(at::kBool));
     const at::Tensor sd = s.to(dev);
     at::Tensor md = m.to(dev);
-    EXPECT(throws<c10::ValueError>([&] { op_topk(sd, md, 10); }, "NaN"), "%s: NaN", d.c_str());
-    EXPECT(throws<c10::ValueError>([&] { op_topk_(sd, md, 10); }, "NaN"), "%s: NaN_", d.c_str());
-    EXPECT(count_true(md) == 200000, "%s: mask changed by a failing call", d.c_str());
+    const auto [out, st] = op_topk_status(sd, md, 10);
+    EXPECT(status_is(st, n, 1) && count_true(out) == 0, "%s: NaN", d.c_str());
+    EXPECT(status_is(op_topk_(sd, md, 10), n, 1), "%s: NaN_", d.c_str());
+    EXPECT(count_true(md) == n, "%s: mask changed by a failing call", d.c_str());
+    const auto [out2, st2] = op_topk_status(sd, md, n + 1);
+    EXPECT(status_is(st2, n, 1) && count_true(out2) == 0, "%s: NaN and k > count", d.c_str());
     m[12345] = false;  // NaN at a pruned entry is ignored
     expect_topk(d + " NaN pruned", sd, m.to(dev), 1000);
-    EXPECT(throws<c10::ValueError>([&] { op_topk(sd, md, 200001); }, "n_keep"), "%s: k > count",
+    at::Tensor mp = m.to(dev);
+    EXPECT(status_is(op_topk_(sd, mp, n), n - 1, 0) && count_true(mp) == n - 1, "%s: k > count",
           d.c_str());
+  }
+  // Argument errors: thrown.
+  {
+    const at::Tensor sd = at::randn({1000}, fopt).to(dev);
+    at::Tensor md = at::ones({1000}, at::TensorOptions().dtype(at::kBool)).to(dev);
     EXPECT(throws<c10::ValueError>([&] { op_topk(sd, md, -1); }, "n_keep"), "%s: k < 0",
           d.c_str());
     EXPECT(throws<c10::TypeError>([&] { op_topk(sd.to(at::kInt), md, 1); }, "scores"),

@@ -12,17 +12,23 @@ every path:
 * ``scores`` is float16, bfloat16, float32 or float64, ``mask`` is bool, both 1-D of equal length
   and on the same device (``TypeError`` / ``ValueError`` otherwise).
 
-The work is done by the compiled ops (C++ with OpenMP on CPU, multi-block radix select on CUDA;
-see ``csrc/``)::
+The work is done by the compiled ops (see ``csrc/``; one read of the scores on either device: a
+sampled bracket of the threshold, one pass that writes the mask and collects the few entries near
+the threshold, an exact cut among those; exact radix select when the bracket misses)::
 
-    ntksap_fast::masked_topk(Tensor scores, Tensor mask, int n_keep) -> Tensor
-    ntksap_fast::masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> ()
+    ntksap_fast::masked_topk(Tensor scores, Tensor mask, int n_keep) -> (Tensor, Tensor)
+    ntksap_fast::masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> Tensor
 
-(the in-place op returns nothing, as torch.compile's functionalization requires of custom ops;
-:func:`masked_topk_` returns the mask). They come from the extension module ``ntksap_fast._C``; if it was
-not built at install time it is built just in time with ninja; if that fails too, a pure-PyTorch
-implementation with the same semantics is used and one warning says why. Setting the environment
-variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementation.
+Both return a status, an int64 CPU tensor ``[count, nan]`` (unpruned entries, 1 if a NaN sits
+at one): the ops never raise on the data (a NaN, ``n_keep > count``) but leave the mask unchanged
+(in place) or return an all-False mask, and the wrappers here raise the ``ValueError``. They raise
+only on arguments, which the wrappers check first. (The in-place op returns only the status, as
+torch.compile's functionalization requires of custom ops; :func:`masked_topk_` returns the mask.)
+They come from the extension module ``ntksap_fast._C``, registered when ``ntksap_fast`` is imported
+if it was built and passed its check (``_ext``); else it is built just in time with ninja on first
+use; if that fails too, a pure-PyTorch implementation with the same semantics is used and one
+warning says why. Setting the environment variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch
+implementation.
 """
 from __future__ import annotations
 
@@ -56,13 +62,14 @@ def _register_fakes() -> None:
     def _masked_topk_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
         torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
-        return torch.empty_like(mask, memory_format=torch.contiguous_format)
+        out = torch.empty_like(mask, memory_format=torch.contiguous_format)
+        return out, torch.empty(2, dtype=torch.int64, device="cpu")
 
     @torch.library.register_fake("ntksap_fast::masked_topk_")
     def _masked_topk_inplace_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
         torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
-        return None
+        return torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 
@@ -130,9 +137,18 @@ def _check_args(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> int:
         raise ValueError(
             f"scores and mask must be on the same device, got {scores.device} and {mask.device}"
         )
-    if n_keep < 0:
+    if not 0 <= n_keep <= mask.shape[0]:
         raise ValueError(f"n_keep must be in [0, number of unpruned entries], got {n_keep}")
     return n_keep
+
+
+def _raise_for_status(status: torch.Tensor, n_keep: int) -> None:
+    """The ``ValueError`` for what the op reported in its status ``[count, nan]``, if any."""
+    count, nan = status.tolist()
+    if nan:
+        raise ValueError("scores contains NaN at an unpruned entry (mask == True)")
+    if n_keep > count:
+        raise ValueError(f"n_keep must be in [0, number of unpruned entries = {count}], got {n_keep}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +207,9 @@ def masked_topk(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.
     """
     n_keep = _check_args(scores, mask, n_keep)
     if _use_extension(scores.device):
-        return torch.ops.ntksap_fast.masked_topk(scores, mask, n_keep)
+        out, status = torch.ops.ntksap_fast.masked_topk(scores, mask, n_keep)
+        _raise_for_status(status, n_keep)
+        return out
     return masked_topk_torch(scores, mask, n_keep)
 
 
@@ -203,14 +221,16 @@ def masked_topk_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch
     """
     n_keep = _check_args(scores, mask, n_keep)
     if _use_extension(scores.device):
-        torch.ops.ntksap_fast.masked_topk_(scores, mask, n_keep)
+        _raise_for_status(torch.ops.ntksap_fast.masked_topk_(scores, mask, n_keep), n_keep)
         return mask
     mask.copy_(masked_topk_torch(scores, mask, n_keep))
     return mask
 
 
-# The C++ library names this module as the home of its fake implementations
-# (``m.set_python_module``): when the ops were loaded by other means (``import ntksap_fast._C``,
-# ``torch.ops.load_library``), importing this module registers them.
+# Importing ntksap_fast registers the compiled ops when the built module is there and passed its
+# check (no build here). The C++ library names this module as the home of its fake
+# implementations (``m.set_python_module``): whenever the ops are registered, importing it
+# registers those.
+_ext.autoload()
 if all(_ext.has_kernel(op, "CPU") for op in _OPS):
     _register_fakes_once()
