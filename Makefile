@@ -1,30 +1,43 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+#
+# CPU-only machine: `make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# NTKSAP_FAST_NO_CUDA=1` takes the CPU wheel of torch (no CUDA libraries to download) and builds
+# the C++ ops only. Without TORCH_INDEX_URL pip takes torch from its default index (on Linux the
+# CUDA build, which also runs on CPU).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_INDEX_URL ?=
+PIP := $(PY) -m pip install --progress-bar off
 
 .PHONY: install demo test bench clean
 
 install: $(STAMP)
 
 # Rebuilt when the build or the C++/CUDA sources change.
-$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+	@echo "== [1/4] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	@echo "== [2/4] pip, setuptools, wheel"
+	$(PIP) --upgrade pip setuptools wheel
+	@echo "== [3/4] torch and torchvision$(if $(TORCH_INDEX_URL), from $(TORCH_INDEX_URL)) (large download the first time)"
+	$(PIP) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.14.1 torchvision==0.29.1
+	@echo "== [4/4] ntksap_fast, editable, with the test and example extras; compiles the C++$(if $(NTKSAP_FAST_NO_CUDA),,/CUDA) ops and checks them (a few minutes)"
+	$(PIP) --no-build-isolation -e '.[test,examples]'
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m ntksap_fast.demo
 
+# The compiled ops must be there: their tests fail (not skip) when the extension is missing.
 test: install ctest
 	$(PY) -m pytest -q tests
 
 # The C++ ops against libtorch with CMake, and their C++ test under ctest (CPU; see CMakeLists.txt).
 .PHONY: ctest
 ctest: install
+	@echo "== C++ test of the ops against libtorch (CMake)"
 	cmake -S . -B cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build cmake-build -j 2

@@ -3,7 +3,15 @@
 The package is pure Python plus one compiled extension, ``ntksap_fast._C`` (see csrc/): the
 ``torch.ops.ntksap_fast`` ops, C++ (OpenMP) always, CUDA when nvcc and a CUDA build of torch are
 present. Install with ``pip install --no-build-isolation -e .`` so the extension builds against
-the torch already in the environment.
+the torch already in the environment (pyproject.toml names the build requirements, so this also
+works offline: ``--no-deps --no-index``).
+
+The built extension is checked in a separate process before the build counts as done
+(``ntksap_fast/_ext.py``: ``verify``): its ops must give the right answers and raise ordinary
+Python errors on bad arguments. A C++ compiler whose runtime does not match torch's (e.g. a
+custom GCC in ``$CXX``) can build a library that crashes right there; if ``$CXX``/``$CC`` name
+such a compiler, the extension is built once more with the system compiler, and if no build
+passes, the install stops with a message saying what to set.
 
 Environment variables:
   NTKSAP_FAST_NO_CUDA=1       build the C++ (CPU) ops only, even where CUDA could be built.
@@ -14,6 +22,7 @@ Environment variables:
                               built just in time on first use, or PyTorch fallbacks are used).
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -81,8 +90,58 @@ def _extensions():
             extra_link_args=link_flags,
         )
     use_ninja = shutil.which("ninja") is not None
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
+    cmdclass = {"build_ext": _checked_build_ext(cpp_extension.BuildExtension).with_options(use_ninja=use_ninja)}
     return [ext], cmdclass
+
+
+def _loader():
+    """ntksap_fast/_ext.py on its own (the package is not importable in the middle of a build)."""
+    spec = importlib.util.spec_from_file_location("_ntksap_fast_ext", os.path.join(ROOT, "ntksap_fast", "_ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _checked_build_ext(base):
+    class CheckedBuildExt(base):
+        """build_ext that checks each built extension in a separate process and, when the check
+        fails and $CXX/$CC name a non-system compiler, builds it again with the system one."""
+
+        def build_extension(self, ext):
+            loader = _loader()
+
+            def build(env: dict) -> str:
+                if env:
+                    print(f"ntksap_fast: rebuilding {ext.name} with {env['CXX']} / {env['CC']}")
+                    self._use_compiler(env["CC"], env["CXX"])
+                    self.force = True
+                super(CheckedBuildExt, self).build_extension(ext)
+                return self.get_ext_fullpath(ext.name)
+
+            print(f"ntksap_fast: building {ext.name} (C++{' and CUDA' if any(p.endswith('.cu') for p in ext.sources) else ''}, a few minutes)")
+            lib, why = loader.build_checked(build)
+            if lib is None:
+                raise RuntimeError(
+                    f"ntksap_fast: the compiled extension fails its check: {why}.\n"
+                    "The C++ compiler must match the C++ runtime torch runs with (a custom GCC in "
+                    "$CXX/$CC can build a library that crashes whenever an op raises an error). "
+                    "Build with the compiler torch was built with or the system one, e.g. "
+                    "CXX=/usr/bin/g++ CC=/usr/bin/gcc, or install without the compiled ops "
+                    "(PyTorch fallbacks) with NTKSAP_FAST_NO_EXT_BUILD=1."
+                )
+            print(f"ntksap_fast: {ext.name} built and checked ({lib})")
+
+        def _use_compiler(self, cc: str, cxx: str) -> None:
+            # torch's ninja build reads $CXX (and passes $CC to nvcc as -ccbin); distutils links
+            # with the executables it configured from the environment at start-up.
+            os.environ["CC"], os.environ["CXX"] = cc, cxx
+            for key in self.compiler.executables:
+                cmd = getattr(self.compiler, key, None)
+                if key in ("archiver", "ranlib") or not cmd:
+                    continue
+                self.compiler.set_executable(key, [cxx if "cxx" in key else cc] + list(cmd[1:]))
+
+    return CheckedBuildExt
 
 
 ext_modules, cmdclass = _extensions()
@@ -96,10 +155,13 @@ setup(
     # collide with the distribution of that name that Triton publishes (DESIGN.md section 4).
     packages=find_packages(include=["ntksap_fast", "ntksap_fast.*"]) + ["ntksap_fast.kernels"],
     package_dir={"ntksap_fast.kernels": "triton_kernels"},
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # safetensors: save_masks/load_masks with .safetensors files (the CLI's default format).
+    install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "safetensors", "torchvision", "matplotlib"],
+        # triton: the Triton kernels run under its interpreter in CI (no GPU needed).
+        "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "triton; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
+        "examples": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["ntksap=ntksap_fast.cli:main"]},
     ext_modules=ext_modules,
