@@ -59,11 +59,16 @@ class DrawGraphs:
             draw()  # the real draw, and the warm-up the capture needs
         current.wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                draw()
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        # The outer stream context restores the caller's stream even when a failed capture leaves
+        # the graph context's own stream context unexited.
+        with torch.cuda.stream(self._stream):
+            try:
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                    draw()
+            except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+                text = str(err).strip()
+                self.error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        if self.error is not None:
             torch.cuda.synchronize(self.device)
             return
         self._pool = graph.pool()
