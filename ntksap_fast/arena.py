@@ -1,14 +1,42 @@
 """The arena: every prunable tensor of a model laid out in one flat vector.
 
-A model's prunable weights (by default the ``weight`` of every Conv1d/2d/3d and Linear module) get
-consecutive slots ``[offset, offset + numel)`` of a flat index space of length ``numel``. Masks,
-scores, gradient accumulators and sampled weights are flat buffers over that space, and per-tensor
-views of them cost nothing, so one operation covers every layer and the global top-k runs on one
-vector with no concatenation.
+A model's prunable weights get consecutive slots ``[offset, offset + numel)`` of a flat index space
+of length ``numel``. Masks, scores, gradient accumulators and sampled weights are flat buffers over
+that space, and per-tensor views of them cost nothing, so one operation covers every layer and the
+global top-k runs on one vector with no concatenation.
+
+Default prunable tensors (``default_prunable``) and how each is resampled. Every one is drawn from
+Kaiming normal, fan-in mode, ReLU gain: ``N(0, 2 / fan_in)`` with ``fan_in = shape[1] *
+prod(shape[2:])``, the number of inputs one output row sums over. This is the paper's rule (DESIGN.md
+section 2) applied to the input dimension of each matrix; no kind gets its own gain.
+
+* ``Conv1d/2d/3d.weight`` ``(out, in/groups, *k)``: ``fan_in = in/groups * prod(k)``;
+  ``Linear.weight`` ``(out, in)``: ``fan_in = in``.
+* ``MultiheadAttention.in_proj_weight`` ``(3E, E)``, the stacked query/key/value projections:
+  ``fan_in = E``, since each of the ``3E`` rows (a q, k or v output) sees the ``E`` inputs.
+  With separate projections (``kdim``/``vdim`` differ from ``E``): ``q_proj_weight`` ``(E, E)``,
+  ``k_proj_weight`` ``(E, kdim)``, ``v_proj_weight`` ``(E, vdim)``: ``fan_in = E``, ``kdim``,
+  ``vdim``. ``out_proj`` is a ``Linear`` (above).
+* ``LSTM``/``GRU``/``RNN`` (any ``nn.RNNBase``), each layer ``l`` and direction (``_reverse``
+  suffix when bidirectional), ``G`` gates (4 LSTM, 3 GRU, 1 RNN), hidden size ``H``, recurrent
+  state size ``R`` (``H``, or the LSTM's ``proj_size`` when it is > 0):
+  ``weight_ih_l{l}`` ``(G*H, in_l)``: ``fan_in = in_l`` (the input size for ``l = 0``, else ``R``,
+  or ``2R`` when bidirectional); ``weight_hh_l{l}`` ``(G*H, R)``: ``fan_in = R``;
+  ``weight_hr_l{l}`` ``(R, H)`` (LSTM projection): ``fan_in = H``. Each gate's row sums over that
+  many inputs, as for ``in_proj_weight``.
+
+Why one rule: a matrix is sampled the same whatever module holds it, so ``in_proj_weight`` samples
+exactly as a ``Linear(E, 3E)`` ``qkv`` layer (Swin's, timm's) or three ``Linear(E, E)`` would, and
+``weight_ih`` as the ``Linear`` an unrolled RNN cell would use. The ReLU gain is kept where no ReLU
+follows (softmax attention, sigmoid/tanh gates), as the paper keeps it for its classifier layer.
+
+Biases, normalisation parameters, embeddings and every other parameter are not pruned by default
+and keep the model's values during scoring.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -21,12 +49,26 @@ __all__ = ["Slot", "Arena", "ParamSelector", "default_prunable"]
 #: where ``name`` is the full parameter name and ``module`` the module owning it.
 ParamSelector = Iterable[str] | Callable[[str, nn.Module, nn.Parameter], bool]
 
-_PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHT_OWNERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ATTENTION_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+#: ``weight_ih_l0``, ``weight_hh_l1_reverse``, ``weight_hr_l0`` (LSTM projection); not ``bias_*``.
+_RECURRENT_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?")
 
 
 def default_prunable(name: str, module: nn.Module, param: nn.Parameter) -> bool:
-    """DESIGN.md's default: the ``weight`` of Conv1d/2d/3d and Linear modules."""
-    return isinstance(module, _PRUNABLE_TYPES) and name.rsplit(".", 1)[-1] == "weight"
+    """The default prunable set (module docstring): the ``weight`` of Conv1d/2d/3d and Linear, the
+    input projections of ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``)
+    and the weight matrices of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (``weight_ih_l*``,
+    ``weight_hh_l*``, ``weight_hr_l*``, ``_reverse`` included). ``name`` is the full parameter name,
+    ``module`` the module owning it; ``param`` is not looked at."""
+    local = name.rsplit(".", 1)[-1]
+    if isinstance(module, _WEIGHT_OWNERS):
+        return local == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return local in _ATTENTION_WEIGHTS
+    if isinstance(module, nn.RNNBase):
+        return _RECURRENT_WEIGHT.fullmatch(local) is not None
+    return False
 
 
 @dataclass(frozen=True)
@@ -34,7 +76,8 @@ class Slot:
     """One prunable tensor's place in the arena.
 
     ``std = sqrt(2 / fan_in)`` is the Kaiming-normal (fan-in, ReLU gain) standard deviation of its
-    sampled weights, ``fan_in = shape[1] * prod(shape[2:])``.
+    sampled weights, ``fan_in = shape[1] * prod(shape[2:])`` (for each kind, see the module docstring).
+    ``shape`` is the tensor's shape, ``offset``/``numel`` its flat index range.
     """
 
     name: str
@@ -92,7 +135,8 @@ class Arena:
             selected = [n for n in named if n in wanted_set]
         if not selected:
             raise ValueError(
-                "model has nothing to prune: no Conv1d/2d/3d or Linear weight found"
+                "model has nothing to prune: no Conv1d/2d/3d or Linear weight, MultiheadAttention input "
+                "projection or LSTM/GRU/RNN weight found; pass params= to name the tensors"
                 if params is None else "params selected no parameter of the model"
             )
         slots, offset = [], 0
