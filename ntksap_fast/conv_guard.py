@@ -11,20 +11,24 @@ channels corrupted memory in fresh processes, not deterministically (detection d
 heap); 8 and more channels, 3x3 kernels, stride 1, contiguous (NCHW) inputs, Conv1d and Conv3d
 passed. The same convolution with a contiguous input is always computed correctly.
 
-The rule here is deliberately wider than the observed bug, because the block size depends on the
-instruction set and the fault on oneDNN's choice of kernel: a CPU convolution (or transposed
-convolution) is *guarded* when
+The rule here is wider than the observed bug, because the block size depends on the instruction
+set: a CPU convolution (or transposed convolution, whose weight gradient oneDNN computes with the
+same primitive) is *guarded* when
 
-* any stride is > 1, and
+* its kernel is 1 in every spatial dim (the reduce-to-unit-stride workspace exists only in the 1x1
+  kernels; measured: 3x3 kernels and 1x1 with padding never failed), and
+* any stride is > 1 (a stride of (1, 2) failed as well), and
 * its weight's channel dim (``weight.shape[1]``: input channels per group for a convolution,
   output channels per group for a transposed one) is not a multiple of ``CHANNEL_BLOCK`` = 16,
-  the largest oneDNN block on x86, and
+  the largest oneDNN block on x86 (AVX-512), and
 * its input or weight is not already contiguous in the default (NCHW) layout.
 
 A guarded call runs with contiguous input and weight (oneDNN then takes its blocked-layout path,
 which is correct) and its output is returned in the input's memory format, so the layers after it
-keep running channels-last. Typical cost: the stem (3 input channels) and option-B shortcuts of
-narrow networks; wide layers (multiples of 16 channels) are never touched.
+keep running channels-last. In practice: the strided 1x1 shortcuts of narrow networks; wide layers
+(multiples of 16 channels) and stems (7x7, 3x3) are never touched. Stems were left out on purpose:
+guarding a ResNet-50 stem (3 channels, 7x7, stride 2) costs 1.75x on that layer's forward and
+weight gradient (measured, batch 16, 2 threads), for a kernel without the faulty workspace.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def _strides(stride: int | Sequence[int], spatial: int) -> tuple[int, ...]:
 
 
 def is_affected(weight_shape: Sequence[int], stride: int | Sequence[int]) -> bool:
-    """The shape rule alone: some stride > 1 and ``weight_shape[1] % CHANNEL_BLOCK != 0``.
+    """The shape rule alone: a 1x1(x1) kernel, some stride > 1, ``weight_shape[1] % CHANNEL_BLOCK != 0``.
 
     Args:
         weight_shape: the weight's shape, ``(C_out, C_in / groups, *kernel)`` for a convolution or
@@ -66,7 +70,8 @@ def is_affected(weight_shape: Sequence[int], stride: int | Sequence[int]) -> boo
     if len(weight_shape) < 3:
         raise ValueError(f"weight_shape must be (out, in/groups, *kernel), got {tuple(weight_shape)}")
     spatial = len(weight_shape) - 2
-    return any(s > 1 for s in _strides(stride, spatial)) and int(weight_shape[1]) % CHANNEL_BLOCK != 0
+    return (all(int(k) == 1 for k in weight_shape[2:]) and any(s > 1 for s in _strides(stride, spatial))
+            and int(weight_shape[1]) % CHANNEL_BLOCK != 0)
 
 
 def _batched(t: torch.Tensor) -> bool:

@@ -37,10 +37,10 @@ _FUNCS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
 # ----------------------------------------------------------------------------------------------
 def test_rule_on_known_shapes() -> None:
     assert CHANNEL_BLOCK == 16
-    affected = [((8, 4, 1, 1), 2), ((8, 4, 1, 1), (1, 2)), ((16, 3, 7, 7), 2), ((8, 24, 1, 1), 2),
-                ((8, 8, 1, 1), 2), ((8, 4, 1), (2,)), ((8, 4, 1, 1, 1), 2), ((64, 33, 3, 3), (2, 2))]
-    safe = [((8, 4, 1, 1), 1), ((8, 16, 1, 1), 2), ((8, 32, 3, 3), (2, 2)), ((128, 64, 1, 1), 2),
-            ((8, 4, 3, 3), (1, 1)), ((8, 48, 1, 1, 1), (2, 2, 2))]
+    affected = [((8, 4, 1, 1), 2), ((8, 4, 1, 1), (1, 2)), ((8, 24, 1, 1), 2), ((8, 1, 1, 1), 3),
+                ((8, 8, 1, 1), 2), ((8, 4, 1), (2,)), ((8, 4, 1, 1, 1), 2), ((64, 33, 1, 1), (2, 2))]
+    safe = [((8, 4, 1, 1), 1), ((8, 16, 1, 1), 2), ((128, 64, 1, 1), 2), ((8, 48, 1, 1, 1), (2, 2, 2)),
+            ((16, 3, 7, 7), 2), ((8, 4, 3, 3), 2), ((8, 4, 1, 3), 2), ((8, 4, 3), 2)]
     assert all(is_affected(shape, stride) for shape, stride in affected)
     assert not any(is_affected(shape, stride) for shape, stride in safe)
 
@@ -50,7 +50,7 @@ def test_needs_guard_looks_at_device_and_layout() -> None:
     x = torch.randn(2, 4, 8, 8)
     assert not needs_guard(x, w, 2)  # both contiguous: oneDNN's blocked path, correct
     assert needs_guard(x.contiguous(memory_format=torch.channels_last), w, 2)
-    assert needs_guard(x, torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), 2)
+    assert needs_guard(x, torch.randn(8, 8, 1, 1)[:, ::2], 2)  # a non-contiguous weight
     assert not needs_guard(x.contiguous(memory_format=torch.channels_last), w, 1)
     assert not needs_guard(torch.empty(2, 4, 8, 8, device="meta").contiguous(memory_format=torch.channels_last),
                            w.to("meta"), 2)
