@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -253,7 +254,9 @@ def _read(path: str, data: bytes) -> tuple[Mapping, str | None]:
         raise ValueError(f"{where} is neither a safetensors file nor a torch.save file "
                          f"(it starts with {data[:8]!r})")
     try:
-        content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # random bytes make the unpickler warn about a "protocol"
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # the weights-only unpickler refused a class or function
             raise ValueError(f"{where} holds objects other than tensors and plain Python values; it was not "
