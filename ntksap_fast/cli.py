@@ -220,7 +220,8 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if warning:
         print(warning)
     if args.out:
-        save_masks(masks, args.out, metadata=settings)
+        # what the library recorded (what really ran) wins over the CLI's view of the same setting
+        save_masks(masks, args.out, metadata={**settings, **getattr(masks, "metadata", {})})
         print(f"masks: {args.out}")
     if args.report:
         with open(args.report, "w") as f:

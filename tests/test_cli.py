@@ -106,9 +106,10 @@ def test_out_records_the_settings(tmp_path):
     assert main(["prune", "resnet20", "--density", "0.1", *TINY, "--seed", "3", "--out", str(out)]) == 0
     meta = load_masks(out).metadata
     assert {k: meta[k] for k in ("model", "method", "density", "iterations", "schedule", "draws", "batch_size",
-                                 "epsilon", "seed", "dtype")} == {
+                                 "epsilon", "seed", "scope")} == {
         "model": "resnet20", "method": "ntksap", "density": 0.1, "iterations": 2, "schedule": "exponential",
-        "draws": 1, "batch_size": 2, "epsilon": 0.01, "seed": 3, "dtype": "torch.float32"}
+        "draws": 1, "batch_size": 2, "epsilon": 0.01, "seed": 3, "scope": "global"}
+    assert meta["dtype"] in ("float32", "torch.float32")
     assert meta["fingerprint"].startswith("sha256:") and meta["package_version"] == ntksap_fast.__version__
 
 
