@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .arena import Arena, ParamSelector
 from .arguments import resolve_input_shape
-from .engine import preserved_state
+from .engine import OutputFn, preserved_state
 from .schedule import SCHEDULES, density_schedule, keep_count
 from .masks import Masks
 from .scorer import NtkSapScorer
@@ -52,7 +52,7 @@ DATA_METHODS = ("snip", "iter_snip", "grasp")
 #: Rounds of the iterative methods when ``iterations`` is None; the others are one shot.
 DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iter_snip": 100}
 SCOPES = ("global", "layer")
-_NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "draw_batch", "allow_tf32", "output")
+_NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "draw_batch", "allow_tf32")
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,8 +65,10 @@ class _Net:
     parameters and buffers, detached. ``absolute=True`` gives SynFlow's float64 ``|.|`` copies.
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, device: torch.device, absolute: bool = False) -> None:
+    def __init__(self, model: nn.Module, arena: Arena, device: torch.device, absolute: bool = False,
+                 output: OutputFn | None = None) -> None:
         prunable = set(arena.names)
+        self.output = output
         named = dict(model.named_parameters())
         dtype = torch.float64 if absolute else named[arena.names[0]].dtype
         self.model, self.arena, self.device = model, arena, device
@@ -82,8 +84,11 @@ class _Net:
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.model, {**self.fixed, **self.arena.views(flat)}, (x,), strict=False)
+        if self.output is not None:
+            out = self.output(out)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+            raise TypeError(f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
+                            "that picks the tensor, e.g. output=lambda out: out['logits']")
         return out
 
     def batches(self, data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -199,6 +204,7 @@ def prune(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     min_layer_density: float = 0.0,
+    output: OutputFn | None = None,
     **ntksap_options,
 ) -> Masks:
     """Prune ``model`` at initialization with ``method`` (see the module docstring for the scores).
@@ -219,6 +225,8 @@ def prune(
             progress: bar over rounds (None: only on a terminal).
         min_layer_density: with ``scope="global"``, each tensor keeps at least this fraction of its
             entries (``ntksap_fast.selection``); 0 (default): plain global top-k.
+        output: picks the tensor from what the model returns (tuple, dict, dataclass), e.g.
+            ``output=lambda out: out.logits``.
         ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch``,
             ``draw_batch``, ``allow_tf32``, ``output`` of ``NtkSapScorer`` (method ``ntksap`` only).
     Returns:
@@ -228,11 +236,14 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     iterations = _check_args(method, density, scope, schedule, iterations, data, loss_fn, ntksap_options)
+    if output is not None and not callable(output):
+        raise TypeError(f"output must be a callable picking the output tensor, got {type(output).__name__}")
     if scope == "layer" and min_layer_density != 0.0:
         raise ValueError("min_layer_density applies to scope='global'; scope='layer' already keeps the same "
                          "fraction of every tensor")
     if method == "ntksap":
-        ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, **ntksap_options)
+        ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, output=output,
+                              **ntksap_options)
         if scope == "global":
             return ntksap.prune(density, iterations, schedule=schedule, progress=progress,
                                 min_layer_density=min_layer_density)
@@ -248,13 +259,13 @@ def prune(
             gen = torch.Generator().manual_seed(seed)
             score_fn = _fixed(torch.rand(arena.numel, generator=gen, dtype=torch.float64).to(device))
         elif method == "magnitude":
-            score_fn = _fixed(_Net(model, arena, device).weights.abs())
+            score_fn = _fixed(_Net(model, arena, device, output=output).weights.abs())
         elif method == "synflow":
-            score_fn = _synflow(_Net(model, arena, device, absolute=True), resolve_input_shape(model, input_shape))
+            score_fn = _synflow(_Net(model, arena, device, absolute=True, output=output), resolve_input_shape(model, input_shape))
         elif method == "grasp":
-            score_fn = _grasp(_Net(model, arena, device), data, loss_fn)
+            score_fn = _grasp(_Net(model, arena, device, output=output), data, loss_fn)
         else:
-            score_fn = _snip(_Net(model, arena, device), data, loss_fn)
+            score_fn = _snip(_Net(model, arena, device, output=output), data, loss_fn)
         mask = torch.ones(arena.numel, dtype=torch.bool, device=device)
         densities = density_schedule(float(density), iterations, schedule)
         for t, d_t in enumerate(tqdm(densities, desc=method, unit="round",

@@ -74,14 +74,23 @@ class EngineConfig:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Puts every module in eval mode (dropout off) for the block; restores each module's mode."""
+    """Puts every module in eval mode (dropout off) for the block; restores each module's mode.
+
+    Recurrent layers instead run in training mode with their dropout set to 0 (the same arithmetic):
+    cuDNN's RNN backward refuses eval mode.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    rnn_dropout = [(m, m.dropout) for m in model.modules() if isinstance(m, nn.RNNBase)]
     try:
         model.eval()
+        for m, _ in rnn_dropout:
+            m.training, m.dropout = True, 0.0
         yield
     finally:
         for m, training in modes:
             m.training = training
+        for m, dropout in rnn_dropout:
+            m.dropout = dropout
 
 
 def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
@@ -106,6 +115,7 @@ class Forward:
 
     def __init__(self, model: nn.Module, arena: Arena, config: EngineConfig, output: OutputFn | None = None) -> None:
         self.model, self.arena, self.config, self.output = model, arena, config, output
+        self.rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
         prunable = set(arena.names)
         self.fixed: dict[str, torch.Tensor] = {}
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -124,8 +134,12 @@ class Forward:
     @contextlib.contextmanager
     def bound(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
         """The model's parameters and buffers swapped for ``fixed`` plus ``weights`` during the block."""
-        with _reparametrize_module(self.model, {**self.fixed, **weights}, tie_weights=True, strict=False):
-            yield
+        try:
+            with _reparametrize_module(self.model, {**self.fixed, **weights}, tie_weights=True, strict=False):
+                yield
+        finally:
+            for m in self.rnns:  # they cache their weights: point the cache back at the parameters
+                m._init_flat_weights()
 
     def run(self, x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
         """The bound model's output (``param_dtype``) for input batch ``x``."""

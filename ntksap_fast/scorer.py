@@ -65,13 +65,14 @@ class NtkSapScorer:
         draws: weight/input draws per round; batch_size: inputs per draw (an int, or one per draw).
         epsilon: perturbation size; seed: seed of every random number (with round and draw).
         params: prunable tensors (names or a predicate ``(name, module, param) -> bool``); default
-            every Conv/Linear weight.
+            every Conv/Linear weight, attention input projection and recurrent weight matrix
+            (``ntksap_fast.arena``).
         device: where to compute (default the model's); dtype: float32 (default), bfloat16 (faster)
             or float64 (for checking).
         micro_batch: most inputs per forward (exact: results do not depend on it); default on a GPU:
             from the memory plan (``ntksap_fast.memory``), whole draws when they fit.
         draw_batch: draws run together through ``torch.func.vmap``; default 1 (in sequence; on a
-            GPU small networks use CUDA graphs instead, which measured faster).
+            GPU small networks use CUDA graphs instead). Models with recurrent layers run in sequence.
         process_group: share the draws over the ranks of this ``torch.distributed`` group (default:
             the default group when ``torch.distributed`` is initialised).
         allow_tf32: TF32 for cuDNN convolutions and CUDA matmuls during the scorer's calls; None
@@ -104,6 +105,8 @@ class NtkSapScorer:
         if micro_batch is not None:
             micro_batch = args.check_int("micro_batch", micro_batch)
         draw_batch = 1 if draw_batch is None else args.check_int("draw_batch", draw_batch)
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
         self.share = DrawShare.current(process_group)
         self.local_draws = self.share.draws(self.draws)
         config = EngineConfig(device=device, dtype=dtype, backend=resolve_backend(device, dtype),

@@ -195,12 +195,6 @@ def test_apply_masks_on_attention_and_recurrent_weights() -> None:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine.py Forward.bound swaps parameters with _reparametrize_module, which writes "
-    "module._parameters directly; an RNN's forward then rebuilds its _flat_weights from the sampled "
-    "tensors, and nothing rebuilds them on exit: after the call they still hold the last draw's "
-    "weights (views keeping the whole sampled arena buffer alive) until the model's next forward. "
-    "Fix: after the swap, call _init_flat_weights() on every nn.RNNBase module of the model"))
 def test_recurrent_modules_let_go_of_sampled_weights() -> None:
     build, input_shape, _ = FAMILIES["gru"]
     model = build()
@@ -209,10 +203,6 @@ def test_recurrent_modules_let_go_of_sampled_weights() -> None:
     assert all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "engine.py Engine._batched_draws runs draws through torch.func.vmap, which has no batching rule "
-    "for aten::lstm/aten::gru ('Batching rule not implemented for aten::lstm.input'); draw_batch > 1 "
-    "should fall back to draws in sequence for such models"))
 def test_recurrent_model_with_batched_draws() -> None:
     build, input_shape, _ = FAMILIES["lstm_bidirectional"]
     model = build()
@@ -220,13 +210,25 @@ def test_recurrent_model_with_batched_draws() -> None:
     two = ntk_sap_scores(model, input_shape, draws=2, batch_size=2, draw_batch=2)
     for n in one:
         torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6 * float(one[n].abs().max()))
+    # vmap has no batching rule for aten::lstm: the scorer runs such models' draws in sequence
+    assert NtkSapScorer(model, input_shape, draws=2, batch_size=2, draw_batch=2).config.draw_batch == 1
+
+
+def test_recurrent_layers_run_in_training_mode_without_dropout_and_are_restored() -> None:
+    """cuDNN's RNN backward refuses eval mode: recurrent layers run training=True, dropout=0 (same
+    arithmetic as eval), and get their mode and dropout back afterwards."""
+    build, input_shape, _ = FAMILIES["lstm_bidirectional"]
+    model = build()
+    model.rnn.dropout = 0.25
+    model.eval()
+    seen = []
+    model.rnn.register_forward_pre_hook(lambda m, a: seen.append((m.training, m.dropout)))
+    ntk_sap_scores(model, input_shape, draws=1, batch_size=2)
+    assert seen and all(s == (True, 0.0) for s in seen)
+    assert model.rnn.dropout == 0.25 and not model.rnn.training and not model.training
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's RNN kernels need a CUDA device")
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "engine.py preserved_state puts every module in eval mode, and cuDNN's RNN backward refuses eval "
-    "mode ('cudnn RNN backward can only be called in training mode'); RNNBase modules should run with "
-    "training=True and dropout=0.0 inside the block (the same arithmetic), both restored on exit"))
 @pytest.mark.parametrize("family", ["lstm_bidirectional", "gru"])
 def test_recurrent_families_on_cuda(family: str) -> None:
     build, input_shape, _ = FAMILIES[family]
