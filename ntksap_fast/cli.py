@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("exponential", "linear"), default="exponential",
                    help="kept fraction after round t: d**(t/T) or 1-(1-d)t/T (default exponential)")
     p.add_argument("--scope", choices=SCOPES, default="global", help="top-k over all layers or per layer")
+    p.add_argument("--min-layer-density", type=float, default=0.0,
+                   help="collapse guard: each tensor keeps at least this fraction of its entries, the rest is "
+                   "chosen globally (default 0: plain global top-k)")
     p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
     p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
     p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
@@ -161,6 +164,8 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     input_shape = args.input_shape or (preset.input_shape if preset else None)
     kwargs = {"density": args.density, "schedule": args.schedule, "scope": args.scope, "seed": args.seed,
               "device": args.device, "input_shape": input_shape, "progress": not args.no_progress}
+    if args.min_layer_density:
+        kwargs["min_layer_density"] = args.min_layer_density
     if args.iterations is not None:
         kwargs["iterations"] = args.iterations
     elif preset is not None and args.method == "ntksap":
@@ -184,7 +189,8 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     rounds = kwargs.get("iterations", DEFAULT_ITERATIONS.get(method, 1))
     classes = spec["num_classes"] if spec["num_classes"] is not None else "model default"
     out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"], "iterations": rounds,
-           "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"]}
+           "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
+           "min_layer_density": kwargs.get("min_layer_density", 0.0)}
     if method == "ntksap":
         out |= {"draws": kwargs.get("draws", 5), "batch_size": kwargs.get("batch_size", 100),
                 "epsilon": kwargs.get("epsilon", 0.01), "dtype": str(kwargs.get("dtype", torch.float32))}

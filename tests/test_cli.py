@@ -84,6 +84,7 @@ def test_demo_wrapper(capsys):
     (["prune", "torchvision:resnet18", "--iterations", "1"], "input_shape is needed"),
     (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["prune", "resnet20", "--min-layer-density", "1.5"], "min_layer_density must be in [0, 1]"),
 ])
 def test_bad_arguments_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
@@ -155,3 +156,16 @@ def test_spectrum_size_is_checked_before_the_prune(tmp_path, monkeypatch, capsys
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--spectrum: the Jacobian has at least batch * params" in err and "max_jacobian_entries" in err
+
+
+def test_min_layer_density_keeps_every_layer(tmp_path):
+    plain, guarded = tmp_path / "plain.pt", tmp_path / "guarded.pt"
+    common = ["prune", "resnet20", "--method", "synflow", "--density", "0.02", "--iterations", "2", "--no-progress"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert int(load_masks(plain)["fc.weight"].sum()) == 0  # SynFlow alone empties the classifier here
+    assert main([*common, "--min-layer-density", "0.01", "--out", str(guarded)]) == 0
+    masks = load_masks(guarded)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == keep_n(total, 0.02)
+    assert all(int(m.sum()) >= keep_n(m.numel(), 0.01) for m in masks.values())
+    assert masks.metadata["min_layer_density"] == 0.01
