@@ -188,8 +188,8 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     method = kwargs["method"]
     rounds = kwargs.get("iterations", DEFAULT_ITERATIONS.get(method, 1))
     classes = spec["num_classes"] if spec["num_classes"] is not None else "model default"
-    out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"], "iterations": rounds,
-           "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
+    out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"],
+           "iterations": rounds, "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
            "min_layer_density": kwargs.get("min_layer_density", 0.0)}
     if method == "ntksap":
         out |= {"draws": kwargs.get("draws", 5), "batch_size": kwargs.get("batch_size", 100),

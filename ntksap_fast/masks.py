@@ -205,7 +205,8 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
         if kind == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata={"format": _FORMAT, "ntksap_fast": text, "order": json.dumps(list(tensors))})
+            header = {"format": _FORMAT, "ntksap_fast": text, "order": json.dumps(list(tensors))}
+            save_file(tensors, tmp, metadata=header)
         else:
             torch.save({"format": _FORMAT, "masks": tensors, "metadata": text}, tmp)
         os.replace(tmp, path)
@@ -260,7 +261,8 @@ def _read(path: str, data: bytes) -> tuple[Mapping, str | None]:
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # the weights-only unpickler refused a class or function
             raise ValueError(f"{where} holds objects other than tensors and plain Python values; it was not "
-                             "written by save_masks and is not loaded (unpickling arbitrary objects is unsafe)") from None
+                             "written by save_masks and is not loaded (unpickling arbitrary objects is "
+                             "unsafe)") from None
         raise ValueError(f"{where} is a truncated or corrupt torch.save file (unreadable pickle data)") from None
     except Exception as err:  # RuntimeError from the zip reader, EOFError, ...: truncated or corrupt
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

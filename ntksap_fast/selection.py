@@ -130,7 +130,8 @@ def select_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int,
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.shape != mask.shape:
-        raise ValueError(f"scores and mask must have the same 1-D shape, got {tuple(scores.shape)} and {tuple(mask.shape)}")
+        raise ValueError(f"scores and mask must have the same 1-D shape, got {tuple(scores.shape)} and "
+                         f"{tuple(mask.shape)}")
     spans = _spans(slots_or_sizes, mask.shape[0])
     if density == 0.0:
         return masked_topk_(scores, mask, n_keep)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from ntksap_fast.report import (check_ntk_size, collapsed_layers, empirical_ntk, layer_table, markdown_report, ntk_eigenvalues,
-                                plot_layer_density, plot_ntk_spectrum)
+from ntksap_fast.report import (check_ntk_size, collapsed_layers, empirical_ntk, layer_table, markdown_report,
+                                ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -79,7 +79,8 @@ def test_check_ntk_size_agrees_with_the_computation():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # P = 32, O = 3
     assert check_ntk_size(model, input_shape=(5,), batch_size=8) == 8 * 3 * 32
     before = [m.training for m in model.modules()]
-    for limit, words in ((8 * 32 - 1, "at least batch \\* params = 256"), (8 * 3 * 32 - 1, "batch \\* outputs \\* params = 768")):
+    for limit, words in ((8 * 32 - 1, "at least batch \\* params = 256"),
+                         (8 * 3 * 32 - 1, "batch \\* outputs \\* params = 768")):
         with pytest.raises(ValueError, match=words):
             check_ntk_size(model, input_shape=(5,), batch_size=8, max_jacobian_entries=limit)
         with pytest.raises(ValueError, match=words):
