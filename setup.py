@@ -116,7 +116,7 @@ def _checked_build_ext(base):
                     self._use_compiler(env["CC"], env["CXX"])
                     self.force = True
                 super(CheckedBuildExt, self).build_extension(ext)
-                return self.get_ext_fullpath(ext.name)
+                return os.path.abspath(self.get_ext_fullpath(ext.name))
 
             print(f"ntksap_fast: building {ext.name} (C++{' and CUDA' if any(p.endswith('.cu') for p in ext.sources) else ''}, a few minutes)")
             lib, why = loader.build_checked(build)
@@ -130,6 +130,16 @@ def _checked_build_ext(base):
                     "(PyTorch fallbacks) with NTKSAP_FAST_NO_EXT_BUILD=1."
                 )
             print(f"ntksap_fast: {ext.name} built and checked ({lib})")
+
+        def copy_extensions_to_source(self) -> None:
+            # Replace the module file rather than overwrite it: a process that has the old one
+            # loaded keeps its copy (a shared library rewritten in place crashes its users).
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                tmp = f"{inplace_file}.{os.getpid()}.tmp"
+                shutil.copy2(regular_file, tmp)
+                os.replace(tmp, inplace_file)
 
         def _use_compiler(self, cc: str, cxx: str) -> None:
             # torch's ninja build reads $CXX (and passes $CC to nvcc as -ccbin); distutils links

@@ -160,7 +160,7 @@ def _run_check(lib: str, timeout: float) -> tuple[bool, str]:
     env = dict(os.environ, NTKSAP_FAST_IN_CHECK="1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHECK_SCRIPT, lib, json.dumps(SCHEMAS)],
+            [sys.executable, "-c", _CHECK_SCRIPT, os.path.abspath(lib), json.dumps(SCHEMAS)],
             capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir(),
         )
     except subprocess.TimeoutExpired:
