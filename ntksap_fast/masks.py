@@ -17,6 +17,8 @@ Metadata values are JSON values (tuples are stored as lists; dtypes, devices and
 """
 from __future__ import annotations
 
+import collections
+import copy
 import hashlib
 import io
 import json
@@ -43,7 +45,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 class Masks(dict):
     """``{parameter name: bool tensor}`` (True = kept) with a ``metadata`` dict of what made it.
 
-    Behaves as a plain dict in every other way (``dict(masks)`` drops the metadata). The metadata
+    Behaves as a plain dict in every other way (``dict(masks)`` drops the metadata; ``copy`` and
+    ``copy.deepcopy`` keep it; pickling, hence ``torch.save(masks)``, stores a plain
+    ``OrderedDict`` that ``torch.load`` reads with ``weights_only=True``). The metadata
     keys written by the library: ``method``, ``density``, ``iterations``, ``schedule``, ``draws``,
     ``batch_size``, ``epsilon``, ``seed``, ``dtype``, ``package_version``, ``fingerprint``
     (:func:`model_fingerprint` of the masked tensors) and whatever else the caller adds.
@@ -55,6 +59,18 @@ class Masks(dict):
 
     def copy(self) -> "Masks":
         return Masks(self, metadata=self.metadata)
+
+    def __copy__(self) -> "Masks":
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict) -> "Masks":
+        return Masks(copy.deepcopy(dict(self), memo), metadata=copy.deepcopy(self.metadata, memo))
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickled (``torch.save``, multiprocessing) as an ``OrderedDict`` of the masks, without the
+        metadata: so ``torch.load(path)`` (``weights_only=True``, the default) reads a
+        ``torch.save(masks, path)`` file in any process; ``save_masks`` keeps the metadata."""
+        return (collections.OrderedDict, (list(self.items()),))
 
     def __repr__(self) -> str:
         return f"Masks({dict.__repr__(self)}, metadata={self.metadata!r})"

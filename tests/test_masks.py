@@ -1,6 +1,7 @@
 """Mask files: self-describing metadata, checks against a model, clear errors on bad files."""
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import pickle
@@ -36,11 +37,22 @@ def test_masks_is_a_dict_with_metadata() -> None:
     m = Masks({"a": torch.ones(2, dtype=torch.bool)}, metadata={"seed": 1})
     assert isinstance(m, dict) and list(m) == ["a"] and m.metadata == {"seed": 1}
     assert Masks().metadata == {} and Masks(b=torch.zeros(1, dtype=torch.bool)).keys() == {"b"}
-    c = m.copy()
-    assert isinstance(c, Masks) and c.metadata == {"seed": 1} and c.metadata is not m.metadata
-    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert isinstance(clone, Masks) and clone.metadata == {"seed": 1} and torch.equal(clone["a"], m["a"])
+    for clone in (m.copy(), copy.copy(m), copy.deepcopy(m)):
+        assert isinstance(clone, Masks) and clone.metadata == {"seed": 1} and clone.metadata is not m.metadata
+        assert torch.equal(clone["a"], m["a"])
+    assert copy.deepcopy(m)["a"] is not m["a"] and copy.copy(m)["a"] is m["a"]
     assert dict(m) == {"a": m["a"]}
+    plain = pickle.loads(pickle.dumps(m))  # pickled as a plain mapping (torch.load-safe), metadata dropped
+    assert type(plain) is collections.OrderedDict and list(plain) == ["a"] and torch.equal(plain["a"], m["a"])
+
+
+def test_torch_save_of_masks_loads_weights_only(tmp_path) -> None:
+    """torch.save(masks) then the default torch.load works as it did when masks were plain dicts."""
+    masks = small_masks(small_model(), metadata=SETTINGS)
+    torch.save(masks, tmp_path / "raw.pt")
+    loaded = torch.load(tmp_path / "raw.pt")  # weights_only=True is the default
+    assert list(loaded) == list(masks) and all(torch.equal(loaded[n], masks[n]) for n in masks)
+    assert load_masks(tmp_path / "raw.pt").metadata == {}  # and load_masks reads it as a plain-dict file
 
 
 # ----------------------------------------------------------------------------------------------
