@@ -109,8 +109,8 @@ class Forward:
 
     ``fixed`` holds detached ``param_dtype`` copies of the non-prunable parameters and floating
     buffers on the device; ``refresh()`` copies the model's current values into them in place
-    (their addresses stay, so captured CUDA graphs stay valid). Channels-last CPU convolutions run
-    under ``ConvGuard`` (``ntksap_fast.conv_guard``: oneDNN's strided narrow-channel bug).
+    (their addresses stay, so captured CUDA graphs stay valid). CPU convolutions run under
+    ``ConvGuard`` (``ntksap_fast.conv_guard``: oneDNN's strided narrow-channel bug).
     """
 
     def __init__(self, model: nn.Module, arena: Arena, config: EngineConfig, output: OutputFn | None = None) -> None:
@@ -145,8 +145,7 @@ class Forward:
         """The bound model's output (``param_dtype``) for input batch ``x``."""
         autocast = (torch.autocast(self.config.device.type, dtype=self.config.dtype, cache_enabled=False)
                     if self.config.dtype == torch.bfloat16 else contextlib.nullcontext())
-        guard = (ConvGuard() if self.config.device.type == "cpu" and self.config.channels_last
-                 else contextlib.nullcontext())
+        guard = ConvGuard() if self.config.device.type == "cpu" else contextlib.nullcontext()
         with autocast, guard, bn:
             out = self.model(_layout(x, self.config))
         if self.output is not None:

@@ -16,13 +16,13 @@ back, and ties go to the lower flat index in both steps (as in ``ntksap_fast.top
 """
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from typing import Protocol, Sequence
 
 import torch
 
+from .schedule import keep_count
 from .topk import masked_topk_
 
 __all__ = ["select_", "layer_floors"]
@@ -31,10 +31,6 @@ __all__ = ["select_", "layer_floors"]
 class _SlotLike(Protocol):
     offset: int
     numel: int
-
-
-def _keep_count(n_total: int, density: float) -> int:
-    return n_total - math.floor((1.0 - density) * n_total)
 
 
 def _spans(slots_or_sizes: Sequence[_SlotLike] | Sequence[int], length: int) -> list[tuple[int, int]]:
@@ -88,7 +84,7 @@ def _floors(mask: torch.Tensor, spans: list[tuple[int, int]], density: float) ->
     if density == 0.0:
         return [0] * len(spans)
     unpruned = _segment_sums(mask, spans)
-    return [min(_keep_count(b - a, density), u) for (a, b), u in zip(spans, unpruned)]
+    return [min(keep_count(b - a, density), u) for (a, b), u in zip(spans, unpruned)]
 
 
 def _segment_sums(mask: torch.Tensor, spans: list[tuple[int, int]]) -> list[int]:
