@@ -182,7 +182,7 @@ def test_mask_grad_matches_twin(device):
         stats = [tuple(t.clone() for t in start) for _ in range(2)]
         got_s = mg.mask_grad_accumulate(G0.clone(), g_c, g_p, table, 99, 1, draws, 0.01, m, stats=stats[0])
         want_s = mg.mask_grad_reference(G0.clone(), g_c, g_p, table, 99, 1, draws, 0.01, m, stats=stats[1])
-        torch.testing.assert_close(got_s, want, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5 * scale)
         for a, b in zip(stats[0], stats[1]):  # odd draws' share, sum of squares
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     gc16, gp16 = g_c[1:2].bfloat16(), g_p[1:2].bfloat16()  # bf16 gradients, one draw
