@@ -83,8 +83,10 @@ NTKSAP_ALWAYS_INLINE ChunkScan fused_body(const PassArgs<typename Bits::key_t>& 
       } else {
         for (int j = 0; j < kBlock; ++j) {
           if (in[j]) {
-            a.kbuf[k] = Bits::to_key(s[i + j]);
+            const Key key = Bits::to_key(s[i + j]);
+            a.kbuf[k] = key;
             a.ibuf[k] = i + j;
+            ++a.hist[static_cast<uint64_t>(static_cast<Key>(key - lo)) >> a.cshift];
             ++k;
           }
         }
@@ -111,6 +113,7 @@ NTKSAP_ALWAYS_INLINE ChunkScan fused_body(const PassArgs<typename Bits::key_t>& 
       } else {
         a.kbuf[k] = key;
         a.ibuf[k] = t;
+        ++a.hist[static_cast<uint64_t>(static_cast<Key>(key - lo)) >> a.cshift];
         ++k;
       }
     }
@@ -135,13 +138,17 @@ ChunkScan fused_generic(const PassArgs<typename Bits::key_t>& a) {
 template <typename Bits>
 NTKSAP_AVX2 inline bool store_candidates(const typename Bits::key_t* s, int64_t i, uint32_t inside,
                                          typename Bits::key_t* kbuf, int64_t* ibuf, int64_t& k,
-                                         int64_t cap) {
+                                         int64_t cap, uint32_t* hist, typename Bits::key_t lo,
+                                         int cshift) {
+  using Key = typename Bits::key_t;
   if (k + __builtin_popcount(inside) > cap) return false;
   while (inside != 0) {
     const int j = __builtin_ctz(inside);
     inside &= inside - 1;
-    kbuf[k] = Bits::to_key(s[i + j]);
+    const Key key = Bits::to_key(s[i + j]);
+    kbuf[k] = key;
     ibuf[k] = i + j;
+    ++hist[static_cast<uint64_t>(static_cast<Key>(key - lo)) >> cshift];
     ++k;
   }
   return true;
@@ -194,6 +201,9 @@ NTKSAP_AVX2 ChunkScan fused_avx2(const PassArgs<typename Bits::key_t>& a) {
     Key* const kbuf = a.kbuf;
     int64_t* const ibuf = a.ibuf;
     const int64_t cap = a.cap, e = a.e;
+    uint32_t* const hist = a.hist;
+    const Key lo_key = a.lo;
+    const int cshift = a.cshift;
     uint64_t count = 0, n_above = 0, n_inside = 0;
     uint32_t nan = 0;
     bool overflow = false;
@@ -259,7 +269,7 @@ NTKSAP_AVX2 ChunkScan fused_avx2(const PassArgs<typename Bits::key_t>& a) {
         }
       }
       if (inside != 0 && !overflow)
-        overflow = !store_candidates<Bits>(s, i, inside, kbuf, ibuf, k, cap);
+        overflow = !store_candidates<Bits>(s, i, inside, kbuf, ibuf, k, cap, hist, lo_key, cshift);
     }
     ChunkScan r;
     if (i < e) {  // tail: the generic body on the rest

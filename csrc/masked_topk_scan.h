@@ -1,7 +1,7 @@
 // Internal to the CPU masked top-k: the fused pass of the sample-bracketed path (step 1 of
 // masked_topk_bracket.cpp), defined in masked_topk_scan.cpp: one read of a chunk that counts,
 // flags NaNs, writes out = mask && key > hi, saves the mask bits (in place) and stores the
-// candidates lo <= key <= hi in index order.
+// candidates lo <= key <= hi in index order, counting them in a histogram.
 #pragma once
 
 #include "masked_topk_cpu.h"
@@ -27,9 +27,11 @@ struct PassArgs {
   uint32_t* backup;  // in place: word i / 32 receives the mask bits of entries i..i+31
   int64_t b, e;      // b a multiple of kBlock
   Key lo, hi;
-  Key* kbuf;
+  Key* kbuf;         // candidates: keys and indices, room for cap
   int64_t* ibuf;
   int64_t cap;
+  uint32_t* hist;    // histogram of the candidate keys: bin (key - lo) >> cshift
+  int cshift;
 };
 
 // Step 1 over [a.b, a.e) (vectorised; AVX2 code chosen at run time where the CPU has it).
