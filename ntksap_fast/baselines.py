@@ -53,6 +53,8 @@ DATA_METHODS = ("snip", "iter_snip", "grasp")
 DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iter_snip": 100}
 SCOPES = ("global", "layer")
 _NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "draw_batch", "allow_tf32")
+#: Options of ``NtkSapScorer.prune`` (method ntksap, global scope).
+_NTKSAP_PRUNE_OPTIONS = ("stats", "target_overlap", "max_draws")
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -180,7 +182,7 @@ def _check_args(method, density, scope, schedule, iterations, data, loss_fn, opt
         raise ValueError(f"method {method!r} needs data: an iterable of (inputs, targets) batches, e.g. a DataLoader")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
-    unknown = sorted(set(options) - set(_NTKSAP_OPTIONS))
+    unknown = sorted(set(options) - set(_NTKSAP_OPTIONS) - set(_NTKSAP_PRUNE_OPTIONS))
     if unknown:
         raise TypeError(f"prune() got unexpected keyword arguments {unknown}")
     if options and method != "ntksap":
@@ -228,7 +230,8 @@ def prune(
         output: picks the tensor from what the model returns (tuple, dict, dataclass), e.g.
             ``output=lambda out: out.logits``.
         ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch``,
-            ``draw_batch``, ``allow_tf32``, ``output`` of ``NtkSapScorer`` (method ``ntksap`` only).
+            ``draw_batch``, ``allow_tf32`` of ``NtkSapScorer``, and ``stats``, ``target_overlap``,
+            ``max_draws`` of ``NtkSapScorer.prune`` (global scope) (method ``ntksap`` only).
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
         device, with ``metadata`` saying what made them.
@@ -242,11 +245,14 @@ def prune(
         raise ValueError("min_layer_density applies to scope='global'; scope='layer' already keeps the same "
                          "fraction of every tensor")
     if method == "ntksap":
+        prune_options = {k: ntksap_options.pop(k) for k in _NTKSAP_PRUNE_OPTIONS if k in ntksap_options}
+        if prune_options and scope != "global":
+            raise ValueError(f"{sorted(prune_options)} apply to scope='global' only")
         ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, output=output,
                               **ntksap_options)
         if scope == "global":
             return ntksap.prune(density, iterations, schedule=schedule, progress=progress,
-                                min_layer_density=min_layer_density)
+                                min_layer_density=min_layer_density, **prune_options)
     arena = Arena(model, params)
     try:
         device = torch.device(next(model.parameters()).device if device is None else device)

@@ -25,7 +25,7 @@ from .masks import check_mask_path, save_masks
 from .models import MODELS
 from .presets import PRESETS
 from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
-                     plot_layer_density, plot_ntk_spectrum)
+                     plot_layer_density, plot_ntk_spectrum, stability_table)
 
 __all__ = ["main", "build_model", "build_parser"]
 
@@ -45,7 +45,7 @@ Settings, highest first: explicit flags, --preset (the paper's NTK-SAP settings:
 input shape, rounds, draws, inputs per draw, epsilon), the library's defaults. The preset's rounds
 apply to --method ntksap; other iterative methods use their own defaults unless --iterations is given.
 """
-_NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch")
+_NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "target_overlap", "max_draws")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
     p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
+    p.add_argument("--target-overlap", type=float,
+                   help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]")
+    p.add_argument("--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round "
+                   "(default 4 x draws)")
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
     p.add_argument("--out", help="write the masks and the settings that made them here (.pt, .pth or .safetensors)")
     p.add_argument("--report", help="write a markdown report here")
@@ -180,6 +184,11 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             kwargs["dtype"] = _DTYPES[args.dtype]
         if args.micro_batch is not None:
             kwargs["micro_batch"] = args.micro_batch
+        if args.scope == "global":  # per-round stability figures, shown in the table and the report
+            kwargs["stats"] = True
+        for k in ("target_overlap", "max_draws"):
+            if getattr(args, k) is not None:
+                kwargs[k] = getattr(args, k)
     return {"model": model_name, "num_classes": num_classes}, kwargs
 
 
@@ -220,7 +229,13 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:  # the library's argument checks
         parser.error(str(err))
     seconds = time.perf_counter() - start
+    meta = getattr(masks, "metadata", {})
+    if args.method == "ntksap":  # what the scorer decided
+        print("scorer: " + ", ".join(f"{k} {meta.get(k)}" for k in ("device", "dtype", "backend", "micro_batch",
+                                                                     "draw_batch", "graphs", "allow_tf32")))
     print(layer_table(masks))
+    if meta.get("rounds"):
+        print(stability_table(meta["rounds"]))
     print(f"time: {seconds:.2f} s ({seconds / settings['iterations']:.3f} s per round)")
     warning = collapse_warning(masks)
     if warning:

@@ -21,11 +21,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .api import resolve_input_shape
 from .arena import Arena, ParamSelector
+from .arguments import resolve_input_shape
 from .masks import _check_masks
+from .stability import HOW_TO_READ
 
 __all__ = [
+    "stability_table",
     "COLLAPSE_RATIO", "layer_rows", "collapsed_layers", "collapse_warning", "layer_table", "markdown_report",
     "plot_layer_density", "check_ntk_size", "empirical_ntk", "ntk_eigenvalues", "plot_ntk_spectrum",
 ]
@@ -102,7 +104,21 @@ def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, ob
     warning = collapse_warning(masks)
     out.append(warning if warning else
                f"No layer collapsed (rule: kept == 0 or density < {COLLAPSE_RATIO:g} x global density).")
+    rounds = getattr(masks, "metadata", {}).get("rounds")
+    if rounds:
+        out += ["", "## Stability", "", HOW_TO_READ, "", "| round | density | draws | split-half overlap | relative SE |",
+                "|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['round'] + 1} | {r['density']:.4f} | {r['draws']} | {r['split_half_overlap']:.3f} | "
+                f"{r['relative_se']:.3f} |" for r in rounds]
     return "\n".join(out) + "\n"
+
+
+def stability_table(rounds: Sequence[Mapping[str, object]]) -> str:
+    """Plain-text table of per-round stability figures (``masks.metadata["rounds"]``)."""
+    lines = [f"{'round':>5}  {'density':>8}  {'draws':>5}  {'split-half overlap':>18}  {'relative SE':>11}"]
+    lines += [f"{r['round'] + 1:>5}  {r['density']:>8.4f}  {r['draws']:>5}  {r['split_half_overlap']:>18.3f}  "
+              f"{r['relative_se']:>11.3f}" for r in rounds]
+    return "\n".join(lines + [HOW_TO_READ])
 
 
 def _save(plt, fig, path) -> None:

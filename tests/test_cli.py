@@ -169,3 +169,18 @@ def test_min_layer_density_keeps_every_layer(tmp_path):
     assert sum(int(m.sum()) for m in masks.values()) == keep_n(total, 0.02)
     assert all(int(m.sum()) >= keep_n(m.numel(), 0.01) for m in masks.values())
     assert masks.metadata["min_layer_density"] == 0.01
+
+
+def test_cli_shows_the_scorers_decisions_and_stability(tmp_path, capsys):
+    report = tmp_path / "r.md"
+    code = main(["prune", "resnet20", "--density", "0.2", "--iterations", "2", "--draws", "3", "--batch-size", "4",
+                 "--input-shape", "3,16,16", "--no-progress", "--report", str(report), "--target-overlap", "0.99",
+                 "--max-draws", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "scorer: device cpu, dtype float32, backend torch, micro_batch None" in out
+    assert "split-half overlap" in out and "relative SE" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 5]
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[2] == "4" for r in rows)  # draws added up to max_draws
+    text = report.read_text()
+    assert "## Stability" in text and "| 2 | 0.2000 | 4 |" in text
