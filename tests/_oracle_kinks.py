@@ -57,16 +57,16 @@ class _ReluGates(TorchFunctionMode):
             return func(*args, **kwargs)
         a = args[0]
         call, self.calls = self.calls, self.calls + 1
-        out = torch.relu(a)
         if self.flips is None:
             value = a.detach().double().clone()
             self.inputs.append(value)
             near = value.abs() < KINK_DELTA * value.pow(2).mean().sqrt()
             self.at_kink.append(near if near.any() else None)
-            return out
+            return func(*args, **kwargs)
         flip = self.flips[call]
         if flip is None:
-            return out
+            return func(*args, **kwargs)
+        out = torch.relu(a)  # the oracle's models use the returned value, in-place ReLU or not
         gate = (a.detach() > 0).to(a.dtype)
         flipped = torch.where(flip, 1 - gate, gate)
         return out + (flipped - gate) * (a - a.detach())  # same values, flipped gradient gate
