@@ -39,7 +39,7 @@ __host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
 __device__ __forceinline__ int bit_length(ull x) { return x == 0 ? 0 : 64 - __clzll(x); }
 
 template <typename Bits>
-__global__ void sample_kernel(const typename Bits::key_t* __restrict__ s, const bool* __restrict__ m,
+__global__ void __launch_bounds__(kThreads) sample_kernel(const typename Bits::key_t* __restrict__ s, const bool* __restrict__ m,
                               int64_t n, ull* __restrict__ ws) {
   using Key = typename Bits::key_t;
   const uint64_t j = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -56,7 +56,7 @@ __global__ void sample_kernel(const typename Bits::key_t* __restrict__ s, const 
 
 // One block of kSelThreads: thread t owns the 64 sample bins starting from the top at 64 t.
 template <typename Bits>
-__global__ void bracket_kernel(ull* __restrict__ ws, int64_t n, int64_t n_keep) {
+__global__ void __launch_bounds__(kSelThreads) bracket_kernel(ull* __restrict__ ws, int64_t n, int64_t n_keep) {
   using Key = typename Bits::key_t;
   constexpr int kPer = kSampleBins / kSelThreads;
   constexpr int kShift = Bits::kBits - 16;

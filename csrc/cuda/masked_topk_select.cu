@@ -34,7 +34,7 @@ __device__ __forceinline__ bool settled(const ull* ws, int64_t n_keep, int64_t c
 }
 
 template <typename Bits>
-__global__ void cand_hist_kernel(ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
+__global__ void __launch_bounds__(kSelThreads) cand_hist_kernel(ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
                                  int64_t n_keep, int64_t cap) {
   using Key = typename Bits::key_t;
   __shared__ unsigned int hist[kCandBins];
@@ -103,7 +103,7 @@ __global__ void cand_hist_kernel(ull* __restrict__ ws, const typename Bits::key_
 }
 
 template <typename Bits>
-__global__ void gather_kernel(ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
+__global__ void __launch_bounds__(kSelThreads) gather_kernel(ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
                               const int64_t* __restrict__ cidx) {
   using Key = typename Bits::key_t;
   if (ws[kMode] != kModeGather) return;
@@ -123,7 +123,7 @@ __global__ void gather_kernel(ull* __restrict__ ws, const typename Bits::key_t* 
 }
 
 // One block of kSelThreads: bitonic sort of the gathered (key, index) pairs, best first.
-__global__ void cut_kernel(ull* __restrict__ ws) {
+__global__ void __launch_bounds__(kSelThreads) cut_kernel(ull* __restrict__ ws) {
   __shared__ ull key[kGatherCap];
   __shared__ ull idx[kGatherCap];
   if (ws[kMode] != kModeGather) return;
@@ -163,7 +163,7 @@ __global__ void cut_kernel(ull* __restrict__ ws) {
 }
 
 template <typename Bits>
-__global__ void fixup_kernel(const ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
+__global__ void __launch_bounds__(kSelThreads) fixup_kernel(const ull* __restrict__ ws, const typename Bits::key_t* __restrict__ ckey,
                              const int64_t* __restrict__ cidx, bool* out) {
   using Key = typename Bits::key_t;
   if (ws[kMode] != kModeCut) return;
