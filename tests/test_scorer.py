@@ -223,21 +223,25 @@ def test_cuda_graph_replays_equal_eager_draws():
 _NARROW = r'''
 import os, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-if sys.argv[2] == "triton":
+device = "cpu"
+if sys.argv[2] == "triton" and torch.cuda.is_available():
+    device = "cuda"  # the compiled Triton path
+elif sys.argv[2] == "triton":
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["NTKSAP_FAST_BACKEND"] = "triton"
 from ntksap_fast import ntk_sap_scores
 from ntksap_fast.models import CifarResNet
 torch.manual_seed(0)
 model = CifarResNet(8, width=4)
-scores = ntk_sap_scores(model, (3, 16, 16), draws=2, batch_size=8)
-torch.save(scores, sys.argv[3])
+scores = ntk_sap_scores(model, (3, 16, 16), draws=2, batch_size=8, device=device, allow_tf32=False)
+torch.save({n: v.cpu() for n, v in scores.items()}, sys.argv[3])
 '''
 
 
 def test_width4_resnet_runs_and_both_paths_agree(tmp_path):
     """oneDNN issue 6035 (strided 1x1 convolutions with < 16 input channels, channels-last) crashed,
-    hung or gave wrong shortcut gradients on this ResNet; the engine guards those convolutions."""
+    hung or gave wrong shortcut gradients on this ResNet; the engine guards those convolutions.
+    The Triton case runs under the interpreter without a GPU and compiled on CUDA with one."""
     import subprocess
     import sys
 
