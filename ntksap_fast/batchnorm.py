@@ -8,10 +8,9 @@ instead of the module's running buffers, which are never read or written:
   (no gradient; ``batch_stats`` or the statistics function given, e.g. the Triton
   ``clean_stats``), keep them, normalise with them (the clean branch);
 * ``replay``: normalise with the statistics kept for the same call, in call order (the perturbed
-  branch, and both branches of a micro-batched draw);
-* ``frontier``: hand the call's input to a callback that returns the statistics to use (the exact
-  micro-batch pre-pass of ``ntksap_fast.prepass``: the callback folds this micro-batch into the
-  whole draw's running sums and waits until every micro-batch has reached the same call).
+  branch, and both branches of a micro-batched draw, whose statistics come from a no-grad
+  ``record`` forward of the whole draw). ``check_replayed()`` after the forward refuses a model
+  that made fewer calls than were recorded.
 """
 from __future__ import annotations
 
@@ -21,43 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CleanStatsBatchNorm", "StatsAccumulator", "batch_stats"]
+__all__ = ["CleanStatsBatchNorm", "batch_stats"]
 
 #: ``x (B, C, *spatial) -> (mean, unbiased var)``, each ``(C,)``, computed without gradient.
 StatsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-#: ``(call index, x) -> (mean, unbiased var)``: the ``frontier`` mode's callback.
-FrontierFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class StatsAccumulator:
-    """Exact running per-channel mean and variance over micro-batches (Chan et al.), float64."""
-
-    def __init__(self) -> None:
-        self.count = 0  # values per channel so far
-        self.adds = 0  # batches added so far
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        """Folds ``x`` ``(B, C, *spatial)`` into the per-channel sums."""
-        self.adds += 1
-        dims = [d for d in range(x.dim()) if d != 1]
-        n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach().double(), dims, correction=0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, var * n
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta.square() * (self.count * n / total)
-        self.count = total
-
-    def finish(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, unbiased variance) in ``dtype``."""
-        assert self.mean is not None and self.m2 is not None
-        var = self.m2 / (self.count - 1) if self.count > 1 else torch.full_like(self.m2, float("nan"))
-        return self.mean.to(dtype), var.to(dtype)
 
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,28 +46,33 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(out_dtype), var.to(out_dtype)
 
 
+_DIFFER = ("the model's BatchNorm calls differ between passes of one draw; "
+           "NTK-SAP needs a forward that does the same computation every call")
+
+
 class CleanStatsBatchNorm(TorchFunctionMode):
-    """Intercepts ``F.batch_norm``; see the module docstring for the three modes.
+    """Intercepts ``F.batch_norm``; see the module docstring for the two modes.
 
     Args:
         stats: list of ``(mean, var)`` per BatchNorm call, shared between the branches of a draw.
-        mode: ``"record"``, ``"replay"`` or ``"frontier"``.
+        mode: ``"record"`` or ``"replay"``.
         stats_fn: the statistics of ``record`` mode (default ``batch_stats``).
-        frontier: the callback of ``frontier`` mode.
     """
 
     def __init__(self, stats: list[tuple[torch.Tensor, torch.Tensor]], mode: str,
-                 stats_fn: StatsFn = batch_stats, frontier: FrontierFn | None = None) -> None:
+                 stats_fn: StatsFn = batch_stats) -> None:
         super().__init__()
-        if mode not in ("record", "replay", "frontier"):
-            raise ValueError(f"mode must be record, replay or frontier, got {mode!r}")
-        if mode == "frontier" and frontier is None:
-            raise ValueError("frontier mode needs a frontier callback")
+        if mode not in ("record", "replay"):
+            raise ValueError(f"mode must be record or replay, got {mode!r}")
         self.stats = stats
         self.mode = mode
         self.stats_fn = stats_fn
-        self.frontier = frontier
         self.calls = 0
+
+    def check_replayed(self) -> None:
+        """After a ``replay`` forward: ``RuntimeError`` unless it used every recorded statistic."""
+        if self.mode == "replay" and self.calls != len(self.stats):
+            raise RuntimeError(_DIFFER)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,15 +87,10 @@ class CleanStatsBatchNorm(TorchFunctionMode):
         if self.mode == "record":
             mean, var = self.stats_fn(input.detach())
             self.stats.append((mean, var))
-        elif self.mode == "frontier":
-            mean, var = self.frontier(index, input.detach())  # type: ignore[misc]
         elif index < len(self.stats):
             mean, var = self.stats[index]
         else:
-            raise RuntimeError("replay saw more BatchNorm calls than the clean pass recorded")
+            raise RuntimeError(_DIFFER)
         if mean.shape[0] != input.shape[1]:
-            raise RuntimeError(
-                "the model's BatchNorm calls differ between passes of one draw; "
-                "NTK-SAP needs a forward that does the same computation every call"
-            )
+            raise RuntimeError(_DIFFER)
         return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)

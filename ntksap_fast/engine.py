@@ -10,9 +10,10 @@ backward gives ``g_c, g_p``. Then
     dL/dm = theta * g_c + (theta + eps * z) * g_p = theta * (g_c + g_p) + eps * z * g_p,
 
 accumulated over draws into one flat vector ``G``. A draw larger than ``micro_batch`` inputs gets
-its BatchNorm statistics from the exact frontier pre-pass (``ntksap_fast.prepass``, one no-grad
-forward in all), then micro-batches run both branches with them: ``G`` does not depend on the
-micro-batch size beyond float summation order. On CUDA, whole draws can be captured once per draw
+its BatchNorm statistics from one no-grad clean forward of the whole draw (it keeps no activations
+for a backward, so its memory is a few of one layer's activations of the draw, far below a gradient
+pass), then micro-batches run both branches with them: ``G`` does not depend on the micro-batch
+size beyond float summation order. On CUDA, whole draws can be captured once per draw
 size in a CUDA graph (``ntksap_fast.graphs``) and replayed with new counters.
 
 What differs between the PyTorch path and the Triton path sits behind a backend
@@ -34,7 +35,6 @@ from .backend import Backend, DrawStats, make_backend
 from .batchnorm import CleanStatsBatchNorm
 from .conv_guard import ConvGuard
 from .graphs import DrawGraphs
-from .prepass import frontier_stats
 
 __all__ = ["EngineConfig", "Engine", "preserved_state", "OutputFn"]
 
@@ -253,18 +253,21 @@ class Engine:
             return range(i * micro, min((i + 1) * micro, batch_size))
 
         stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if n_micro > 1:
-            with forward.bound(clean):
-                stats_bn = frontier_stats(
-                    lambda i, bn: forward.run(backend.inputs(0, self.input_shape, rows(i)), bn),
-                    n_micro, self.config.param_dtype)
+        if n_micro > 1:  # the whole draw's statistics first
+            with forward.bound(clean), torch.no_grad():
+                forward.run(backend.inputs(0, self.input_shape, range(batch_size)),
+                            CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
         leaves = [*clean.values(), *pert.values()]
         g_flat = torch.empty(2, arena.numel, dtype=sampled.w_clean.dtype, device=sampled.w_clean.device)
         for i in range(n_micro):
             x = backend.inputs(0, self.input_shape, rows(i))
-            mode = "record" if n_micro == 1 else "replay"
-            out_clean = forward(clean, x, CleanStatsBatchNorm(stats_bn, mode, stats_fn=backend.batch_stats))
-            out_pert = forward(pert, x, CleanStatsBatchNorm(stats_bn, "replay"))
+            bn_clean = CleanStatsBatchNorm(stats_bn, "record" if n_micro == 1 else "replay",
+                                           stats_fn=backend.batch_stats)
+            out_clean = forward(clean, x, bn_clean)
+            bn_pert = CleanStatsBatchNorm(stats_bn, "replay")
+            out_pert = forward(pert, x, bn_pert)
+            bn_clean.check_replayed()
+            bn_pert.check_replayed()
             grads = torch.autograd.grad(backend.loss(out_clean, out_pert), leaves)
             if i == 0:
                 torch.cat([g.reshape(-1) for g in grads], out=g_flat.view(-1))
@@ -291,7 +294,9 @@ class Engine:
                          xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
             out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
-            out_pert = forward(pert_w, xs, CleanStatsBatchNorm(stats_bn, "replay"))
+            bn_pert = CleanStatsBatchNorm(stats_bn, "replay")
+            out_pert = forward(pert_w, xs, bn_pert)
+            bn_pert.check_replayed()
             return out_clean, out_pert
 
         loss = backend.loss(*torch.func.vmap(draw_outputs)(clean, pert, x))

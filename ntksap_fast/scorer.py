@@ -102,6 +102,7 @@ class NtkSapScorer:
         self.arena = Arena(model, params)
         device = args.resolve_device(model, device)
         dtype = args.resolve_dtype(dtype)
+        args.warn_slow_dtype(device, dtype)
         if micro_batch is not None:
             micro_batch = args.check_int("micro_batch", micro_batch)
         draw_batch = 1 if draw_batch is None else args.check_int("draw_batch", draw_batch)

@@ -1,6 +1,8 @@
 """The session object: reuse, micro-batching, the memory plan, the precision policy, outputs."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -84,8 +86,8 @@ def test_micro_batches_equal_the_whole_draw_with_one_extra_forward(micro_batch):
         h.remove()
     assert_float32_close(micro, whole)
     inputs = 16 + 13
-    # Whole draws: the input-shape check (2 samples) + both branches. Micro-batched: the frontier
-    # pre-pass adds at most one no-grad forward of each draw (not one per BatchNorm layer).
+    # Whole draws: the input-shape check (2 samples) + both branches. Micro-batched: the statistics
+    # forward adds one no-grad forward of each draw that is split (not one per BatchNorm layer).
     assert all(c == 2 + 2 * inputs for c in whole_counts)
     extra = [m - w for m, w in zip(counts, whole_counts)]
     assert all(e <= inputs for e in extra), extra
@@ -93,7 +95,8 @@ def test_micro_batches_equal_the_whole_draw_with_one_extra_forward(micro_batch):
         assert all(e == inputs for e in extra), extra
 
 
-def test_frontier_prepass_refuses_a_model_whose_batchnorm_calls_vary():
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_a_model_whose_batchnorm_calls_vary_is_refused(micro_batch):
     class Flaky(nn.Module):
         def __init__(self):
             super().__init__()
@@ -106,8 +109,9 @@ def test_frontier_prepass_refuses_a_model_whose_batchnorm_calls_vary():
             h = self.fc(x)
             return self.bn(h) if self.calls % 3 else h  # skips its BatchNorm every third forward
 
+    # the shape check is forward 1; the draw's clean forward (or statistics forward) 2; the next 3
     with pytest.raises(RuntimeError, match="BatchNorm calls differ"):
-        ntk_sap_scores(Flaky(), (4,), draws=1, batch_size=8, micro_batch=2)
+        ntk_sap_scores(Flaky(), (4,), draws=1, batch_size=8, micro_batch=micro_batch)
 
 
 def test_memory_plan_counts_what_the_caching_allocator_holds():
@@ -283,3 +287,17 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_draws():
     eager.engine.graphs = None
     want = _flat(eager.scores())
     assert ((got - want).abs().max() <= 1e-5 * want.abs().max()).item()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_without_native_bfloat16_warns(monkeypatch, native):
+    from ntksap_fast import arguments
+    monkeypatch.setattr(arguments, "cpu_has_bfloat16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        NtkSapScorer(_convnet(), (3, 8, 8), draws=1, batch_size=4, dtype=torch.bfloat16, device="cpu")
+        NtkSapScorer(_convnet(), (3, 8, 8), draws=1, batch_size=4, dtype=torch.float32, device="cpu")
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "without native bfloat16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert slow[0].filename == __file__  # points at the caller's line
