@@ -5,7 +5,8 @@ An MLP 64-256-256-10 (ReLU) is pruned at initialization by each method of
 (``ntksap_fast.apply_masks``), and evaluated on a held-out split; 3 seeds (initialisation, pruning
 randomness, training order). Writes ``results/digits_accuracy.md`` (mean +- std test accuracy) and
 ``results/digits_accuracy.png``. Runs on the CPU in a few minutes; the data ship with scikit-learn
-(no download). Run by hand: ``python examples/digits_accuracy.py`` (needs scikit-learn, matplotlib).
+(no download). Run by hand: ``python examples/digits_accuracy.py`` (needs scikit-learn and matplotlib:
+``pip install -e '.[examples]'``).
 """
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+try:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ImportError as err:  # an optional dependency: say how to get it
+    raise SystemExit("examples/digits_accuracy.py needs scikit-learn: pip install -e '.[examples]'") from err
 
 from ntksap_fast import apply_masks
 from ntksap_fast.baselines import METHODS, prune
