@@ -41,14 +41,13 @@ All compute the same selection up to ties (checked once per group before timing)
 """
 from __future__ import annotations
 
-import platform
 import statistics
-import subprocess
 import time
 
 import pytest
 import torch
 
+from _machine import cpu_name
 from ntksap_fast import topk
 
 if not topk.extension_available():
@@ -227,12 +226,7 @@ def test_topk(benchmark, model, device, density, method):
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "CPU"
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 @pytest.fixture(scope="module", autouse=True)

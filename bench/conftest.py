@@ -2,19 +2,13 @@
 
 A benchmark whose name contains ``reference``, ``research`` or ``baseline`` is its group's baseline.
 """
-import platform
-import subprocess
-
 import torch
+
+from _machine import cpu_name
 
 
 def _machine() -> str:
-    try:
-        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
