@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["check_int", "check_float", "check_epsilon", "check_seed", "check_density", "resolve_input_shape",
-           "batch_sizes", "resolve_device", "resolve_dtype", "warn_slow_dtype", "cpu_has_bfloat16", "DTYPES"]
+           "batch_sizes", "resolve_device", "resolve_dtype", "warn_slow_dtype", "cpu_has_bfloat16", "user_stacklevel", "DTYPES"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -112,6 +114,16 @@ def cpu_has_bfloat16() -> bool:
         return True
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that points
+    at the first frame outside the package (the user's line, whichever entry point they used)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_slow_dtype(device: torch.device, dtype: torch.dtype) -> None:
     """A ``RuntimeWarning`` when bfloat16 on this CPU would be slower than float32, not faster.
 
@@ -122,4 +134,4 @@ def warn_slow_dtype(device: torch.device, dtype: torch.dtype) -> None:
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bfloat16():
         warnings.warn("dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
                       "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
-                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=3)
+                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=user_stacklevel())

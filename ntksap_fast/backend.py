@@ -35,6 +35,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .arena import Arena
+from .arguments import user_stacklevel
 from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream
@@ -78,7 +79,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     if not _triton_installed():
         if not _warned_no_triton:
             warnings.warn("triton is not installed: CUDA tensors use the PyTorch path (slower)", RuntimeWarning,
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
             _warned_no_triton = True
         return "torch"
     return "triton"
