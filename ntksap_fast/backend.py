@@ -40,7 +40,7 @@ from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream
 
-__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "make_backend", "Sampled", "DrawStats", "Backend",
+__all__ = ["ENV_VAR", "BACKENDS", "check_interpreter", "resolve_backend", "make_backend", "Sampled", "DrawStats", "Backend",
            "TorchBackend", "TritonBackend"]
 
 ENV_VAR = "NTKSAP_FAST_BACKEND"
@@ -50,6 +50,24 @@ _warned_no_triton = False
 
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def check_interpreter() -> None:
+    """``RuntimeError`` when Triton's interpreter cannot run the kernels here.
+
+    The interpreter of triton 3.6 and older converts loop bounds with ``int(array)``, which NumPy 2.4
+    refuses for one-element arrays ("only 0-dimensional arrays can be converted to Python
+    scalars", triton-lang/triton#9171, fixed after 3.6); every kernel with a runtime loop fails.
+    """
+    import numpy
+    import triton
+
+    old_triton = tuple(int(p) for p in triton.__version__.split(".")[:2]) <= (3, 6)
+    new_numpy = tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4)
+    if old_triton and new_numpy:
+        raise RuntimeError(f"Triton's interpreter in triton {triton.__version__} cannot run with NumPy {numpy.__version__} "
+                           "(triton-lang/triton#9171): install triton >= 3.7 or numpy < 2.4 to run the Triton "
+                           "kernels on CPU tensors")
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -73,6 +91,8 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
             raise ValueError(f"{ENV_VAR}=triton runs float32 or bfloat16, not float64; unset it for float64")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ValueError(f"{ENV_VAR}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        if device.type == "cpu":
+            check_interpreter()
         return "triton"
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402,F401  (a test dependency: without it the Triton path would go untested)
+import triton  # noqa: E402  (a test dependency: without it the Triton path would go untested)
 from torch import nn  # noqa: E402
 
 from ntksap_fast import ntk_sap_scores  # noqa: E402
@@ -165,3 +165,20 @@ def test_forced_triton_without_triton_is_an_error(monkeypatch):
     monkeypatch.setattr(backend, "_warned_no_triton", False)
     with pytest.warns(RuntimeWarning, match="triton is not installed"):
         assert resolve_backend(torch.device("cuda"), torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.5.0", True), ("3.8.0", "2.4.6", False), ("3.6.0", "2.3.5", False),
+])
+def test_interpreter_refused_where_it_cannot_run_the_kernels(monkeypatch, triton_version, numpy_version, refused):
+    import numpy
+
+    from ntksap_fast.backend import check_interpreter
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if refused:
+        with pytest.raises(RuntimeError, match=f"triton {triton_version} cannot run with NumPy {numpy_version}"):
+            check_interpreter()
+    else:
+        check_interpreter()
