@@ -37,6 +37,7 @@ namespace detail {
 namespace {
 
 constexpr int kCandBinBits = 12;
+constexpr int64_t kSampleAhead = 32;  // samples prefetched ahead
 
 inline uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -173,14 +174,36 @@ bool MaskedTopK<Bits>::bracketed(int64_t n_keep, TopKStatus& st) {
     const int t = 0, nt = 1;
 #endif
     // --- 0. Sample and bracket ---------------------------------------------------------------
-    const uint64_t n = static_cast<uint64_t>(n_);
-    for (int64_t j = n_samples * t / nt; j < n_samples * (t + 1) / nt; ++j) {
-      const uint64_t h = splitmix64(static_cast<uint64_t>(j));
-      const unsigned __int128 num =
-          static_cast<unsigned __int128>(j) * n + ((static_cast<unsigned __int128>(h) * n) >> 64);
-      const int64_t pos = static_cast<int64_t>(num >> log_s);
-      sampled[static_cast<size_t>(j)] = m_[pos];
-      sample[static_cast<size_t>(j)] = Bits::to_key(s_[pos]);
+    // Each sample is two cache misses (score and mask byte): they are prefetched kSampleAhead
+    // samples ahead so that many are in flight at once.
+    {
+      const uint64_t n = static_cast<uint64_t>(n_);
+      const Key* const s = s_;
+      const uint8_t* const m = m_;
+      Key* const sample_out = sample.data();
+      uint8_t* const sampled_out = sampled.data();
+      auto position = [n, log_s](int64_t j) {
+        const uint64_t h = splitmix64(static_cast<uint64_t>(j));
+        const unsigned __int128 num =
+            static_cast<unsigned __int128>(j) * n + ((static_cast<unsigned __int128>(h) * n) >> 64);
+        return static_cast<int64_t>(num >> log_s);
+      };
+      const int64_t j_begin = n_samples * t / nt, j_end = n_samples * (t + 1) / nt;
+      for (int64_t j = j_begin; j < std::min(j_end, j_begin + kSampleAhead); ++j) {
+        const int64_t pos = position(j);
+        __builtin_prefetch(s + pos);
+        __builtin_prefetch(m + pos);
+      }
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        if (j + kSampleAhead < j_end) {
+          const int64_t ahead = position(j + kSampleAhead);
+          __builtin_prefetch(s + ahead);
+          __builtin_prefetch(m + ahead);
+        }
+        const int64_t pos = position(j);
+        sampled_out[j] = m[pos];
+        sample_out[j] = Bits::to_key(s[pos]);
+      }
     }
 #pragma omp barrier
 #pragma omp single
@@ -223,10 +246,16 @@ bool MaskedTopK<Bits>::bracketed(int64_t n_keep, TopKStatus& st) {
       // --- 3. Fixup (or put the mask back) -----------------------------------------------------
       for (int64_t c = t; c < nc; c += nt) {
         if (next == Next::kFixup) {
-          const Key* kb = kbufs[static_cast<size_t>(c)].get();
-          const int64_t* ib = ibufs[static_cast<size_t>(c)].get();
-          for (int64_t j = 0; j < scan[static_cast<size_t>(c)].ncand; ++j)
-            if (kb[j] > cut.key || (kb[j] == cut.key && ib[j] <= cut.idx)) out_[ib[j]] = 1;
+          // Locals only: a store through uint8_t* may alias anything, so members and the
+          // vectors' contents would be reloaded after every store.
+          const Key* const kb = kbufs[static_cast<size_t>(c)].get();
+          const int64_t* const ib = ibufs[static_cast<size_t>(c)].get();
+          const int64_t ncand = scan[static_cast<size_t>(c)].ncand;
+          const Key cut_key = cut.key;
+          const int64_t cut_idx = cut.idx;
+          uint8_t* const out = out_;
+          for (int64_t j = 0; j < ncand; ++j)
+            if (kb[j] > cut_key || (kb[j] == cut_key && ib[j] <= cut_idx)) out[ib[j]] = 1;
         } else if (next != Next::kDone && in_place) {
           const uint32_t* bk = backup.get();
           for (int64_t i = ch_.begin(c); i < ch_.end(c); ++i)
