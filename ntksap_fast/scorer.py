@@ -67,8 +67,8 @@ class NtkSapScorer:
         params: prunable tensors (names or a predicate ``(name, module, param) -> bool``); default
             every Conv/Linear weight, attention input projection and recurrent weight matrix
             (``ntksap_fast.arena``).
-        device: where to compute (default the model's); dtype: float32 (default), bfloat16 (faster)
-            or float64 (for checking).
+        device: where to compute (default the model's); dtype: float32 (default), bfloat16 (faster
+            on GPUs and on CPUs with native bfloat16; a warning elsewhere) or float64 (for checking).
         micro_batch: most inputs per forward (exact: results do not depend on it); default on a GPU:
             from the memory plan (``ntksap_fast.memory``), whole draws when they fit.
         draw_batch: draws run together through ``torch.func.vmap``; default 1 (in sequence; on a
