@@ -50,13 +50,15 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: to
               bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``F.batch_norm`` in eval mode with the given statistics: ``(x - mean) / sqrt(var + eps) * w + b``.
 
-    ``x``: ``(B, C, *spatial)``; the rest ``(C,)``. float32/float64 inputs run it as one per-channel
-    multiply-add ``x * scale + shift`` (aten's eval-mode kernel folds the same two vectors), whose
-    backward is one multiply; aten's eval-mode backward is a slower kernel: a ResNet-20 CIFAR-10
-    round is 10% faster on CPU (2.57 -> 2.30 s, 2 cores). bfloat16/float16 inputs keep
-    ``F.batch_norm``, which computes in float32 inside (a bfloat16 ``scale`` would round it).
+    ``x``: ``(B, C, *spatial)``; the rest ``(C,)``. On the CPU, float32/float64 inputs run it as one
+    per-channel multiply-add ``x * scale + shift`` (aten's eval-mode kernel folds the same two
+    vectors), whose backward is one multiply; aten's eval-mode backward is a slower kernel: a
+    ResNet-20 CIFAR-10 round is 10% faster (2.57 -> 2.30 s, 2 cores). Elsewhere ``F.batch_norm``:
+    bfloat16/float16 compute in float32 inside it (a bfloat16 ``scale`` would round it), and on
+    GPUs the multiply-add's four extra per-channel kernels per call have not been measured against
+    cuDNN's BatchNorm yet.
     """
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     scale = torch.rsqrt(var.to(x.dtype) + eps)
     if weight is not None:

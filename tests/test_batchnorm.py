@@ -1,4 +1,6 @@
-"""The BatchNorm mode's arithmetic: ``normalize`` against aten's eval-mode ``F.batch_norm``."""
+"""The BatchNorm mode's arithmetic: ``normalize`` against aten's eval-mode ``F.batch_norm``.
+
+On CPU tensors float32/float64 take the multiply-add path, bfloat16 the ``F.batch_norm`` path."""
 from __future__ import annotations
 
 import pytest
