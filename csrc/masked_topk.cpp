@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cpu(const at::Tensor& scores, con
   const at::Tensor s = scores.contiguous();
   const at::Tensor m = mask.contiguous();
   at::Tensor out = at::empty({m.size(0)}, m.options());
+  detail::advise_huge_pages(out.mutable_data_ptr(), static_cast<size_t>(out.numel()));
   const TopKStatus st = masked_topk_cpu_impl(s, m, out, n_keep);
   return {out, status_tensor(st)};
 }

@@ -214,7 +214,11 @@ bool MaskedTopK<Bits>::bracketed(int64_t n_keep, TopKStatus& st) {
           cshift = std::max(0, bit_length(span) - kCandBinBits);
           nbins = static_cast<int64_t>(span >> cshift) + 1;
           hist.assign(static_cast<size_t>(nc * nbins), 0);
-          if (in_place) backup.reset(new uint32_t[static_cast<size_t>(n_ / kBlock + 1)]);
+          if (in_place) {
+            const size_t words = static_cast<size_t>(n_ / kBlock + 1);
+            backup.reset(new uint32_t[words]);
+            advise_huge_pages(backup.get(), words * sizeof(uint32_t));
+          }
           for (int64_t c = 0; c < nc; ++c) {
             kbufs[static_cast<size_t>(c)].reset(new Key[static_cast<size_t>(cap)]);
             ibufs[static_cast<size_t>(c)].reset(new int64_t[static_cast<size_t>(cap)]);

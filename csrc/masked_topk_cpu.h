@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__GNUC__)
 #define NTKSAP_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -29,6 +33,25 @@
 
 namespace ntksap_fast {
 namespace detail {
+
+// Fresh buffers of many MiB (the out-of-place op's output, the in-place op's saved mask bits)
+// are first touched by one pass: with 4 KiB pages the kernel takes a fault, and zeroes a page,
+// every 4 KiB. Where the system gives transparent huge pages on request (Linux's default
+// "madvise" mode), ask for them on the buffer's 2 MiB-aligned interior: 512x fewer faults
+// (138M entries out of place: 4.4-7.6 -> 2.6-3.2 reads of the scores). Advice only; an error
+// changes nothing.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 constexpr int kDigitBits = 16;
 constexpr int64_t kBins = int64_t(1) << kDigitBits;
