@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from _requires_ext import ext_missing
 from ntksap_fast import _ext, topk
 
 ROOT = Path(__file__).resolve().parent.parent
-EXT_OPTIONAL = os.environ.get("NTKSAP_FAST_ALLOW_NO_EXT", "0") not in ("", "0")
 
 # A tiny library with the ops' schemas that dies (SIGSEGV) where it should raise n_keep < 0,
 # as a library built with a mismatched C++ toolchain does while formatting the error message.
@@ -70,17 +70,14 @@ def cache(tmp_path, monkeypatch) -> Path:
 def built_module() -> str:
     lib = _ext._prebuilt()
     if lib is None:
-        if EXT_OPTIONAL:
-            pytest.skip("ntksap_fast._C is not built (NTKSAP_FAST_ALLOW_NO_EXT=1)")
-        pytest.fail("ntksap_fast._C is not built (set NTKSAP_FAST_ALLOW_NO_EXT=1 where expected)")
+        ext_missing("ntksap_fast._C is not built")
     return lib
 
 
 def test_the_compiled_ops_are_there():
     """CI must not pass with the compiled ops missing or refused (their tests would fall back)."""
-    if EXT_OPTIONAL:
-        pytest.skip("NTKSAP_FAST_ALLOW_NO_EXT=1")
-    assert topk.extension_available(), topk.extension_error()
+    if not topk.extension_available():
+        ext_missing(f"the compiled ops are missing or refused: {topk.extension_error()}")
     assert _ext.verify(built_module()) == (True, "")
 
 

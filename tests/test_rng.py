@@ -1,7 +1,7 @@
 """The Philox-4x32-10 twin: known-answer vectors and the counter contract."""
-import pytest
 import torch
 
+from _requires_ext import ext_missing
 from ntksap_fast.rng import Stream, normal, normal_at, philox4x32
 
 # Known-answer vectors of Random123 (Salmon et al.) for philox4x32, 10 rounds.
@@ -59,7 +59,7 @@ def test_compiled_normals_match_the_pytorch_twin(monkeypatch):
     from ntksap_fast import _ext
 
     if not (_ext.load() and _ext.has_op("philox_normal")):
-        pytest.skip(f"compiled extension unavailable: {_ext.error()}")
+        ext_missing(f"compiled philox_normal unavailable: {_ext.error()}")
     seed = (5 << 32) + 123
     idx = torch.tensor([0, 3, 4, 2**33 + 5, 10**12])
     compiled = normal(seed, 3, 7, Stream.PERTURBATION, 10007, offset=5), normal_at(seed, 3, 7, Stream.WEIGHTS, idx)

@@ -10,12 +10,12 @@ NTKSAP_FAST_ALLOW_NO_EXT=1 says that is expected.
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
 
 import pytest
 import torch
 
+from _requires_ext import ext_missing
 from ntksap_fast import _ext, topk
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -27,17 +27,12 @@ DEVICES = [
     ),
 ]
 HAVE_EXT = topk.extension_available()
-EXT_OPTIONAL = os.environ.get("NTKSAP_FAST_ALLOW_NO_EXT", "0") not in ("", "0")
 
 
 def require_ext() -> None:
     """Fails (skips only under NTKSAP_FAST_ALLOW_NO_EXT=1) when the compiled ops are missing."""
-    if HAVE_EXT:
-        return
-    msg = f"compiled extension unavailable: {topk.extension_error()}"
-    if EXT_OPTIONAL:
-        pytest.skip(msg)
-    pytest.fail(msg + " (set NTKSAP_FAST_ALLOW_NO_EXT=1 where that is expected)")
+    if not HAVE_EXT:
+        ext_missing(f"compiled extension unavailable: {topk.extension_error()}")
 
 
 @pytest.fixture
