@@ -249,18 +249,15 @@ class Engine:
         micro = min(self.config.micro_batch or batch_size, batch_size)
         n_micro = math.ceil(batch_size / micro)
 
-        def rows(i: int) -> range:
-            return range(i * micro, min((i + 1) * micro, batch_size))
-
+        inputs = backend.inputs(0, self.input_shape, range(batch_size))  # sliced per micro-batch
         stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
         if n_micro > 1:  # the whole draw's statistics first
             with forward.bound(clean), torch.no_grad():
-                forward.run(backend.inputs(0, self.input_shape, range(batch_size)),
-                            CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
+                forward.run(inputs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
         leaves = [*clean.values(), *pert.values()]
         g_flat = torch.empty(2, arena.numel, dtype=sampled.w_clean.dtype, device=sampled.w_clean.device)
         for i in range(n_micro):
-            x = backend.inputs(0, self.input_shape, rows(i))
+            x = inputs[i * micro : (i + 1) * micro]
             bn_clean = CleanStatsBatchNorm(stats_bn, "record" if n_micro == 1 else "replay",
                                            stats_fn=backend.batch_stats)
             out_clean = forward(clean, x, bn_clean)
