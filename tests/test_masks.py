@@ -12,6 +12,8 @@ from torch import nn
 
 import ntksap_fast
 from ntksap_fast.masks import Masks, apply_masks, check_mask_path, load_masks, model_fingerprint, save_masks
+from _tiny_models import CNN_SHAPE, FAST, assert_same_snapshot, default_prunable_names, snapshot, tiny_cnn
+from ntksap_fast import ntk_sap_prune
 
 
 def small_model() -> nn.Module:
@@ -214,3 +216,116 @@ def test_non_mask_content_is_a_type_error_naming_the_path(tmp_path) -> None:
     torch.save([torch.ones(2, dtype=torch.bool)], tmp_path / "list.pt")
     with pytest.raises(TypeError, match=r"list\.pt.* does not hold masks"):
         load_masks(tmp_path / "list.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# apply_masks and save/load on masks from ntk_sap_prune
+# ----------------------------------------------------------------------------------------------
+def test_apply_masks_prune_convention_and_training_keeps_zeros():
+    model = tiny_cnn(5)
+    masks = ntk_sap_prune(model, 0.3, CNN_SHAPE, iterations=2, **FAST)
+    originals = {k: p.detach().clone() for k, p in model.named_parameters()}
+    out = apply_masks(model, masks)
+    assert out is model
+    modules = dict(model.named_modules())
+    for name, m in masks.items():
+        mod = modules[name.rpartition(".")[0]]
+        assert isinstance(mod.weight_orig, nn.Parameter)
+        assert "weight_orig" in dict(mod.named_parameters(recurse=False))
+        assert "weight_mask" in dict(mod.named_buffers(recurse=False))
+        assert "weight" not in dict(mod.named_parameters(recurse=False))
+        assert torch.equal(mod.weight_orig.detach(), originals[name])
+        assert torch.equal(mod.weight_mask, m.to(mod.weight_mask.dtype))
+        assert torch.equal(mod.weight, mod.weight_orig * mod.weight_mask)
+        assert bool((mod.weight[~m] == 0).all())
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *CNN_SHAPE, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    model(x)  # recompute weight = weight_orig * mask after the step
+    changed = False
+    for name, m in masks.items():
+        mod = modules[name.rpartition(".")[0]]
+        assert bool((mod.weight[~m] == 0).all()), f"{name}: a pruned entry became non-zero"
+        assert torch.equal(mod.weight, mod.weight_orig * mod.weight_mask)
+        changed |= not torch.equal(mod.weight_orig.detach(), originals[name])
+    assert changed, "the training step changed nothing: the check above is vacuous"
+
+
+def _pruned_modules(model):
+    return [n for n, m in model.named_modules() if hasattr(m, "weight_orig") or hasattr(m, "weight_mask")]
+
+
+def test_apply_masks_bad_masks_leave_model_unchanged():
+    model = tiny_cnn(0)
+    params = dict(model.named_parameters())
+    good = {k: torch.rand(params[k].shape) < 0.5 for k in default_prunable_names(model)}
+    # A good mask first so an implementation that prunes as it goes would be caught.
+    cases = [
+        (ValueError, dict(good, **{"nope.weight": torch.ones(2, 2, dtype=torch.bool)})),
+        (ValueError, dict(good, **{"conv9.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)})),
+        (ValueError, dict(good, **{"fc.weight": torch.ones(5, 9, dtype=torch.bool)})),
+        (ValueError, dict(good, **{"conv2.weight": torch.ones(8, 4, 3, 3, dtype=torch.bool)})),
+        (TypeError, dict(good, **{"fc.weight": torch.ones(params["fc.weight"].shape)})),
+        (TypeError, dict(good, **{"fc.weight": torch.ones(params["fc.weight"].shape, dtype=torch.uint8)})),
+    ]
+    for exc, bad in cases:
+        before = snapshot(model)
+        keys_before = list(model.state_dict())
+        with pytest.raises(exc):
+            apply_masks(model, bad)
+        assert _pruned_modules(model) == []
+        assert list(model.state_dict()) == keys_before
+        assert_same_snapshot(before, model)
+    with pytest.raises(TypeError):
+        apply_masks(model, [good])
+    assert _pruned_modules(model) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_round_trip(tmp_path, suffix):
+    model = tiny_cnn(0)
+    masks = ntk_sap_prune(model, 0.25, CNN_SHAPE, iterations=2, **FAST)
+    path = tmp_path / f"masks{suffix}"
+    save_masks(masks, path)
+    assert path.is_file()
+    loaded = load_masks(path)
+    assert set(loaded) == set(masks)
+    for k, v in masks.items():
+        assert loaded[k].dtype == torch.bool
+        assert loaded[k].shape == v.shape
+        assert torch.equal(loaded[k], v.cpu())
+    loaded_str = load_masks(str(path))
+    assert all(torch.equal(loaded_str[k], loaded[k]) for k in masks)
+    # The loaded masks are usable.
+    apply_masks(model, loaded)
+    assert sorted(_pruned_modules(model)) == sorted(k.rpartition(".")[0] for k in masks)
+
+
+def test_load_masks_rejects_non_bool_and_missing(tmp_path):
+    pt = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.ones(2, 3), "conv.weight": torch.ones(2, dtype=torch.bool)}, pt)
+    with pytest.raises(TypeError):
+        load_masks(pt)
+    from safetensors.torch import save_file
+
+    st = tmp_path / "bad.safetensors"
+    save_file({"fc.weight": torch.ones(2, 3, dtype=torch.uint8)}, str(st))
+    with pytest.raises(TypeError):
+        load_masks(st)
+    with pytest.raises(ValueError):
+        load_masks(tmp_path / "missing.pt")
+    with pytest.raises(ValueError):
+        load_masks(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError):
+        save_masks({"fc.weight": torch.ones(2, 3)}, tmp_path / "x.pt")

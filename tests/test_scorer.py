@@ -9,11 +9,8 @@ from torch import nn
 
 from _tolerances import assert_float32_close
 from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
-from ntksap_fast import memory
 from ntksap_fast.models import CifarResNet
 from ntksap_fast.scorer import tf32_policy
-
-GIB = 2**30
 
 
 def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -112,22 +109,6 @@ def test_a_model_whose_batchnorm_calls_vary_is_refused(micro_batch):
     # the shape check is forward 1; the draw's clean forward (or statistics forward) 2; the next 3
     with pytest.raises(RuntimeError, match="BatchNorm calls differ"):
         ntk_sap_scores(Flaky(), (4,), draws=1, batch_size=8, micro_batch=micro_batch)
-
-
-def test_memory_plan_counts_what_the_caching_allocator_holds():
-    assert memory.usable_bytes(free=10 * GIB, reserved=30 * GIB, allocated=5 * GIB) == 35 * GIB
-    assert memory.usable_bytes(free=10 * GIB, reserved=5 * GIB, allocated=5 * GIB) == 10 * GIB
-    # After earlier GPU work the allocator holds 40 GiB unused and the driver reports 30 GiB free:
-    # a 256-input draw of 0.16 GiB per input (41 GiB) fits whole; from free bytes alone it would not.
-    usable = memory.usable_bytes(free=30 * GIB, reserved=42 * GIB, allocated=2 * GIB)
-    assert memory.plan(usable, 0.16 * GIB, GIB, 256).micro_batch is None
-    assert memory.plan(30 * GIB, 0.15 * GIB, GIB, 256).micro_batch == 133  # floor((0.7 * 30 - 1) / 0.15)
-    assert memory.plan(GIB, 2 * GIB, 0, 64).micro_batch == 1  # never below one input
-    assert memory.plan(GIB, 0, 0, 64).micro_batch is None  # nothing measured: whole draws
-    # graphs only for draws well inside the usable memory
-    assert memory.plan(80 * GIB, 0.01 * GIB, 0, 100).graphs
-    assert not memory.plan(80 * GIB, 0.16 * GIB, GIB, 256).graphs
-    assert not memory.plan(GIB, 2 * GIB, 0, 64).graphs
 
 
 def test_tf32_flags_are_set_for_the_call_and_restored_also_on_error():
