@@ -58,7 +58,7 @@ def _child(case: str, dtype_name: str, smoke: bool) -> dict:
     preset = PRESETS["cifar10" if case == "cifar10-prune" else "imagenet"]
     torch.manual_seed(0)
     model = build_model(preset.model, preset.num_classes).to(device)
-    kwargs = dict(input_shape=preset.input_shape, draws=preset.draws, batch_size=preset.batch_size, device=device,
+    kwargs = dict(input_shape=preset.input_shape, draws=preset.options.draws, batch_size=preset.options.batch_size, device=device,
                   dtype=dtype)
     iterations = preset.iterations
     if case == "resnet50-8x256":

@@ -87,7 +87,7 @@ class Setting:
         self.name = name
         self.model_name = preset.model
         self.num_classes = preset.num_classes
-        sizes = [preset.batch_size] * preset.draws if isinstance(preset.batch_size, int) else list(preset.batch_size)
+        sizes = preset.options.batch_sizes()
         self.shape = tuple(preset.input_shape)
         if SMOKE:
             sizes = [2, 2]

@@ -4,15 +4,16 @@
     masks = ntk_sap_prune(model, density=0.05, input_shape=(3, 32, 32))
     apply_masks(model, masks)
 """
-from .api import ntk_sap_prune, ntk_sap_scores
+from .arena import register_layer
 from .baselines import prune
 from .masks import apply_masks, load_masks, mask_density, save_masks
 from .presets import PRESETS, Preset
 from .schedule import density_schedule, keep_count
-from .scorer import NtkSapScorer
+from .options import ScorerOptions
+from .scorer import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 
 __all__ = [
     "NtkSapScorer", "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
-    "density_schedule", "keep_count", "PRESETS", "Preset",
+    "density_schedule", "keep_count", "PRESETS", "Preset", "ScorerOptions", "register_layer",
 ]
 __version__ = "0.1.0"

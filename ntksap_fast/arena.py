@@ -30,8 +30,19 @@ exactly as a ``Linear(E, 3E)`` ``qkv`` layer (Swin's, timm's) or three ``Linear(
 ``weight_ih`` as the ``Linear`` an unrolled RNN cell would use. The ReLU gain is kept where no ReLU
 follows (softmax attention, sigmoid/tanh gates), as the paper keeps it for its classifier layer.
 
+* Layer types of other libraries or of the user: ``register_layer`` declares which of a type's
+  tensors are prunable and their fan-in. Built in: Hugging Face GPT-2's ``Conv1D``, whose weight is
+  stored ``(in, out)`` (``x @ W``), so ``fan_in = shape[0]``.
+
 Biases, normalisation parameters, embeddings and every other parameter are not pruned by default
 and keep the model's values during scoring.
+
+**Models that carry masks.** ``torch.nn.utils.prune`` (and ``apply_masks``) turns ``weight`` into
+a parameter ``weight_orig`` times a buffer ``weight_mask``, recomputed by a forward pre-hook. The
+arena keeps the public name (``layer.weight``: masks, scores and files use it), binds the sampled
+weights to ``weight_orig`` (the hook's product with ``weight_mask`` then changes nothing: the
+sampled weights are already zero where the mask is), and ``start_mask`` reads the existing masks:
+those entries start pruned and stay pruned.
 """
 from __future__ import annotations
 
@@ -42,42 +53,103 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
-__all__ = ["Slot", "Arena", "ParamSelector", "default_prunable"]
+__all__ = ["Slot", "Arena", "ParamSelector", "LayerRule", "register_layer", "default_prunable"]
 
 #: Selects prunable tensors: parameter names, or a predicate ``(name, module, param) -> bool``
-#: where ``name`` is the full parameter name and ``module`` the module owning it.
+#: where ``name`` is the full (public) parameter name and ``module`` the module owning it.
 ParamSelector = Iterable[str] | Callable[[str, nn.Module, nn.Parameter], bool]
+#: ``fan_in(local_name, shape) -> int``: the inputs one output entry of the tensor sums over.
+FanIn = Callable[[str, torch.Size], int]
 
-_WEIGHT_OWNERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_ATTENTION_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+
+def shape_fan_in(local_name: str, shape: torch.Size) -> int:
+    """The default fan-in, ``shape[1] * prod(shape[2:])`` (PyTorch's ``(out, in, *kernel)`` layout)."""
+    if len(shape) < 2:
+        raise ValueError(f"a prunable tensor needs at least 2 dimensions for its fan-in, got shape {tuple(shape)} "
+                         f"for {local_name!r}")
+    return int(shape[1]) * math.prod(int(s) for s in shape[2:])
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a layer type is pruned: which of its own tensors by default, and their fan-in.
+
+    Attributes:
+        prunable: local parameter name (``"weight"``) -> pruned by default.
+        fan_in: ``(local_name, shape) -> fan_in``; it sets the sampling spread ``sqrt(2 / fan_in)``.
+    """
+
+    prunable: Callable[[str], bool]
+    fan_in: FanIn = shape_fan_in
+
+
+_RULES: dict[type | str, LayerRule] = {}
+
+
+def register_layer(layer: type | str, prunable: Iterable[str] | Callable[[str], bool] = ("weight",),
+                   fan_in: FanIn | None = None) -> None:
+    """Declares how NTK-SAP prunes a layer type (also subclasses; the most derived registration wins).
+
+    Args:
+        layer: the ``nn.Module`` subclass, or its ``"module.QualName"`` (for a class of a package that
+            need not be imported, e.g. ``"transformers.pytorch_utils.Conv1D"``).
+        prunable: the local names of its default prunable tensors, or a predicate on the local name.
+        fan_in: ``(local_name, shape) -> int``; default ``shape[1] * prod(shape[2:])``.
+
+    Example, a layer storing its weight as ``(in, out)``::
+
+        register_layer(MyDense, prunable=("kernel",), fan_in=lambda name, shape: shape[0])
+    """
+    if not (isinstance(layer, str) or (isinstance(layer, type) and issubclass(layer, nn.Module))):
+        raise TypeError(f"layer must be an nn.Module subclass or its 'module.QualName', got {layer!r}")
+    if callable(prunable):
+        is_prunable = prunable
+    elif isinstance(prunable, str):
+        raise TypeError("prunable must be a list of local tensor names or a predicate, not a single string")
+    else:
+        names = frozenset(prunable)
+        is_prunable = names.__contains__
+    if fan_in is not None and not callable(fan_in):
+        raise TypeError(f"fan_in must be a callable (local_name, shape) -> int, got {type(fan_in).__name__}")
+    _RULES[layer] = LayerRule(is_prunable, fan_in or shape_fan_in)
+
+
+def layer_rule(module: nn.Module) -> LayerRule | None:
+    """The registered rule of ``module``'s type or its nearest registered base class, or None."""
+    for cls in type(module).__mro__:
+        rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule
+    return None
+
+
 #: ``weight_ih_l0``, ``weight_hh_l1_reverse``, ``weight_hr_l0`` (LSTM projection); not ``bias_*``.
 _RECURRENT_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?")
+for _layer in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+    register_layer(_layer)
+register_layer(nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
+register_layer(nn.RNNBase, lambda local: _RECURRENT_WEIGHT.fullmatch(local) is not None)
+register_layer("transformers.pytorch_utils.Conv1D", fan_in=lambda local, shape: int(shape[0]))
 
 
 def default_prunable(name: str, module: nn.Module, param: nn.Parameter) -> bool:
-    """The default prunable set (module docstring): the ``weight`` of Conv1d/2d/3d and Linear, the
-    input projections of ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``)
-    and the weight matrices of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (``weight_ih_l*``,
-    ``weight_hh_l*``, ``weight_hr_l*``, ``_reverse`` included). ``name`` is the full parameter name,
-    ``module`` the module owning it; ``param`` is not looked at."""
-    local = name.rsplit(".", 1)[-1]
-    if isinstance(module, _WEIGHT_OWNERS):
-        return local == "weight"
-    if isinstance(module, nn.MultiheadAttention):
-        return local in _ATTENTION_WEIGHTS
-    if isinstance(module, nn.RNNBase):
-        return _RECURRENT_WEIGHT.fullmatch(local) is not None
-    return False
+    """The default prunable set (module docstring): what ``register_layer`` declared for the type of
+    ``module`` (the module owning the tensor; ``name`` its full public name, ``param`` unused)."""
+    rule = layer_rule(module)
+    return rule is not None and rule.prunable(name.rsplit(".", 1)[-1])
 
 
 @dataclass(frozen=True)
 class Slot:
     """One prunable tensor's place in the arena.
 
-    ``std = sqrt(2 / fan_in)`` is the Kaiming-normal (fan-in, ReLU gain) standard deviation of its
-    sampled weights, ``fan_in = shape[1] * prod(shape[2:])`` (for each kind, see the module docstring).
-    ``shape`` is the tensor's shape, ``offset``/``numel`` its flat index range.
+    ``name`` is the public name (``layer.weight``, also for a model carrying ``torch.nn.utils.prune``
+    masks), ``param`` the parameter holding its values (``layer.weight_orig`` there, else ``name``)
+    and ``mask`` the buffer of its existing mask (``layer.weight_mask``) or None. ``std =
+    sqrt(2 / fan_in)`` is the Kaiming-normal (fan-in, ReLU gain) standard deviation of its sampled
+    weights. ``shape`` is the tensor's shape, ``offset``/``numel`` its flat index range.
     """
 
     name: str
@@ -86,19 +158,32 @@ class Slot:
     numel: int
     fan_in: int
     std: float
+    param: str
+    mask: str | None
 
     @property
     def stop(self) -> int:
         return self.offset + self.numel
 
 
-def _fan_in(name: str, shape: torch.Size) -> int:
-    if len(shape) < 2:
-        raise ValueError(
-            f"params: prunable tensor {name!r} has shape {tuple(shape)}; NTK-SAP samples weights with "
-            "fan_in = shape[1] * prod(kernel dims), which needs at least 2 dimensions"
-        )
-    return int(shape[1]) * math.prod(int(s) for s in shape[2:])
+def _public_names(model: nn.Module) -> dict[str, tuple[str, str | None, nn.Module]]:
+    """``{parameter path: (public name, mask buffer path or None, owning module)}`` for every parameter.
+
+    A tensor reparametrised by ``torch.nn.utils.prune`` (``<t>_orig`` times ``<t>_mask``) is known by
+    its public name ``<t>``.
+    """
+    out = {}
+    for module_name, module in model.named_modules(remove_duplicate=True):
+        prefix = f"{module_name}." if module_name else ""
+        pruned = {hook._tensor_name for hook in module._forward_pre_hooks.values()
+                  if isinstance(hook, prune.BasePruningMethod)}
+        for local, _ in module.named_parameters(recurse=False):
+            base = local[: -len("_orig")] if local.endswith("_orig") else None
+            if base in pruned:
+                out[prefix + local] = (prefix + base, f"{prefix}{base}_mask", module)
+            else:
+                out[prefix + local] = (prefix + local, None, module)
+    return out
 
 
 class Arena:
@@ -112,15 +197,12 @@ class Arena:
     def __init__(self, model: nn.Module, params: ParamSelector | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        owners = {}
-        for module_name, module in model.named_modules(remove_duplicate=True):
-            for pname, p in module.named_parameters(recurse=False):
-                owners[f"{module_name}.{pname}" if module_name else pname] = module
-        named = dict(model.named_parameters())
+        public = _public_names(model)
+        named = {public[path][0]: (path, p) for path, p in model.named_parameters() if path in public}
         if params is None:
-            selected = [n for n, p in named.items() if default_prunable(n, owners[n], p)]
+            selected = [n for n, (path, p) in named.items() if default_prunable(n, public[path][2], p)]
         elif callable(params):
-            selected = [n for n, p in named.items() if params(n, owners[n], p)]
+            selected = [n for n, (path, p) in named.items() if params(n, public[path][2], p)]
         elif isinstance(params, str):
             raise TypeError("params must be a list of parameter names or a predicate, not a single string")
         else:
@@ -136,19 +218,48 @@ class Arena:
         if not selected:
             raise ValueError(
                 "model has nothing to prune: no Conv1d/2d/3d or Linear weight, MultiheadAttention input "
-                "projection or LSTM/GRU/RNN weight found; pass params= to name the tensors"
+                "projection, LSTM/GRU/RNN weight or registered layer type (ntksap_fast.register_layer) found; "
+                "pass params= to name the tensors"
                 if params is None else "params selected no parameter of the model"
             )
         slots, offset = [], 0
         for n in selected:
-            shape = named[n].shape
-            fan_in = _fan_in(n, shape)
-            numel = named[n].numel()
-            slots.append(Slot(n, shape, offset, numel, fan_in, math.sqrt(2.0 / fan_in)))
-            offset += numel
+            path, p = named[n]
+            _, mask, module = public[path]
+            rule = layer_rule(module)
+            local = n.rsplit(".", 1)[-1]
+            try:
+                fan_in = int((rule.fan_in if rule is not None else shape_fan_in)(local, p.shape))
+            except ValueError as err:
+                raise ValueError(f"params: prunable tensor {n!r}: {err}; NTK-SAP samples weights from "
+                                 "N(0, 2 / fan_in)") from err
+            if fan_in < 1:
+                raise ValueError(f"the fan-in of {n!r} must be >= 1, got {fan_in} (see register_layer)")
+            slots.append(Slot(n, p.shape, offset, p.numel(), fan_in, math.sqrt(2.0 / fan_in), path, mask))
+            offset += p.numel()
         self.slots: tuple[Slot, ...] = tuple(slots)
         self.numel: int = offset
         self._by_name = {s.name: s for s in self.slots}
+
+    @property
+    def params(self) -> list[str]:
+        """The parameter paths holding the prunable values (``weight_orig`` where masks are applied)."""
+        return [s.param for s in self.slots]
+
+    def values(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``{public name: the model's parameter}`` (for a masked tensor its ``_orig``, unmasked)."""
+        named = dict(model.named_parameters())
+        return {s.name: named[s.param] for s in self.slots}
+
+    def start_mask(self, model: nn.Module, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Flat bool ``(N,)``: False where the model already carries a ``torch.nn.utils.prune`` mask
+        that prunes the entry, True elsewhere."""
+        flat = torch.ones(self.numel, dtype=torch.bool, device=device)
+        buffers = dict(model.named_buffers())
+        for s in self.slots:
+            if s.mask is not None:
+                flat[s.offset : s.stop] = buffers[s.mask].detach().reshape(-1).to(device) != 0
+        return flat
 
     @property
     def names(self) -> list[str]:

@@ -27,19 +27,20 @@ run it through ``torch.func.functional_call`` with detached copies of its tensor
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .arena import Arena, ParamSelector
-from .arguments import resolve_input_shape
-from .engine import OutputFn, preserved_state
-from .schedule import SCHEDULES, density_schedule, keep_count
+from .arguments import resolve_device, resolve_input_shape
+from .engine import Forward, preserved_state
 from .masks import Masks
+from .options import OutputFn, ScorerOptions
+from .schedule import SCHEDULES, density_schedule, keep_count
 from .scorer import NtkSapScorer
 from .selection import select_
 from .topk import masked_topk_
@@ -50,48 +51,40 @@ METHODS = ("ntksap", "random", "magnitude", "snip", "grasp", "synflow", "iter_sn
 #: Methods that need ``data``.
 DATA_METHODS = ("snip", "iter_snip", "grasp")
 #: Rounds of the iterative methods when ``iterations`` is None; the others are one shot.
-DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iter_snip": 100}
+DEFAULT_ITERATIONS = {"ntksap": inspect.signature(NtkSapScorer.prune).parameters["iterations"].default,
+                      "synflow": 100, "iter_snip": 100}
 SCOPES = ("global", "layer")
-_NTKSAP_OPTIONS = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "draw_batch", "allow_tf32")
-#: Options of ``NtkSapScorer.prune`` (method ntksap, global scope).
-_NTKSAP_PRUNE_OPTIONS = ("stats", "target_overlap", "max_draws")
+#: Options ``prune`` takes itself and passes on to the NTK-SAP scorer.
+_SHARED = ("seed", "params", "device", "output")
+#: ``NtkSapScorer`` options that ``prune`` passes through as ``**ntksap_options``.
+_NTKSAP_OPTIONS = tuple(n for n in ScorerOptions.names() if n not in _SHARED)
+#: Options of ``NtkSapScorer.prune`` (method ntksap, global scope) that ``prune`` passes through.
+_NTKSAP_PRUNE_OPTIONS = tuple(n for n, p in inspect.signature(NtkSapScorer.prune).parameters.items()
+                              if p.kind is p.KEYWORD_ONLY and n not in ("schedule", "progress", "min_layer_density"))
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Net:
-    """``model`` run by ``functional_call`` with a flat vector of prunable weights.
+    """A baseline's view of the model: the model runner (``engine.Forward``) and its prunable weights.
 
-    ``weights``: flat copy (length ``arena.numel``) of the prunable weights; ``fixed``: the other
-    parameters and buffers, detached. ``absolute=True`` gives SynFlow's float64 ``|.|`` copies.
+    ``weights``: flat copy (length ``arena.numel``, the model's dtype) of the prunable weights
+    (masked entries of a model carrying masks are zero); ``absolute=True`` gives SynFlow's float64
+    ``|.|`` copies of every floating tensor.
     """
 
     def __init__(self, model: nn.Module, arena: Arena, device: torch.device, absolute: bool = False,
                  output: OutputFn | None = None) -> None:
-        prunable = set(arena.names)
-        self.output = output
-        named = dict(model.named_parameters())
-        dtype = torch.float64 if absolute else named[arena.names[0]].dtype
-        self.model, self.arena, self.device = model, arena, device
-        self.fixed = {}
-        for name, t in list(named.items()) + list(model.named_buffers()):
-            if name in prunable:
-                continue
-            t = t.detach().to(device)
-            self.fixed[name] = t.to(torch.float64).abs() if absolute and t.is_floating_point() else t
-        self.weights = arena.flatten({n: named[n] for n in arena.names}, argname="model", dtype=dtype, device=device)
+        dtype = torch.float64 if absolute else arena.values(model)[arena.names[0]].dtype
+        self.device = device
+        self.forward = Forward(model, arena, device, dtype, dtype, output, transform=torch.abs if absolute else None)
+        self.weights = self.forward.weights()
         if absolute:
             self.weights.abs_()
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, {**self.fixed, **self.arena.views(flat)}, (x,), strict=False)
-        if self.output is not None:
-            out = self.output(out)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
-                            "that picks the tensor, e.g. output=lambda out: out['logits']")
-        return out
+        return self.forward(self.forward.arena.views(flat), x)
 
     def batches(self, data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``data``'s batches on the device; ``ValueError`` when there are none."""
@@ -155,10 +148,12 @@ def _select(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: flo
         bad = [n for n, v in arena.views(nan).items() if v.any()]
         raise ValueError(f"NaN in the {method} scores of {bad}: the model's output or gradient is not finite")
     if scope == "global":
-        select_(scores, mask, keep_count(arena.numel, density), arena.slots, min_layer_density)
+        n_keep = min(keep_count(arena.numel, density), int(mask.sum()))
+        select_(scores, mask, n_keep, arena.slots, min_layer_density)
         return
     for s in arena.slots:
-        masked_topk_(scores[s.offset : s.stop], mask[s.offset : s.stop], keep_count(s.numel, density))
+        part = mask[s.offset : s.stop]
+        masked_topk_(scores[s.offset : s.stop], part, min(keep_count(s.numel, density), int(part.sum())))
 
 
 def _check_args(method, density, scope, schedule, iterations, data, loss_fn, options) -> int:
@@ -201,12 +196,12 @@ def prune(
     data: Batches | None = None,
     loss_fn: LossFn = nn.functional.cross_entropy,
     input_shape: Sequence[int] | None = None,
-    seed: int = 0,
-    params: ParamSelector | None = None,
-    device: torch.device | str | None = None,
+    seed: int = ScorerOptions.seed,
+    params: ParamSelector | None = ScorerOptions.params,
+    device: torch.device | str | None = ScorerOptions.device,
     progress: bool | None = None,
     min_layer_density: float = 0.0,
-    output: OutputFn | None = None,
+    output: OutputFn | None = ScorerOptions.output,
     **ntksap_options,
 ) -> Masks:
     """Prune ``model`` at initialization with ``method`` (see the module docstring for the scores).
@@ -229,9 +224,10 @@ def prune(
             entries (``ntksap_fast.selection``); 0 (default): plain global top-k.
         output: picks the tensor from what the model returns (tuple, dict, dataclass), e.g.
             ``output=lambda out: out.logits``.
-        ntksap_options: ``draws``, ``batch_size``, ``epsilon``, ``dtype``, ``micro_batch``,
-            ``draw_batch``, ``allow_tf32`` of ``NtkSapScorer``, and ``stats``, ``target_overlap``,
-            ``max_draws`` of ``NtkSapScorer.prune`` (global scope) (method ``ntksap`` only).
+        ntksap_options: method ``ntksap`` only: the other ``ScorerOptions`` (``draws``,
+            ``batch_size``, ``epsilon``, ``dtype``, ...), and the keyword options of
+            ``NtkSapScorer.prune`` (``stats``, ``target_overlap``, ``max_draws``, ``checkpoint``,
+            ``on_round``; global scope).
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
         device, with ``metadata`` saying what made them.
@@ -254,10 +250,7 @@ def prune(
             return ntksap.prune(density, iterations, schedule=schedule, progress=progress,
                                 min_layer_density=min_layer_density, **prune_options)
     arena = Arena(model, params)
-    try:
-        device = torch.device(next(model.parameters()).device if device is None else device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must name a torch device, got {device!r}") from err
+    device = resolve_device(model, device)
     with preserved_state(model):
         if method == "ntksap":
             score_fn = ntksap.flat_scores
@@ -272,7 +265,7 @@ def prune(
             score_fn = _grasp(_Net(model, arena, device, output=output), data, loss_fn)
         else:
             score_fn = _snip(_Net(model, arena, device, output=output), data, loss_fn)
-        mask = torch.ones(arena.numel, dtype=torch.bool, device=device)
+        mask = arena.start_mask(model, device)  # a model carrying masks starts from them
         densities = density_schedule(float(density), iterations, schedule)
         for t, d_t in enumerate(tqdm(densities, desc=method, unit="round",
                                      disable=None if progress is None else not progress)):

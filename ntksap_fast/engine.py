@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,41 +34,9 @@ from .backend import Backend, DrawStats, make_backend
 from .batchnorm import CleanStatsBatchNorm
 from .conv_guard import ConvGuard
 from .graphs import DrawGraphs
+from .options import OutputFn, ScorerConfig
 
-__all__ = ["EngineConfig", "Engine", "preserved_state", "OutputFn"]
-
-#: Picks the tensor to compare from what the model returns (e.g. ``lambda out: out.logits``).
-OutputFn = Callable[[Any], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine computes (none of it changes the result beyond float rounding).
-
-    Attributes:
-        device: where the passes run.
-        dtype: compute precision of the passes: float32; bfloat16 (autocast; accumulation,
-            loss and ``G`` stay float32); or float64 (everything in float64, for checking).
-        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.backend.resolve_backend``).
-        micro_batch: most inputs per forward; None = whole draws.
-        channels_last: run 4-D/5-D activations channels-last.
-        draw_batch: whole draws run together through ``torch.func.vmap`` (convolutions become
-            grouped ones); 1 runs them in sequence. Ignored (1) when micro-batching.
-        graphs: capture each whole draw size in a CUDA graph and replay it (CUDA, Triton backend).
-    """
-
-    device: torch.device
-    dtype: torch.dtype = torch.float32
-    backend: str = "torch"
-    micro_batch: int | None = None
-    channels_last: bool = True
-    draw_batch: int = 1
-    graphs: bool = False
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """dtype of weights, inputs, losses and ``G``."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
+__all__ = ["Engine", "Forward", "preserved_state"]
 
 
 @contextlib.contextmanager
@@ -93,35 +60,45 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.dropout = dropout
 
 
-def _layout(x: torch.Tensor, config: EngineConfig) -> torch.Tensor:
-    """Channels-last copy of a 4-D/5-D input when configured (done before vmap for batched draws)."""
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last copy of a 4-D/5-D input (batched draws are laid out before vmap)."""
     if torch._C._functorch.is_batchedtensor(x):
         return x
-    if config.channels_last and x.dim() == 4:
+    if x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
-    if config.channels_last and x.dim() == 5:
+    if x.dim() == 5:
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x
 
 
 class Forward:
-    """Runs the model with given prunable weights, its other tensors fixed, under a BatchNorm mode.
+    """Runs the model with given prunable weights, its other tensors fixed (the one model runner:
+    the engine's passes and the baselines' scores).
 
-    ``fixed`` holds detached ``param_dtype`` copies of the non-prunable parameters and floating
-    buffers on the device; ``refresh()`` copies the model's current values into them in place
-    (their addresses stay, so captured CUDA graphs stay valid). CPU convolutions run under
-    ``ConvGuard`` (``ntksap_fast.conv_guard``: oneDNN's strided narrow-channel bug).
+    ``fixed`` holds detached copies on ``device`` of the non-prunable parameters and buffers
+    (floating ones in ``param_dtype``, or passed through ``transform``); ``refresh()`` copies the
+    model's current values into them in place (their addresses stay, so captured CUDA graphs stay
+    valid). The prunable weights bind to each slot's parameter (``weight_orig`` in a model carrying
+    ``torch.nn.utils.prune`` masks, whose pre-hook multiplies by the mask: the model's ``weight``
+    attribute is put back afterwards). Inputs run channels-last; bfloat16 runs under autocast; CPU
+    convolutions run under ``ConvGuard`` (``ntksap_fast.conv_guard``: oneDNN's strided
+    narrow-channel bug).
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, config: EngineConfig, output: OutputFn | None = None) -> None:
-        self.model, self.arena, self.config, self.output = model, arena, config, output
+    def __init__(self, model: nn.Module, arena: Arena, device: torch.device, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype = torch.float32, output: OutputFn | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.arena, self.output = model, arena, output
+        self.device, self.dtype, self.param_dtype = device, dtype, param_dtype
         self.rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-        prunable = set(arena.names)
+        self.masked = [(model.get_submodule(s.name.rpartition(".")[0]), s.name.rpartition(".")[2])
+                       for s in arena.slots if s.mask is not None]
         self.fixed: dict[str, torch.Tensor] = {}
+        prunable = set(arena.params)
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name not in prunable:
-                dtype = config.param_dtype if t.is_floating_point() else t.dtype
-                self.fixed[name] = t.detach().to(device=config.device, dtype=dtype, copy=True)
+                t = t.detach().to(device=device, dtype=param_dtype if t.is_floating_point() else t.dtype, copy=True)
+                self.fixed[name] = transform(t) if transform is not None and t.is_floating_point() else t
 
     def refresh(self) -> None:
         """Copies the model's current non-prunable tensors into ``fixed``."""
@@ -133,31 +110,66 @@ class Forward:
 
     @contextlib.contextmanager
     def bound(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-        """The model's parameters and buffers swapped for ``fixed`` plus ``weights`` during the block."""
+        """The model's parameters and buffers swapped for ``fixed`` plus ``weights`` (keyed by public
+        name) during the block."""
+        by_param = {s.param: weights[s.name] for s in self.arena.slots}
+        kept = [(m, attr, m.__dict__.get(attr)) for m, attr in self.masked]
         try:
-            with _reparametrize_module(self.model, {**self.fixed, **weights}, tie_weights=True, strict=False):
+            with _reparametrize_module(self.model, {**self.fixed, **by_param}, tie_weights=True, strict=False):
                 yield
         finally:
+            for m, attr, value in kept:  # the prune pre-hook set it from the bound weights
+                m.__dict__[attr] = value
             for m in self.rnns:  # they cache their weights: point the cache back at the parameters
                 m._init_flat_weights()
 
-    def run(self, x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
+    def run(self, x: torch.Tensor, bn: CleanStatsBatchNorm | None = None) -> torch.Tensor:
         """The bound model's output (``param_dtype``) for input batch ``x``."""
-        autocast = (torch.autocast(self.config.device.type, dtype=self.config.dtype, cache_enabled=False)
-                    if self.config.dtype == torch.bfloat16 else contextlib.nullcontext())
-        guard = ConvGuard() if self.config.device.type == "cpu" else contextlib.nullcontext()
-        with autocast, guard, bn:
-            out = self.model(_layout(x, self.config))
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+                    if self.dtype == torch.bfloat16 else contextlib.nullcontext())
+        guard = ConvGuard() if self.device.type == "cpu" else contextlib.nullcontext()
+        with autocast, guard, bn if bn is not None else contextlib.nullcontext():
+            out = self.model(_channels_last(x))
         if self.output is not None:
             out = self.output(out)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
                             "that picks the tensor to compare, e.g. output=lambda out: out['logits']")
-        return out.to(self.config.param_dtype)
+        return out.to(self.param_dtype)
 
-    def __call__(self, weights: dict[str, torch.Tensor], x: torch.Tensor, bn: CleanStatsBatchNorm) -> torch.Tensor:
+    def __call__(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                 bn: CleanStatsBatchNorm | None = None) -> torch.Tensor:
         with self.bound(weights):
             return self.run(x, bn)
+
+    def weights(self) -> torch.Tensor:
+        """The model's prunable values as one flat ``param_dtype`` buffer on the device (through
+        ``transform``); a masked tensor's entries as its ``torch.nn.utils.prune`` product."""
+        flat = self.arena.flatten(self.arena.values(self.model), argname="model", dtype=self.param_dtype,
+                                  device=self.device)
+        return flat.mul_(self.arena.start_mask(self.model, self.device))
+
+    def check_input_shape(self, input_shape: tuple[int, ...]) -> None:
+        """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
+        weights = self.arena.views(torch.zeros(self.arena.numel, device=self.device, dtype=self.param_dtype))
+        x = torch.zeros(2, *input_shape, device=self.device, dtype=self.param_dtype)
+        try:
+            with torch.no_grad():
+                self(weights, x, CleanStatsBatchNorm([], "record"))
+        except (RuntimeError, IndexError) as err:
+            raise ValueError(
+                f"input_shape {tuple(input_shape)} does not fit the model (a forward on a batch of shape "
+                f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
+            ) from err
+
+    def probe_draw(self, input_shape: tuple[int, ...], n: int) -> None:
+        """A whole draw of ``n`` zero inputs with zero weights (for the memory plan's measurement)."""
+        weights = _leaves(self.arena, torch.zeros(self.arena.numel, device=self.device, dtype=self.param_dtype))
+        x = torch.zeros(n, *input_shape, device=self.device, dtype=self.param_dtype)
+        stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out_clean = self(weights, x, CleanStatsBatchNorm(stats_bn, "record"))
+        out_pert = self(weights, x, CleanStatsBatchNorm(stats_bn, "replay"))
+        torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))
 
 
 def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,18 +197,18 @@ class Engine:
     """A model's draws on one device: built once per scorer, reused for every round.
 
     Args:
-        model, arena, input_shape: the model, its prunable tensors, one input's shape.
-        config: how to compute; seed, epsilon: the prune's seed and perturbation size.
-        output: optional selector of the output tensor.
+        forward: the model runner (``Forward``, built for ``config``'s device and precision).
+        input_shape: one input's shape.
+        config: the settled configuration (``ntksap_fast.options.resolve``); nothing here re-decides it.
+        seed, epsilon: the prune's seed and perturbation size.
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, input_shape: tuple[int, ...], config: EngineConfig,
-                 seed: int, epsilon: float, output: OutputFn | None = None) -> None:
-        self.arena, self.input_shape, self.config = arena, input_shape, config
-        self.forward = Forward(model, arena, config, output)
-        self.backend: Backend = make_backend(config.backend, arena, seed, epsilon, config.device,
+    def __init__(self, forward: Forward, input_shape: tuple[int, ...], config: ScorerConfig, seed: int,
+                 epsilon: float) -> None:
+        self.arena, self.input_shape, self.config, self.forward = forward.arena, input_shape, config, forward
+        self.backend: Backend = make_backend(config.backend, self.arena, seed, epsilon, config.device,
                                              config.param_dtype, max_group=config.draw_batch)
-        self.grad = torch.zeros(arena.numel, dtype=config.param_dtype, device=config.device)
+        self.grad = torch.zeros(self.arena.numel, dtype=config.param_dtype, device=config.device)
         self.stats: DrawStats | None = None
         self.graphs = DrawGraphs(config.device) if config.graphs and self.backend.capturable else None
 
@@ -226,13 +238,12 @@ class Engine:
         draw_stats = self.stats if stats else None
         self.backend.begin_round(mask, round)
         ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
-        group_size = 1 if self.config.micro_batch else self.config.draw_batch
-        for group in _groups(ids, batch_sizes, group_size):
+        for group in _groups(ids, batch_sizes, self.config.draw_batch):
             batch_size = batch_sizes[group[0]]
             self.backend.set_draws(group)
             if len(group) > 1:
                 self._batched_draws(batch_size, draw_stats)
-            elif self.graphs is not None and not (self.config.micro_batch and self.config.micro_batch < batch_size):
+            elif self.graphs is not None:
                 self.graphs.run((batch_size, stats), lambda: self._one_draw(batch_size, draw_stats))
             else:
                 self._one_draw(batch_size, draw_stats)
@@ -283,7 +294,7 @@ class Engine:
         k = sampled.w_clean.shape[0]
         x = torch.stack([backend.inputs(i, self.input_shape, range(batch_size)) for i in range(k)])
         clean, pert = _leaves(arena, sampled.w_clean), _leaves(arena, sampled.w_pert)
-        if self.config.channels_last and x.dim() in (5, 6):  # each draw's batch channels-last
+        if x.dim() in (5, 6):  # each draw's batch channels-last
             order = (0, 1, *range(3, x.dim()), 2)
             x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
 
@@ -301,27 +312,3 @@ class Engine:
         g_clean = torch.cat([g.reshape(k, -1) for g in grads[: len(arena)]], dim=1)
         g_pert = torch.cat([g.reshape(k, -1) for g in grads[len(arena) :]], dim=1)
         backend.accumulate(self.grad, sampled, g_clean, g_pert, stats)
-
-    def check_input_shape(self) -> None:
-        """Runs a two-input forward; raises ``ValueError`` naming ``input_shape`` if the model rejects it."""
-        weights = self.arena.views(torch.zeros(self.arena.numel, device=self.config.device,
-                                               dtype=self.config.param_dtype))
-        x = torch.zeros(2, *self.input_shape, device=self.config.device, dtype=self.config.param_dtype)
-        try:
-            with torch.no_grad():
-                self.forward(weights, x, CleanStatsBatchNorm([], "record"))
-        except (RuntimeError, IndexError) as err:
-            raise ValueError(
-                f"input_shape {tuple(self.input_shape)} does not fit the model (a forward on a batch of shape "
-                f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
-            ) from err
-
-    def probe_draw(self, n: int) -> None:
-        """A whole draw of ``n`` zero inputs with zero weights (for the memory plan's measurement)."""
-        weights = _leaves(self.arena, torch.zeros(self.arena.numel, device=self.config.device,
-                                                  dtype=self.config.param_dtype))
-        x = torch.zeros(n, *self.input_shape, device=self.config.device, dtype=self.config.param_dtype)
-        stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
-        out_clean = self.forward(weights, x, CleanStatsBatchNorm(stats_bn, "record"))
-        out_pert = self.forward(weights, x, CleanStatsBatchNorm(stats_bn, "replay"))
-        torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))

@@ -1,4 +1,4 @@
-"""The memory plan of a scorer on a GPU: how many inputs per forward, and whether to use CUDA graphs.
+"""The memory plan of a scorer on a GPU: how many inputs fit in one pass, and whether a draw fits a CUDA graph.
 
 Made once per scorer from two numbers:
 
@@ -11,11 +11,12 @@ Made once per scorer from two numbers:
   measured once as the slope of the peak allocation between draws of 2 and 4 inputs, so the
   weights and their gradients, which do not grow with the inputs, drop out.
 
-Rules (``plan``): the whole draw runs in one pass when ``per_input * batch_size`` fits in
-``HEADROOM`` of ``usable`` minus the weight buffers (``fixed``), else ``micro_batch`` is the most
-inputs that fit (at least 1). CUDA graphs (``ntksap_fast.graphs``), which keep one draw's
-activations allocated for the scorer's life, are used only when whole draws fit in
-``GRAPH_SHARE`` of the usable memory.
+Rules (``plan``): the whole draw fits one pass when ``per_input * batch_size`` fits in
+``HEADROOM`` of ``usable`` minus the weight buffers (``fixed``), else ``max_inputs`` is the most
+inputs that do (at least 1). CUDA graphs (``ntksap_fast.graphs``), which keep one draw's
+activations allocated for the scorer's life, fit only when whole draws fit in ``GRAPH_SHARE`` of
+the usable memory. The scorer's settings are decided from this plan in
+``ntksap_fast.options.resolve``.
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ GRAPH_SHARE = 0.25
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What the plan decided, and from which numbers (bytes)."""
+    """What fits, and from which numbers (bytes). ``max_inputs``: most inputs one pass can hold, None
+    when the whole draw fits; ``graphs``: a whole draw fits a CUDA graph."""
 
-    micro_batch: int | None
+    max_inputs: int | None
     graphs: bool
     usable: int
     per_input: float
@@ -53,11 +55,11 @@ def plan(usable: int, per_input: float, fixed: int, batch_size: int) -> MemoryPl
     """The plan for draws of at most ``batch_size`` inputs (see the module docstring)."""
     budget = HEADROOM * usable - fixed
     if per_input <= 0 or per_input * batch_size <= budget:
-        micro = None
+        max_inputs = None
     else:
-        micro = max(1, int(budget // per_input))
-    graphs = micro is None and per_input * batch_size + fixed <= GRAPH_SHARE * usable
-    return MemoryPlan(micro, graphs, int(usable), float(per_input), int(fixed))
+        max_inputs = max(1, int(budget // per_input))
+    graphs = max_inputs is None and per_input * batch_size + fixed <= GRAPH_SHARE * usable
+    return MemoryPlan(max_inputs, graphs, int(usable), float(per_input), int(fixed))
 
 
 def device_usable_bytes(device: torch.device) -> int:

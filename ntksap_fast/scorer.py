@@ -8,50 +8,28 @@ keeps one scorer: the second call costs only the draws.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import arguments as args
-from . import memory
 from .arena import Arena, ParamSelector
-from .backend import resolve_backend
 from .checkpoint import load_checkpoint, model_digest, save_checkpoint
 from .distributed import DrawShare
-from .engine import Engine, EngineConfig, OutputFn, preserved_state
+from .engine import Engine, Forward, preserved_state
 from .masks import Masks
+from .options import OutputFn, ScorerOptions, describe, resolve, tf32_policy
 from .schedule import SCHEDULES, density_schedule, keep_count
 from .selection import select_
 from .stability import RoundStats, round_stats
 
-__all__ = ["NtkSapScorer", "tf32_policy"]
+__all__ = ["NtkSapScorer", "ntk_sap_scores", "ntk_sap_prune"]
 
-
-@contextlib.contextmanager
-def tf32_policy(allow_tf32: bool | None) -> Iterator[None]:
-    """PyTorch's TF32 flags (cuDNN convolutions and CUDA matmuls) set to ``allow_tf32`` for the block
-    and restored afterwards, also on error; ``None`` leaves them as they are."""
-    if allow_tf32 is None:
-        yield
-        return
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"allow_tf32 must be True, False or None, got {type(allow_tf32).__name__}")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+_D = ScorerOptions  # defaults come from ScorerOptions (written once there)
 
 
 class NtkSapScorer:
@@ -59,115 +37,74 @@ class NtkSapScorer:
 
     Args:
         model: any ``nn.Module``; it is never modified. Its non-prunable tensors (biases,
-            normalisation parameters, buffers) are read again at every call.
+            normalisation parameters, buffers) are read again at every call. A model carrying
+            ``torch.nn.utils.prune`` masks (``apply_masks``) starts from them: those entries stay
+            pruned, and masks and scores use the public names (``layer.weight``).
         input_shape: one input's shape without the batch dim; optional for models that carry
             ``input_shape`` (``ntksap_fast.models``).
-        draws: weight/input draws per round; batch_size: inputs per draw (an int, or one per draw).
-        epsilon: perturbation size; seed: seed of every random number (with round and draw).
-        params: prunable tensors (names or a predicate ``(name, module, param) -> bool``); default
-            every Conv/Linear weight, attention input projection and recurrent weight matrix
-            (``ntksap_fast.arena``).
-        device: where to compute (default the model's); dtype: float32 (default), bfloat16 (faster
-            on GPUs and on CPUs with native bfloat16; a warning elsewhere) or float64 (for checking).
-        micro_batch: most inputs per forward (exact: results do not depend on it); default on a GPU:
-            from the memory plan (``ntksap_fast.memory``), whole draws when they fit.
-        draw_batch: draws run together through ``torch.func.vmap``; default 1 (in sequence; on a
-            GPU small networks use CUDA graphs instead). Models with recurrent layers run in sequence.
-        process_group: share the draws over the ranks of this ``torch.distributed`` group (default:
-            the default group when ``torch.distributed`` is initialised).
-        allow_tf32: TF32 for cuDNN convolutions and CUDA matmuls during the scorer's calls; None
-            (default) keeps PyTorch's global flags. TF32 moves GPU scores by a few percent (README).
-        output: picks the tensor to compare from what the model returns, for models returning a
-            tuple, dict or dataclass (e.g. ``output=lambda out: out.logits``).
+        draws, batch_size, epsilon, seed, params, device, dtype, micro_batch, draw_batch,
+        process_group, allow_tf32, output: ``ntksap_fast.options.ScorerOptions`` (each one's meaning
+            and default is written there once).
+
+    ``repr(scorer)`` shows what was settled (``options.describe``); ``scorer.options`` holds the
+    checked options and ``scorer.config`` the settled configuration.
     """
 
-    def __init__(self, model: nn.Module, input_shape: Sequence[int] | None = None, *, draws: int = 5,
-                 batch_size: int | Sequence[int] = 100, epsilon: float = 0.01, seed: int = 0,
-                 params: ParamSelector | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, micro_batch: int | None = None, draw_batch: int | None = None,
-                 process_group=None, allow_tf32: bool | None = None, output: OutputFn | None = None) -> None:
+    def __init__(self, model: nn.Module, input_shape: Sequence[int] | None = None, *, draws: int = _D.draws,
+                 batch_size: int | Sequence[int] = _D.batch_size, epsilon: float = _D.epsilon, seed: int = _D.seed,
+                 params: ParamSelector | None = _D.params, device: torch.device | str | None = _D.device,
+                 dtype: torch.dtype = _D.dtype, micro_batch: int | None = _D.micro_batch,
+                 draw_batch: int = _D.draw_batch, process_group=_D.process_group,
+                 allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if output is not None and not callable(output):
-            raise TypeError(f"output must be a callable picking the output tensor, got {type(output).__name__}")
-        if allow_tf32 is not None and not isinstance(allow_tf32, bool):
-            raise TypeError(f"allow_tf32 must be True, False or None, got {type(allow_tf32).__name__}")
+        self.options = ScorerOptions(draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed, params=params,
+                                     device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
+                                     process_group=process_group, allow_tf32=allow_tf32, output=output)
         self.model = model
-        self.draws = args.check_int("draws", draws)
-        self.batch_sizes = args.batch_sizes(self.draws, batch_size)
-        self.epsilon = args.check_epsilon(epsilon)
-        self.seed = args.check_seed(seed)
+        self.draws, self.batch_sizes = self.options.draws, self.options.batch_sizes()
+        self.epsilon, self.seed = self.options.epsilon, self.options.seed
         self.input_shape = args.resolve_input_shape(model, input_shape)
-        self.allow_tf32 = allow_tf32
         self.arena = Arena(model, params)
-        device = args.resolve_device(model, device)
-        dtype = args.resolve_dtype(dtype)
-        args.warn_slow_dtype(device, dtype)
-        if micro_batch is not None:
-            micro_batch = args.check_int("micro_batch", micro_batch)
-        draw_batch = 1 if draw_batch is None else args.check_int("draw_batch", draw_batch)
-        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
-            draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
         self.share = DrawShare.current(process_group)
         self.local_draws = self.share.draws(self.draws)
-        config = EngineConfig(device=device, dtype=dtype, backend=resolve_backend(device, dtype),
-                              micro_batch=micro_batch, draw_batch=draw_batch)
-        self.memory_plan: memory.MemoryPlan | None = None
-        with tf32_policy(allow_tf32), preserved_state(model):
-            engine = Engine(model, self.arena, self.input_shape, config, self.seed, self.epsilon, output)
-            engine.check_input_shape()
-            if device.type == "cuda":
-                per_input = memory.measure_bytes_per_input(engine.probe_draw, device)
-                fixed = 8 * self.arena.numel * torch.finfo(config.param_dtype).bits // 8
-                self.memory_plan = memory.plan(memory.device_usable_bytes(device), per_input, fixed,
-                                               max(self.batch_sizes))
-                micro = micro_batch if micro_batch is not None else self.memory_plan.micro_batch
-                if micro is not None and micro >= max(self.batch_sizes):
-                    micro = None
-                graphs = (self.memory_plan.graphs and micro is None and draw_batch == 1
-                          and config.backend == "triton")
-                config = dataclasses.replace(config, micro_batch=micro, graphs=graphs)
-                engine = Engine(model, self.arena, self.input_shape, config, self.seed, self.epsilon, output)
-        self.config = config
-        self.engine = engine
-        self.mask = torch.ones(self.arena.numel, dtype=torch.bool, device=device)
 
-    # ------------------------------------------------------------------------------------------
+        def make_forward(device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype) -> Forward:
+            return Forward(model, self.arena, device, dtype, param_dtype, output)
+
+        with preserved_state(model):
+            self.config, forward = resolve(self.options, model, self.arena, self.input_shape, make_forward)
+        self.engine = Engine(forward, self.input_shape, self.config, self.seed, self.epsilon)
+        self.mask = torch.ones(self.arena.numel, dtype=torch.bool, device=self.config.device)
+
     def __repr__(self) -> str:
-        c = self.config
-        graphs = "off"
-        if self.engine.graphs is not None:
-            graphs = f"off ({self.engine.graphs.error})" if self.engine.graphs.error else "on"
-        tf32 = {None: "PyTorch's flags", True: "on", False: "off"}[self.allow_tf32]
-        plan = ""
-        if self.memory_plan is not None:
-            plan = (f", memory=(usable {_gib(self.memory_plan.usable)}, "
-                    f"{_gib(self.memory_plan.per_input)} per input)")
-        return (f"NtkSapScorer({type(self.model).__name__}, tensors={len(self.arena)}, N={self.arena.numel}, "
-                f"input_shape={self.input_shape}, draws={self.draws}, batch_size={self._batch_text()}, "
-                f"epsilon={self.epsilon}, seed={self.seed}, device={c.device}, dtype={str(c.dtype).split('.')[-1]}, "
-                f"backend={c.backend}, micro_batch={c.micro_batch or 'whole draws'}, draw_batch={c.draw_batch}, "
-                f"graphs={graphs}, tf32={tf32}, ranks={self.share.world}{plan})")
+        shown = {"tensors": len(self.arena), "N": self.arena.numel, "input_shape": self.input_shape,
+                 "draws": self.draws, "batch_size": self._batch_text(), "epsilon": self.epsilon, "seed": self.seed,
+                 **self.settled(), "ranks": self.share.world}
+        return f"NtkSapScorer({type(self.model).__name__}, {', '.join(f'{k}={v}' for k, v in shown.items())})"
 
     def _batch_text(self) -> str:
         sizes = self.batch_sizes
         return str(sizes[0]) if len(set(sizes)) == 1 else ",".join(map(str, sizes))
 
+    def settled(self) -> dict:
+        """How the scorer computes, as plain values (``options.describe`` of the settled configuration)."""
+        graphs = self.engine.graphs
+        return describe(self.config, graphs.error if graphs is not None else None)
+
     def settings(self) -> dict:
-        """What the scorer computes and how, as plain values (for reports and mask files)."""
-        c = self.config
+        """What the scorer computes and how, as plain values (for reports, mask files and checkpoints)."""
         return {"draws": self.draws, "batch_sizes": list(self.batch_sizes), "epsilon": self.epsilon,
-                "seed": self.seed, "input_shape": list(self.input_shape), "dtype": str(c.dtype).split(".")[-1],
-                "device": str(c.device), "backend": c.backend, "micro_batch": c.micro_batch,
-                "draw_batch": c.draw_batch, "graphs": self.engine.graphs is not None and not self.engine.graphs.error,
-                "allow_tf32": self.allow_tf32}
+                "seed": self.seed, "input_shape": list(self.input_shape), **self.settled()}
 
     # ------------------------------------------------------------------------------------------
     def flat_mask(self, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-        """A new flat bool ``(N,)`` mask on the device from per-tensor masks (None = dense)."""
-        if masks is None:
-            return torch.ones(self.arena.numel, dtype=torch.bool, device=self.config.device)
-        return self.arena.flatten(masks, argname="masks", dtype=torch.bool, device=self.config.device)
+        """A new flat bool ``(N,)`` mask on the device from per-tensor masks (None = dense), and-ed with
+        the masks the model already carries (``torch.nn.utils.prune``)."""
+        mask = self.arena.start_mask(self.model, self.config.device)
+        if masks is not None:
+            mask &= self.arena.flatten(masks, argname="masks", dtype=torch.bool, device=self.config.device)
+        return mask
 
     def flat_scores(self, mask: torch.Tensor, round: int = 0, on_draw: Callable[[], None] | None = None) -> torch.Tensor:
         """Flat float32 scores ``|G| * mask`` of one round for a flat bool ``(N,)`` mask on the device.
@@ -190,7 +127,7 @@ class NtkSapScorer:
         stats = density is not None
         sizes = list(self.batch_sizes)
         drawn = self.draws
-        with tf32_policy(self.allow_tf32), preserved_state(self.model):
+        with tf32_policy(self.config.allow_tf32), preserved_state(self.model):
             self.engine.forward.refresh()
             self.engine.mask_gradient(self.mask, round, sizes, self.local_draws, on_draw, stats=stats)
             totals = self._totals(stats)
@@ -298,15 +235,15 @@ class NtkSapScorer:
             raise ValueError("max_draws applies with target_overlap only")
         n_total = self.arena.numel
         mask = self.mask
-        mask.fill_(True)
+        mask.copy_(self.arena.start_mask(self.model, self.config.device))
         done = 0
         settings = {
             "tensors": [(s.name, tuple(s.shape)) for s in self.arena.slots], "density": density,
             "iterations": iterations, "schedule": schedule, "batch_sizes": tuple(self.batch_sizes),
             "epsilon": self.epsilon, "seed": self.seed, "input_shape": self.input_shape,
-            "dtype": str(self.config.dtype), "min_layer_density": min_layer_density,
+            "dtype": self.settled()["dtype"], "min_layer_density": min_layer_density,
             "target_overlap": target_overlap, "max_draws": max_draws,
-            "model_digest": model_digest(self.model, self.arena.names),
+            "model_digest": model_digest(self.model, self.arena.params),
         }
         if checkpoint is not None and Path(checkpoint).exists():
             done, saved = load_checkpoint(checkpoint, settings)
@@ -320,7 +257,9 @@ class NtkSapScorer:
                 bar.set_postfix(round=f"{t + 1}/{iterations}", density=f"{densities[t]:.4f}")
                 scores, info = self._round(mask, t, lambda: bar.update(1), densities[t] if stats else None,
                                            target_overlap, max_draws)
-                select_(scores, mask, keep_count(n_total, densities[t]), self.arena.slots, min_layer_density)
+                # a model that already carries masks may hold fewer than n_keep: then nothing more goes
+                n_keep = min(keep_count(n_total, densities[t]), int(mask.sum()))
+                select_(scores, mask, n_keep, self.arena.slots, min_layer_density)
                 if checkpoint is not None and self.share.is_main:
                     save_checkpoint(checkpoint, settings, t + 1, mask)
                 if info is not None:
@@ -333,3 +272,64 @@ class NtkSapScorer:
         if stats:
             metadata["rounds"] = rounds
         return Masks({n: v.clone() for n, v in self.arena.views(mask).items()}, metadata=metadata)
+
+
+def ntk_sap_scores(
+    model: nn.Module, input_shape: Sequence[int] | None = None, masks: Mapping[str, torch.Tensor] | None = None, *,
+    round: int = 0, draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
+    epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
+    device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
+    micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
+    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
+) -> dict[str, torch.Tensor]:
+    """One NTK-SAP scoring round: ``NtkSapScorer(model, input_shape, ...).scores(masks, round)``.
+
+    To score the same model repeatedly, keep an ``NtkSapScorer`` instead (its set-up is paid once).
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        input_shape: one input's shape without the batch dim; optional for models that carry
+            ``input_shape`` (``ntksap_fast.models``).
+        masks: current masks (bool, parameter shapes) keyed by parameter name; None = dense (or the
+            masks the model carries).
+        round: counter of the random numbers (round ``t`` of ``ntk_sap_prune`` uses ``round=t``).
+        the others: ``ntksap_fast.options.ScorerOptions``.
+    Returns:
+        ``{name: float32 tensor of the parameter's shape}``: ``|sum_s dL_s/dm| * (mask != 0)``.
+    """
+    scorer = NtkSapScorer(model, input_shape, draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed,
+                          params=params, device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
+                          process_group=process_group, allow_tf32=allow_tf32, output=output)
+    return scorer.scores(masks, round)
+
+
+def ntk_sap_prune(
+    model: nn.Module, density: float, input_shape: Sequence[int] | None = None, *, iterations: int = 20,
+    schedule: str = "exponential", draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
+    epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
+    device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
+    micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
+    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
+    checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
+    on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
+    target_overlap: float | None = None, max_draws: int | None = None,
+) -> Masks:
+    """Iterative NTK-SAP: ``NtkSapScorer(model, input_shape, ...).prune(density, iterations, ...)``.
+
+    After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
+    ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
+    ties to the lower flat index; pruned entries never come back. A model that already carries
+    masks starts from them. The scorer's options as for ``NtkSapScorer`` (``ScorerOptions``);
+    ``iterations``, ``schedule``, ``checkpoint``, ``progress``, ``on_round``, ``min_layer_density``,
+    ``stats``, ``target_overlap`` and ``max_draws`` as for ``NtkSapScorer.prune``.
+
+    Returns:
+        ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =
+        kept), on the compute device, with ``metadata`` saying what made them.
+    """
+    scorer = NtkSapScorer(model, input_shape, draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed,
+                          params=params, device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
+                          process_group=process_group, allow_tf32=allow_tf32, output=output)
+    return scorer.prune(density, iterations, schedule=schedule, checkpoint=checkpoint, progress=progress,
+                        on_round=on_round, min_layer_density=min_layer_density, stats=stats,
+                        target_overlap=target_overlap, max_draws=max_draws)

@@ -12,10 +12,10 @@ def test_memory_plan_counts_what_the_caching_allocator_holds():
     # After earlier GPU work the allocator holds 40 GiB unused and the driver reports 30 GiB free:
     # a 256-input draw of 0.16 GiB per input (41 GiB) fits whole; from free bytes alone it would not.
     usable = memory.usable_bytes(free=30 * GIB, reserved=42 * GIB, allocated=2 * GIB)
-    assert memory.plan(usable, 0.16 * GIB, GIB, 256).micro_batch is None
-    assert memory.plan(30 * GIB, 0.15 * GIB, GIB, 256).micro_batch == 133  # floor((0.7 * 30 - 1) / 0.15)
-    assert memory.plan(GIB, 2 * GIB, 0, 64).micro_batch == 1  # never below one input
-    assert memory.plan(GIB, 0, 0, 64).micro_batch is None  # nothing measured: whole draws
+    assert memory.plan(usable, 0.16 * GIB, GIB, 256).max_inputs is None
+    assert memory.plan(30 * GIB, 0.15 * GIB, GIB, 256).max_inputs == 133  # floor((0.7 * 30 - 1) / 0.15)
+    assert memory.plan(GIB, 2 * GIB, 0, 64).max_inputs == 1  # never below one input
+    assert memory.plan(GIB, 0, 0, 64).max_inputs is None  # nothing measured: whole draws
     # graphs only for draws well inside the usable memory
     assert memory.plan(80 * GIB, 0.01 * GIB, 0, 100).graphs
     assert not memory.plan(80 * GIB, 0.16 * GIB, GIB, 256).graphs

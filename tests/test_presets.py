@@ -22,8 +22,8 @@ PAPER = {
 
 
 def _per_draw(preset) -> list[int]:
-    bs = preset.batch_size
-    return list(bs) if isinstance(bs, (list, tuple)) else [bs] * preset.draws
+    bs = preset.options.batch_size
+    return list(bs) if isinstance(bs, (list, tuple)) else [bs] * preset.options.draws
 
 
 def test_presets_match_design_table():
@@ -33,13 +33,13 @@ def test_presets_match_design_table():
         assert p.model.split(":")[-1] == model, key
         assert tuple(p.input_shape) == shape, key
         assert p.num_classes == classes, key
-        assert p.draws == draws, key
+        assert p.options.draws == draws, key
         sizes = _per_draw(p)
         assert len(sizes) == draws, key
         assert sum(sizes) == total, key
         assert all(isinstance(s, int) and 1 <= s <= 256 for s in sizes), key
         assert p.iterations == iterations, key
-        assert p.epsilon == 0.01
+        assert p.options.epsilon == 0.01
         assert list(p.densities) == pytest.approx([0.8**k for k in range(2, 19)])
     assert _per_draw(PRESETS["cifar10"]) == [100] * 5
     assert _per_draw(PRESETS["cifar100"]) == [256, 256, 256, 232]

@@ -10,7 +10,7 @@ from torch import nn
 from _tolerances import assert_float32_close
 from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 from ntksap_fast.models import CifarResNet
-from ntksap_fast.scorer import tf32_policy
+from ntksap_fast.options import ScorerOptions
 
 
 def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,8 +143,7 @@ def test_tf32_flags_are_set_for_the_call_and_restored_also_on_error():
         with pytest.raises(TypeError, match="allow_tf32"):
             NtkSapScorer(Probe(False), (3,), allow_tf32="yes")
         with pytest.raises(TypeError, match="allow_tf32"):
-            with tf32_policy(1):
-                pass
+            ScorerOptions(allow_tf32=1)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -153,10 +152,33 @@ def test_repr_says_what_was_decided():
     scorer = NtkSapScorer(_convnet(), (3, 8, 8), draws=3, batch_size=[4, 4, 2], micro_batch=2, allow_tf32=False)
     text = repr(scorer)
     for part in ("tensors=4", "draws=3", "batch_size=4,4,2", "device=cpu", "dtype=float32", "backend=torch",
-                 "micro_batch=2", "draw_batch=1", "graphs=off", "tf32=off"):
+                 "micro_batch=2", "draw_batch=1", "graphs=False", "allow_tf32=False"):
         assert part in text, text
     settings = scorer.settings()
     assert settings["micro_batch"] == 2 and settings["batch_sizes"] == [4, 4, 2] and settings["graphs"] is False
+
+
+def test_engine_built_once_and_settled_configuration_written_by_one_function(monkeypatch):
+    import ntksap_fast.engine as engine_mod
+    import ntksap_fast.scorer as scorer_mod
+
+    built = []
+    real = engine_mod.Engine
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(scorer_mod, "Engine", Counting)
+    scorer = NtkSapScorer(_convnet(), (3, 8, 8), draws=2, batch_size=4, micro_batch=2)
+    masks = scorer.prune(0.5, 2, progress=False)
+    scorer.scores()
+    assert len(built) == 1
+    settled = scorer.settled()
+    assert {k: masks.metadata[k] for k in settled} == settled  # the mask metadata: the same values
+    assert all(f"{k}={v}" in repr(scorer) for k, v in settled.items())
+    assert settled["dtype"] == "float32"  # one spelling (the checkpoint used to write "torch.float32")
 
 
 def test_output_selects_the_tensor_of_a_model_returning_a_dict():
@@ -195,7 +217,7 @@ def test_cuda_graph_replays_equal_eager_draws():
     model = CifarResNet(depth=8).cuda()
     kwargs = dict(input_shape=(3, 16, 16), draws=4, batch_size=[8, 8, 8, 5], seed=2, allow_tf32=False)
     graphed = NtkSapScorer(model, **kwargs)
-    assert graphed.config.graphs and "graphs=on" in repr(graphed)
+    assert graphed.config.graphs and "graphs=True" in repr(graphed)
     eager = NtkSapScorer(model, **kwargs)
     eager.engine.graphs = None
     for rnd in (0, 3):
@@ -263,7 +285,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_draws():
     scorer = NtkSapScorer(model, (3, 8, 8), draws=3, batch_size=4, allow_tf32=False)
     assert scorer.config.graphs
     got = _flat(scorer.scores())
-    assert scorer.engine.graphs.error is not None and "graphs=off (" in repr(scorer)
+    assert scorer.engine.graphs.error is not None and "graphs_error=" in repr(scorer)
     eager = NtkSapScorer(model, (3, 8, 8), draws=3, batch_size=4, allow_tf32=False)
     eager.engine.graphs = None
     want = _flat(eager.scores())

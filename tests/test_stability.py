@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ntksap_fast import NtkSapScorer, keep_count, load_masks, ntk_sap_prune, ntk_sap_scores, prune, save_masks
-from ntksap_fast.engine import Engine, EngineConfig
 from ntksap_fast.stability import round_stats
 from ntksap_fast.topk import masked_topk
 
@@ -25,8 +24,7 @@ def _net() -> nn.Module:
 def _per_draw(model: nn.Module, draws: int, batch: int, mask: torch.Tensor) -> torch.Tensor:
     """``(draws, N)`` float64 mask gradients, each draw computed on its own."""
     scorer = NtkSapScorer(model, SHAPE, draws=draws, batch_size=batch, dtype=torch.float64)
-    engine = Engine(model, scorer.arena, SHAPE, EngineConfig(device=torch.device("cpu"), dtype=torch.float64),
-                    0, 0.01)
+    engine = scorer.engine
     return torch.stack([engine.mask_gradient(mask, 0, [batch] * draws, [d]).clone() for d in range(draws)])
 
 
