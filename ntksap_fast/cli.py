@@ -1,5 +1,11 @@
 """``ntksap`` command line (also ``python -m ntksap_fast``): prune a model, print and save reports.
 
+Models: a ``ntksap_fast.models`` name, ``torchvision:NAME``, ``timm:NAME`` (input shape from timm's
+``pretrained_cfg`` unless ``--input-shape``) or ``package.module:callable``, the user's own factory
+returning an ``nn.Module`` (called with ``num_classes=`` when ``--num-classes`` is given; found on
+``PYTHONPATH`` or in the current folder). Usage errors exit with code 2, runtime errors (no GPU
+driver, out of memory, a file that cannot be written) with code 1, each with one line on stderr.
+
 Settings come from, highest first: explicit flags, ``--preset`` (the paper's NTK-SAP settings:
 model, classes, input shape, rounds, draws, inputs per draw, epsilon), the library's defaults.
 The preset's rounds apply to ``--method ntksap``; other iterative methods use their own defaults
@@ -11,23 +17,29 @@ magnitude pruning the weights themselves), so the same command and seed give the
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import importlib.util
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from . import __version__
 from .baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
-from .masks import check_mask_path, save_masks
+from .masks import Masks, check_mask_path, save_masks
 from .models import MODELS
 from .presets import PRESETS
 from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
                      plot_layer_density, plot_ntk_spectrum, stability_table)
+from .sanity import keep_lowest, shuffle_masks
+from .schedule import density_schedule
+from .scorer import NtkSapScorer
 
-__all__ = ["main", "build_model", "build_parser"]
+__all__ = ["main", "build_model", "build_parser", "default_input_shape"]
 
 _EPILOG = """\
 example:
@@ -35,6 +47,9 @@ example:
   ntksap prune torchvision:resnet18 --num-classes 10 --input-shape 3,64,64 --density 0.1 \\
       --iterations 5 --draws 2 --batch-size 16 --out masks.safetensors
   ntksap prune resnet20 --method synflow --density 0.02 --scope global
+  ntksap prune timm:resnet18 --input-shape 3,64,64 --draws 2 --batch-size 8 --out masks.pt
+  ntksap prune mymodels:tiny_cnn --input-shape 3,16,16 --out masks.pt   # mymodels.py: def tiny_cnn(): ...
+  ntksap prune resnet20 --invert --shuffle --out sanity.pt                # sanity checks
 
 methods needing data (snip, iter_snip, grasp) are available from Python only:
   ntksap_fast.baselines.prune(model, method="snip", density=0.05, data=loader)
@@ -47,31 +62,88 @@ apply to --method ntksap; other iterative methods use their own defaults unless 
 """
 _NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "target_overlap", "max_draws")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: Flags that ``--invert`` (which keeps the lowest scores after every round) does not combine with.
+_NOT_INVERTED = ("min_layer_density", "target_overlap", "max_draws")
+#: Errors of the run itself (no GPU driver, out of memory, a file that cannot be written): exit code 1.
+_RUNTIME_ERRORS = (RuntimeError, OSError, MemoryError)
+
+
+def _user_factory(spec: str) -> Callable[..., object]:
+    """The callable named by ``package.module:callable`` (dotted attributes allowed after the colon)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model: expected NAME, torchvision:NAME, timm:NAME or package.module:callable, got {spec!r}")
+    if os.getcwd() not in sys.path:  # as ``python -m`` does, so modules in the current folder are found
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {spec!r}: cannot import {module_name!r} ({err}); put its folder on PYTHONPATH "
+                         "or run from it") from None
+    except Exception as err:  # the user's module failed while importing
+        raise ValueError(f"model {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
+    try:
+        factory = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(factory):
+        raise ValueError(f"model {spec!r}: {attr!r} is a {type(factory).__name__}, expected a callable returning "
+                         "a torch.nn.Module")
+    return factory
 
 
 def build_model(name: str, num_classes: int | None = None, seed: int | None = None) -> nn.Module:
-    """A randomly initialised model (on the CPU): ``ntksap_fast.models`` name or ``torchvision:<name>``.
+    """A randomly initialised model (on the CPU), never pretrained weights.
 
-    With ``seed`` the initialisation draws from ``torch.manual_seed(seed)`` and the global CPU
-    random state is restored afterwards, so the same name and seed give the same weights.
+    ``name``: a ``ntksap_fast.models`` name, ``torchvision:NAME``, ``timm:NAME`` or
+    ``package.module:callable`` (the user's factory; ``num_classes=`` is passed when given). With
+    ``seed`` the initialisation draws from ``torch.manual_seed(seed)`` and the global CPU random
+    state is restored afterwards, so the same name and seed give the same weights. Raises
+    ``ValueError`` for a model that cannot be found or built, ``ImportError`` when timm is missing.
     """
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if name.startswith("torchvision:"):
+    source, colon, rest = name.partition(":")
+    if not colon:
+        if name not in MODELS:
+            raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)}, torchvision:NAME, "
+                             "timm:NAME or package.module:callable")
+        make = functools.partial(MODELS[name], **kwargs)
+    elif source == "torchvision":
         import torchvision
 
-        tv_name = name.split(":", 1)[1]
-        if tv_name not in torchvision.models.list_models():
-            raise ValueError(f"model: torchvision has no model {tv_name!r} (see torchvision.models.list_models())")
-        make = lambda: torchvision.models.get_model(tv_name, weights=None, **kwargs)  # noqa: E731
-    elif name in MODELS:
-        make = lambda: MODELS[name](**kwargs)  # noqa: E731
+        if rest not in torchvision.models.list_models():
+            raise ValueError(f"model: torchvision has no model {rest!r} (see torchvision.models.list_models())")
+        make = functools.partial(torchvision.models.get_model, rest, weights=None, **kwargs)
+    elif source == "timm":
+        if importlib.util.find_spec("timm") is None:
+            raise ImportError(f"model {name!r} needs timm: pip install timm")
+        import timm
+
+        if not timm.is_model(rest):
+            raise ValueError(f"model: timm has no model {rest!r} (see timm.list_models())")
+        make = functools.partial(timm.create_model, rest, pretrained=False, **kwargs)
     else:
-        raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:<name>")
-    if seed is None:
-        return make()
+        make = functools.partial(_user_factory(name), **kwargs)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = make()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model {name!r}{' with num_classes=%d' % num_classes if kwargs else ''}: "
+                             f"{type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape a model says it takes: its ``input_shape`` attribute (``ntksap_fast.models``),
+    else timm's ``pretrained_cfg["input_size"]``; None when it says nothing."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        shape = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return None if shape is None else tuple(int(s) for s in shape)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -93,11 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ntksap`` argument parser (subcommand ``prune``)."""
     parser = argparse.ArgumentParser(prog="ntksap", description="Fast NTK-SAP pruning at initialization.",
                                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ntksap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("prune", help="prune a model and report per-layer densities", description=_DESCRIPTION,
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help=f"one of {', '.join(MODELS)}, or torchvision:<name> "
-                   "(default: the preset's model)")
+    p.add_argument("model", nargs="?", help=f"one of {', '.join(MODELS)}; torchvision:NAME; timm:NAME; or "
+                   "package.module:callable, your own factory returning an nn.Module (default: the preset's model)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setting to start from")
     p.add_argument("--num-classes", type=int, help="model outputs (default: the preset's, else the model's default)")
     p.add_argument("--method", choices=METHODS, default="ntksap", help="scoring method (default ntksap)")
@@ -109,18 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-layer-density", type=float, default=0.0,
                    help="collapse guard: each tensor keeps at least this fraction of its entries, the rest is "
                    "chosen globally (default 0: plain global top-k)")
-    p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
-    p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
-    p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
+    _add_ntksap_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the random "
                    "numbers of the prune (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
-    p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
-    p.add_argument("--target-overlap", type=float,
-                   help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]")
-    p.add_argument("--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round "
-                   "(default 4 x draws)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device, help=f"torch device, e.g. cpu or cuda:1 (default: cuda when "
+                   f"available, else cpu; here {device})")
+    p.add_argument("--invert", action="store_true", help="sanity check: keep the LOWEST NTK-SAP scores after every "
+                   "round (ntksap_fast.sanity.keep_lowest)")
+    p.add_argument("--shuffle", action="store_true", help="sanity check: shuffle the final masks within each "
+                   "tensor, keeping its count, seeded with --seed (ntksap_fast.sanity.shuffle_masks)")
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
     p.add_argument("--out", help="write the masks and the settings that made them here (.pt, .pth or .safetensors)")
     p.add_argument("--report", help="write a markdown report here")
@@ -129,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(command_parser=p)
     return parser
+
+
+def _add_ntksap_options(p: argparse.ArgumentParser) -> None:
+    """The NTK-SAP options (``--method ntksap`` only)."""
+    p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
+    p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
+    p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
+    p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
+    p.add_argument("--target-overlap", type=float,
+                   help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]")
+    p.add_argument("--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round "
+                   "(default 4 x draws)")
 
 
 def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -159,6 +243,16 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
                      f"ntksap_fast.baselines.prune(model, method={args.method!r}, density=..., data=loader)")
     if args.method != "ntksap" and given:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} apply to --method ntksap only")
+    if args.invert:
+        clashing = [k for k in _NOT_INVERTED if getattr(args, k)] + (["scope"] if args.scope != "global" else [])
+        if args.method != "ntksap" or clashing:
+            parser.error("--invert applies to --method ntksap with the global top-k, without "
+                         f"{', '.join('--' + k.replace('_', '-') for k in (*_NOT_INVERTED, 'scope'))}; from Python, "
+                         "ntksap_fast.sanity.keep_lowest inverts any scores")
+    try:
+        torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device: {err}")
     model_name = args.model or (preset.model if preset else None)
     if model_name is None:
         parser.error("give a model (e.g. resnet20 or torchvision:resnet50) or a --preset")
@@ -189,7 +283,8 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         for k in ("target_overlap", "max_draws"):
             if getattr(args, k) is not None:
                 kwargs[k] = getattr(args, k)
-    return {"model": model_name, "num_classes": num_classes}, kwargs
+    sanity = {k: True for k in ("invert", "shuffle") if getattr(args, k)}
+    return {"model": model_name, "num_classes": num_classes, **sanity}, kwargs
 
 
 def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
@@ -203,9 +298,23 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     if method == "ntksap":
         out |= {"draws": kwargs.get("draws", 5), "batch_size": kwargs.get("batch_size", 100),
                 "epsilon": kwargs.get("epsilon", 0.01), "dtype": str(kwargs.get("dtype", torch.float32))}
-    out |= {"input_shape": kwargs["input_shape"] or getattr(model, "input_shape", None),
-            "device": kwargs["device"], "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out |= {k: True for k in ("invert", "shuffle") if spec.get(k)}
+    out |= {"input_shape": kwargs["input_shape"], "device": kwargs["device"], "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
     return out
+
+
+def _prune_inverted(model: nn.Module, kwargs: dict) -> Masks:
+    """NTK-SAP keeping the lowest scores among the unpruned entries after every round."""
+    scorer = NtkSapScorer(model, kwargs["input_shape"], **{k: kwargs[k] for k in (
+        "draws", "batch_size", "epsilon", "seed", "device", "dtype", "micro_batch") if k in kwargs})
+    iterations = kwargs.get("iterations", DEFAULT_ITERATIONS["ntksap"])
+    masks = None
+    for t, density in enumerate(density_schedule(kwargs["density"], iterations, kwargs["schedule"])):
+        masks = keep_lowest(scorer.scores(masks, round=t), density, masks)
+    masks.metadata = {"method": "ntksap", "density": kwargs["density"], "iterations": iterations,
+                      "schedule": kwargs["schedule"], **scorer.settings(), "inverted": True}
+    return masks
 
 
 def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -213,9 +322,12 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     spec, kwargs = _settings(parser, args)
     kwargs["method"] = args.method
     try:
-        model = build_model(spec["model"], spec["num_classes"], seed=args.seed).to(args.device)
-    except (ValueError, RuntimeError) as err:  # unknown model, bad --num-classes, --seed or --device
+        model = build_model(spec["model"], spec["num_classes"], seed=args.seed)
+    except (ValueError, ImportError) as err:  # unknown model, a factory that fails, bad --num-classes
         parser.error(str(err))
+    model = model.to(args.device)  # no driver: a runtime error (exit code 1)
+    if kwargs["input_shape"] is None:
+        kwargs["input_shape"] = default_input_shape(model)
     if args.spectrum:  # refuse a model too large for the spectrum before the prune, not after it
         try:
             check_ntk_size(model, input_shape=kwargs["input_shape"])
@@ -225,9 +337,11 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
     start = time.perf_counter()
     try:
-        masks = prune(model, **kwargs)
+        masks = _prune_inverted(model, kwargs) if args.invert else prune(model, **kwargs)
     except (ValueError, TypeError) as err:  # the library's argument checks
         parser.error(str(err))
+    if args.shuffle:
+        masks = shuffle_masks(masks, args.seed)
     seconds = time.perf_counter() - start
     meta = getattr(masks, "metadata", {})
     if args.method == "ntksap":  # what the scorer decided
@@ -237,6 +351,8 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if meta.get("rounds"):
         print(stability_table(meta["rounds"]))
     print(f"time: {seconds:.2f} s ({seconds / settings['iterations']:.3f} s per round)")
+    if args.shuffle:
+        print(f"masks shuffled within each tensor (seed {args.seed}): the per-layer counts are the method's")
     warning = collapse_warning(masks)
     if warning:
         print(warning)
@@ -266,4 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    return _prune(args.command_parser, args)
+    try:
+        return _prune(args.command_parser, args)
+    except _RUNTIME_ERRORS as err:
+        lines = str(err).strip().splitlines()
+        print(f"ntksap: error: {type(err).__name__}: {lines[0] if lines else 'no message'}", file=sys.stderr)
+        return 1

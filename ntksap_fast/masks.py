@@ -20,11 +20,9 @@ from __future__ import annotations
 import collections
 import copy
 import hashlib
-import io
 import json
 import os
 import pickle
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -231,49 +229,42 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
             os.remove(tmp)
 
 
-def _safetensors_header(data: bytes) -> dict | None:
-    """The JSON header of a safetensors file's bytes; None if the bytes do not start like one."""
-    if len(data) < 10:
-        return None
-    (size,) = struct.unpack("<Q", data[:8])
-    if data[8:9] != b"{" or size > len(data) - 8:
-        return None
+def _read_safetensors(path: str, where: str) -> tuple[dict, str | None]:
+    """``(tensors, metadata JSON or None)`` of a safetensors file; ValueError if it does not read."""
+    from safetensors import safe_open
+
     try:
-        header = json.loads(data[8 : 8 + size])
-    except ValueError:
-        return None
-    return header if isinstance(header, dict) else None
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as err:  # SafetensorError and friends: truncated or corrupt data
+        raise ValueError(f"{where} is a truncated or corrupt safetensors file ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        return tensors, None
+    try:  # safetensors stores tensors sorted its own way; the masks' order is kept beside them
+        order = json.loads(meta.get("order", "[]"))
+        tensors = {n: tensors[n] for n in order} if sorted(order) == sorted(tensors) else tensors
+    except (ValueError, TypeError):
+        raise ValueError(f"{where} has an unreadable tensor order in its metadata") from None
+    return tensors, meta.get("ntksap_fast")
 
 
-def _read(path: str, data: bytes) -> tuple[Mapping, str | None]:
-    """``(tensors, metadata JSON or None)`` from a file's bytes; ValueError saying what is wrong."""
+def _read(path: str) -> tuple[Mapping, str | None]:
+    """``(tensors, metadata JSON or None)`` from a mask file; ValueError saying what is wrong."""
     where = f"mask file {path!r}"
-    if not data:
+    with open(path, "rb") as f:
+        start = f.read(9)
+    if not start:
         raise ValueError(f"{where} is empty")
-    header = _safetensors_header(data)
-    if header is not None:
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            tensors = load_safetensors(data)
-        except Exception as err:  # SafetensorError and friends: truncated or corrupt data
-            raise ValueError(f"{where} is a truncated or corrupt safetensors file ({err})") from None
-        meta = header.get("__metadata__")
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            return tensors, None
-        try:  # safetensors stores tensors sorted its own way; the masks' order is kept beside them
-            order = json.loads(meta.get("order", "[]"))
-            tensors = {n: tensors[n] for n in order} if sorted(order) == sorted(tensors) else tensors
-        except (ValueError, TypeError):
-            raise ValueError(f"{where} has an unreadable tensor order in its metadata") from None
-        return tensors, meta.get("ntksap_fast")
-    if data[:4] != _ZIP_MAGIC and data[:1] != b"\x80":
+    if start[8:9] == b"{":  # safetensors: an 8-byte header size, then the JSON header
+        return _read_safetensors(path, where)
+    if start[:4] != _ZIP_MAGIC and start[:1] != b"\x80":
         raise ValueError(f"{where} is neither a safetensors file nor a torch.save file "
-                         f"(it starts with {data[:8]!r})")
+                         f"(it starts with {start[:8]!r})")
     try:
         with warnings.catch_warnings():  # random bytes make the unpickler warn about a "protocol"
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # the weights-only unpickler refused a class or function
             raise ValueError(f"{where} holds objects other than tensors and plain Python values; it was not "
@@ -311,7 +302,7 @@ def load_masks(path: str | os.PathLike, model: nn.Module | None = None, *,
     if not Path(path).is_file():
         raise ValueError(f"path {os.fspath(path)!r} is not a file")
     name = os.fspath(path)
-    tensors, meta_text = _read(name, Path(path).read_bytes())
+    tensors, meta_text = _read(name)
     try:
         _check_masks(tensors, argname="masks")
     except TypeError as err:
@@ -336,3 +327,4 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
     _check_masks(masks)
     total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
+

@@ -10,13 +10,15 @@ Jacobian of the flattened outputs ``f(X)`` (``B * O`` entries, rows ordered samp
 the prunable weights at the model's *current* values. For a pruned model the pruned weights are
 set to zero and their Jacobian columns dropped (they are no longer trainable). The model runs with
 dropout off and BatchNorm normalising with the batch's own statistics, on a copy.
-Plots use matplotlib's Agg backend, imported only when a plot is drawn.
+Plots are ``matplotlib.figure.Figure`` objects built without pyplot (matplotlib is imported only
+when a plot is drawn; the user's backend and pyplot state are never touched): the functions return
+the figure and write it to a file when given a path.
 """
 from __future__ import annotations
 
 import copy
 import os
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +27,9 @@ from .arena import Arena, ParamSelector
 from .arguments import resolve_input_shape
 from .masks import _check_masks
 from .stability import HOW_TO_READ
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "stability_table",
@@ -121,32 +126,35 @@ def stability_table(rounds: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines + [HOW_TO_READ])
 
 
-def _save(plt, fig, path) -> None:
-    """Writes ``fig`` as a PNG at ``path`` and frees it."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _pyplot():
+def _figure(figsize: tuple[float, float]) -> "Figure":
+    """A new ``matplotlib.figure.Figure`` (no pyplot, no backend change)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("plots need matplotlib: pip install matplotlib (or 'ntksap_fast[plot]')") from err
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
-def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, *, title: str | None = None) -> None:
-    """Bar chart (PNG at ``path``) of each layer's density, global density as a dashed line."""
+def _finish(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+    """Lays ``fig`` out, writes it to ``path`` (format from the extension, 120 dpi) if given; returns it."""
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None, *,
+                       title: str | None = None) -> "Figure":
+    """Bar chart of each layer's density (collapsed layers red), global density as a dashed line.
+
+    Returns the ``matplotlib.figure.Figure`` (one axes, one bar per mask in the dict's order) and
+    writes it to ``path`` when given (e.g. ``"density.png"``; the format follows the extension).
+    """
     rows = layer_rows(masks)
     flagged = set(collapsed_layers(masks))
     kept_all, total_all = _totals(rows)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4.5))
+    fig = _figure((max(6.0, 0.25 * len(rows) + 2), 4.5))
+    ax = fig.subplots()
     colors = ["tab:red" if r[0] in flagged else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), [r[2] / r[3] for r in rows], color=colors)
     ax.axhline(kept_all / total_all, color="k", linestyle="--", linewidth=1,
@@ -155,7 +163,7 @@ def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLik
     ax.set_ylabel("density (kept / total)")
     ax.set_title(title or "Per-layer density (red: collapsed)")
     ax.legend()
-    _save(plt, fig, path)
+    return _finish(fig, path)
 
 
 def _limit_error(what: str, entries: int, limit: int) -> ValueError:
@@ -247,15 +255,16 @@ def ntk_eigenvalues(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     return torch.linalg.eigvalsh(ntk).flip(0)
 
 
-def plot_ntk_spectrum(dense: torch.Tensor, pruned: torch.Tensor, path: str | os.PathLike, *,
-                      title: str | None = None) -> None:
-    """Both spectra (1-D eigenvalue tensors) on one log-scale plot, PNG at ``path``.
+def plot_ntk_spectrum(dense: torch.Tensor, pruned: torch.Tensor, path: str | os.PathLike | None = None, *,
+                      title: str | None = None) -> "Figure":
+    """Both spectra (1-D eigenvalue tensors), descending, on one log-scale axes.
 
     Eigenvalues <= 0 (numerical zeros) are clipped to 1e-12 times the largest dense eigenvalue.
+    Returns the ``matplotlib.figure.Figure`` and writes it to ``path`` when given.
     """
-    plt = _pyplot()
     floor = 1e-12 * float(dense.max().clamp_min(1e-300))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure((6, 4))
+    ax = fig.subplots()
     for eig, label in ((dense, "dense"), (pruned, "pruned")):
         vals = eig.detach().double().cpu().sort(descending=True).values.clamp_min(floor)
         ax.plot(range(1, len(vals) + 1), vals.numpy(), marker=".", label=label)
@@ -264,4 +273,4 @@ def plot_ntk_spectrum(dense: torch.Tensor, pruned: torch.Tensor, path: str | os.
     ax.set_ylabel("NTK eigenvalue")
     ax.set_title(title or "Empirical NTK spectrum")
     ax.legend()
-    _save(plt, fig, path)
+    return _finish(fig, path)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import ntksap_fast
-from ntksap_fast import cli, load_masks
-from ntksap_fast.cli import build_model, main
+from ntksap_fast import NtkSapScorer, cli, density_schedule, load_masks
+from ntksap_fast.cli import build_model, build_parser, default_input_shape, main
 from ntksap_fast.demo import main as demo_main
+from ntksap_fast.sanity import keep_lowest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--draws", "1", "--batch-size", "2", "--iterations", "2", "--no-progress"]
@@ -85,6 +86,13 @@ def test_demo_wrapper(capsys):
     (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["prune", "resnet20", "--min-layer-density", "1.5"], "min_layer_density must be in [0, 1]"),
+    (["prune", "resnet20", "--device", "cuda:x"], "--device: Invalid device string: 'cuda:x'"),
+    (["prune", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
+    (["prune", ":make"], "expected NAME, torchvision:NAME, timm:NAME or package.module:callable"),
+    (["prune", "os.path:sep"], "'sep' is a str, expected a callable"),
+    (["prune", "resnet20", "--invert", "--method", "magnitude"], "--invert applies to --method ntksap"),
+    (["prune", "resnet20", "--invert", "--target-overlap", "0.5"], "--invert applies to --method ntksap"),
+    (["prune", "resnet20", "--invert", "--scope", "layer"], "--invert applies to --method ntksap"),
 ])
 def test_bad_arguments_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
@@ -184,3 +192,144 @@ def test_cli_shows_the_scorers_decisions_and_stability(tmp_path, capsys):
     assert [r[0] for r in rows] == ["1", "2"] and all(r[2] == "4" for r in rows)  # draws added up to max_draws
     text = report.read_text()
     assert "## Stability" in text and "| 2 | 0.2000 | 4 |" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Version, devices, runtime errors
+# ----------------------------------------------------------------------------------------------
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"ntksap {ntksap_fast.__version__}\n"
+
+
+@pytest.mark.parametrize("available, device", [(True, "cuda"), (False, "cpu")])
+def test_device_defaults_to_cuda_when_available(monkeypatch, available, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert build_parser().parse_args(["prune", "resnet20"]).device == device
+
+
+def test_runtime_errors_exit_1_with_one_line(monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee the documentation")
+
+    monkeypatch.setattr(cli, "prune", out_of_memory)
+    assert main(["prune", "resnet20", "--method", "magnitude", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == "ntksap: error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA device")
+def test_cuda_without_a_gpu_exits_1(capsys):
+    assert main(["prune", "resnet20", "--device", "cuda", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ntksap: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Model sources: the user's factory, timm
+# ----------------------------------------------------------------------------------------------
+USER_MODELS = """
+from torch import nn
+
+
+def tiny_cnn(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
+def not_a_model(num_classes=10):
+    return 42
+
+
+def no_classes():
+    return tiny_cnn()
+"""
+
+
+def test_user_module_on_pythonpath_writes_masks(tmp_path):
+    """`ntksap prune mymodels:tiny_cnn` with mymodels on PYTHONPATH, run from another folder."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mymodels.py").write_text(USER_MODELS)
+    (tmp_path / "run").mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "lib"), ROOT]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ntksap_fast", "prune", "mymodels:tiny_cnn", "--input-shape", "3,16,16",
+                           "--num-classes", "7", "--density", "0.2", *TINY, "--out", "masks.safetensors"],
+                          cwd=tmp_path / "run", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    masks = load_masks(tmp_path / "run" / "masks.safetensors")
+    assert list(masks) == ["0.weight", "4.weight"] and masks["4.weight"].shape == (7, 4)
+    assert sum(int(m.sum()) for m in masks.values()) == keep_n(108 + 28, 0.2)
+    assert masks.metadata["model"] == "mymodels:tiny_cnn" and masks.metadata["num_classes"] == 7
+
+
+def test_user_module_in_the_current_folder_and_its_errors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ntksap_cli_user_models.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # restored afterwards
+    monkeypatch.delitem(sys.modules, "ntksap_cli_user_models", raising=False)
+    model = build_model("ntksap_cli_user_models:tiny_cnn", num_classes=3, seed=1)
+    assert model[4].out_features == 3
+    again = build_model("ntksap_cli_user_models:tiny_cnn", num_classes=3, seed=1)
+    assert torch.equal(model[0].weight, again[0].weight)  # seeded
+    for name, words in (("ntksap_cli_user_models:not_a_model", "returned a int, expected a torch.nn.Module"),
+                        ("ntksap_cli_user_models:missing", "has no attribute 'missing'"),
+                        ("ntksap_cli_user_models:no_classes", "with num_classes=5: TypeError")):
+        with pytest.raises(SystemExit) as info:
+            main(["prune", name, "--num-classes", "5", "--input-shape", "3,8,8", "--no-progress"])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, "ntksap_cli_user_models")
+
+
+def test_timm_resnet18_writes_masks(tmp_path, capsys):
+    pytest.importorskip("timm", reason="timm is in the test extra; this test runs where it is installed")
+    out = tmp_path / "masks.pt"
+    assert main(["prune", "timm:resnet18", "--input-shape", "3,64,64", "--num-classes", "10", "--density", "0.1",
+                 "--draws", "1", "--batch-size", "2", "--iterations", "1", "--no-progress", "--out", str(out)]) == 0
+    masks = load_masks(out)
+    assert masks["fc.weight"].shape == (10, 512) and len(masks) == 21
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == keep_n(total, 0.1)
+    assert "input_shape (3, 64, 64)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_timm_input_shape_comes_from_pretrained_cfg(capsys):
+    timm = pytest.importorskip("timm", reason="timm is in the test extra; this test runs where it is installed")
+    assert default_input_shape(timm.create_model("resnet18", pretrained=False)) == (3, 224, 224)
+    assert default_input_shape(build_model("resnet20")) == (3, 32, 32)
+    assert main(["prune", "timm:mobilevit_xxs", "--method", "magnitude", "--density", "0.5", "--no-progress"]) == 0
+    assert "input_shape (3, 256, 256)" in capsys.readouterr().out.splitlines()[0]  # mobilevit's is 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Sanity switches
+# ----------------------------------------------------------------------------------------------
+def test_invert_keeps_the_lowest_scores_each_round(tmp_path, capsys):
+    out, plain = tmp_path / "inverted.pt", tmp_path / "plain.pt"
+    common = ["prune", "resnet20", "--density", "0.1", "--input-shape", "3,16,16", *TINY]
+    assert main([*common, "--invert", "--out", str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert ", invert True," in first and f"device {'cuda' if torch.cuda.is_available() else 'cpu'}" in first
+    masks = load_masks(out)
+    assert masks.metadata["inverted"] is True
+    scorer, want = NtkSapScorer(build_model("resnet20", seed=0), (3, 16, 16), draws=1, batch_size=2,
+                                device=masks.metadata["device"]), None
+    for t, d in enumerate(density_schedule(0.1, 2)):
+        want = keep_lowest(scorer.scores(want, round=t), d, want)
+    assert list(masks) == list(want) and all(torch.equal(masks[n], want[n].cpu()) for n in want)
+    assert main([*common, "--out", str(plain)]) == 0
+    normal = load_masks(plain)
+    overlap = sum(int((masks[n] & normal[n]).sum()) for n in masks) / sum(int(m.sum()) for m in masks.values())
+    assert overlap < 0.1  # the highest and the lowest scores hardly meet
+
+
+def test_shuffle_keeps_each_layers_count(tmp_path):
+    plain, shuffled = tmp_path / "plain.safetensors", tmp_path / "shuffled.safetensors"
+    common = ["prune", "resnet20", "--method", "magnitude", "--density", "0.1", "--seed", "2", "--no-progress"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--shuffle", "--out", str(shuffled)]) == 0
+    a, b = load_masks(plain), load_masks(shuffled)
+    assert b.metadata["shuffle_seed"] == 2 and b.metadata["shuffle"] is True
+    assert all(int(a[n].sum()) == int(b[n].sum()) for n in a)
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])

@@ -1,6 +1,10 @@
 """Reports: tables, collapse rule, markdown, plots, and the empirical NTK against closed forms."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +14,7 @@ from ntksap_fast.report import (check_ntk_size, collapsed_layers, empirical_ntk,
                                 ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum)
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def linear(d_in=5, d_out=3) -> nn.Linear:
@@ -124,12 +129,41 @@ def test_markdown_report():
     assert "warning: layer collapse in 2 layer(s)" in text and "c.weight, d.weight" in text
 
 
-def test_plots_write_png(tmp_path):
-    plot_layer_density(example_masks(), tmp_path / "density.png")
+def test_plots_return_figures_and_write_png(tmp_path):
+    from matplotlib.figure import Figure
+
+    masks = example_masks()
+    fig = plot_layer_density(masks, tmp_path / "density.png")
     assert (tmp_path / "density.png").read_bytes()[:8] == PNG
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    heights = [bar.get_height() for bar in fig.axes[0].patches]
+    assert heights == pytest.approx([int(m.sum()) / m.numel() for m in masks.values()])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(masks)
+    assert isinstance(plot_layer_density(masks), Figure)  # no path: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["density.png"]
     dense = torch.tensor([10.0, 3.0, 1.0, 0.0])
-    plot_ntk_spectrum(dense, dense / 4, tmp_path / "spectrum.png")
+    spectrum = plot_ntk_spectrum(dense, dense / 4, tmp_path / "spectrum.png")
     assert (tmp_path / "spectrum.png").read_bytes()[:8] == PNG
+    lines = spectrum.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["dense", "pruned"]
+    assert list(lines[1].get_ydata()) == pytest.approx([2.5, 0.75, 0.25, 1e-11])  # 0 clipped to 1e-12 * 10
+
+
+def test_plots_leave_the_users_matplotlib_alone(tmp_path):
+    """The user's backend stays, pyplot is never imported (a fresh process sees exactly that)."""
+    script = f"""
+import sys, matplotlib, torch
+matplotlib.use("svg")
+from ntksap_fast.report import plot_layer_density, plot_ntk_spectrum
+plot_layer_density({{"w": torch.tensor([True, False])}}, {str(tmp_path / "d.png")!r})
+plot_ntk_spectrum(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]), {str(tmp_path / "s.png")!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d.png").read_bytes()[:8] == PNG and (tmp_path / "s.png").read_bytes()[:8] == PNG
 
 
 def test_bad_report_input():
