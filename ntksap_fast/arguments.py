@@ -5,16 +5,13 @@ import math
 import numbers
 import os
 import sys
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["check_int", "check_float", "check_epsilon", "check_seed", "check_density", "resolve_input_shape",
-           "batch_sizes", "resolve_device", "resolve_dtype", "warn_slow_dtype", "cpu_has_bfloat16", "user_stacklevel", "DTYPES"]
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+           "batch_sizes", "resolve_device", "cpu_has_bfloat16", "user_stacklevel"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -94,14 +91,6 @@ def resolve_device(model: nn.Module, device) -> torch.device:
         raise ValueError(f"device must name a torch device, got {device!r}") from err
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    """The compute dtype: float32 when None; ``ValueError`` unless float32, bfloat16 or float64."""
-    dtype = torch.float32 if dtype is None else dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {dtype}")
-    return dtype
-
-
 def cpu_has_bfloat16() -> bool:
     """Whether oneDNN runs bfloat16 convolutions natively on this CPU (AVX-512 BF16 or AMX).
 
@@ -122,16 +111,3 @@ def user_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def warn_slow_dtype(device: torch.device, dtype: torch.dtype) -> None:
-    """A ``RuntimeWarning`` when bfloat16 on this CPU would be slower than float32, not faster.
-
-    Without native bfloat16 (e.g. AVX2-only CPUs) PyTorch's CPU convolutions fall back to its slow
-    reference kernels: measured on a 2-core AVX2 EPYC, a ResNet-20 round 10x and a ResNet-50 draw
-    14x slower than float32.
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bfloat16():
-        warnings.warn("dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
-                      "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
-                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=user_stacklevel())

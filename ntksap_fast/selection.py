@@ -25,7 +25,7 @@ import torch
 from .schedule import keep_count
 from .topk import masked_topk_
 
-__all__ = ["select_", "layer_floors"]
+__all__ = ["select_"]
 
 
 class _SlotLike(Protocol):
@@ -62,22 +62,6 @@ def _check_density(min_layer_density: float) -> float:
     if not 0.0 <= float(min_layer_density) <= 1.0:  # also rejects NaN
         raise ValueError(f"min_layer_density must be in [0, 1], got {min_layer_density}")
     return float(min_layer_density)
-
-
-def layer_floors(mask: torch.Tensor, slots_or_sizes: Sequence[_SlotLike] | Sequence[int],
-                 min_layer_density: float) -> list[int]:
-    """``floor_t = min(keep_count(numel_t, min_layer_density), unpruned_t)`` for each tensor.
-
-    Args:
-        mask: flat 1-D bool tensor, True = unpruned.
-        slots_or_sizes: the tensors, in flat order: arena slots or sizes tiling ``mask``.
-        min_layer_density: the floor's fraction of each tensor's size, in ``[0, 1]``.
-    """
-    density = _check_density(min_layer_density)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 1:
-        raise TypeError("mask must be a 1-D bool tensor")
-    spans = _spans(slots_or_sizes, mask.shape[0])
-    return _floors(mask, spans, density)
 
 
 def _floors(mask: torch.Tensor, spans: list[tuple[int, int]], density: float) -> list[int]:

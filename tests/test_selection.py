@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ntksap_fast.arena import Arena
-from ntksap_fast.selection import layer_floors, select_
+from ntksap_fast.schedule import keep_count
+from ntksap_fast.selection import select_
 from ntksap_fast.topk import masked_topk
 
 
@@ -38,6 +39,12 @@ def _case(gen: torch.Generator, sizes: list[int], levels: int, p_pruned: float):
     return scores, mask
 
 
+def _floors(mask: torch.Tensor, sizes: list[int], min_density: float) -> list[int]:
+    """Each tensor's floor (the selection module's docstring): min(keep_count(size, d), unpruned)."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [min(keep_count(n, min_density), int(mask[a : a + n].sum())) for a, n in zip(starts, sizes)]
+
+
 @pytest.mark.parametrize("min_density", [0.0, 0.01, 0.1, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("trial", range(6))
 def test_matches_sort_reference(min_density: float, trial: int) -> None:
@@ -46,7 +53,7 @@ def test_matches_sort_reference(min_density: float, trial: int) -> None:
     sizes = [int(s) for s in torch.randint(0, 60, (count,), generator=gen)]
     sizes[0] = max(sizes[0], 1)
     scores, mask = _case(gen, sizes, levels=int(torch.randint(2, 20, (1,), generator=gen)), p_pruned=0.3)
-    floors = layer_floors(mask, sizes, min_density)
+    floors = _floors(mask, sizes, min_density)
     unpruned = int(mask.sum())
     for n_keep in sorted({sum(floors), (sum(floors) + unpruned) // 2, unpruned}):
         want = reference_select(scores.tolist(), mask.tolist(), n_keep, sizes, min_density)
@@ -81,9 +88,10 @@ def test_floor_saves_a_layer_from_collapse() -> None:
 def test_floor_counts_the_tensor_size_and_caps_at_what_is_left() -> None:
     mask = torch.ones(30, dtype=torch.bool)
     mask[10:19] = False  # tensor 1 (10 entries) has one entry left
-    assert layer_floors(mask, [10, 10, 10], 0.25) == [3, 1, 3]
-    assert layer_floors(mask, [10, 10, 10], 0.0) == [0, 0, 0]
-    assert layer_floors(mask, [10, 10, 10], 1.0) == [10, 1, 10]
+    scores = torch.arange(30, dtype=torch.float32).flip(0)  # tensor 0 best, tensor 2 worst
+    for min_density, n_keep, want in ((0.25, 7, [3, 1, 3]), (0.0, 7, [7, 0, 0]), (1.0, 21, [10, 1, 10])):
+        got = select_(scores, mask.clone(), n_keep, [10, 10, 10], min_density)
+        assert [int(got[a : a + 10].sum()) for a in (0, 10, 20)] == want
 
 
 def test_arena_slots_work_as_spans() -> None:
