@@ -64,7 +64,9 @@ def test_normal_reference_torch(benchmark):
 
 
 def test_normal_triton(benchmark):
-    _run(benchmark, "normal-16M", lambda: philox.normal(0, 0, 0, rng.Stream.WEIGHTS, 1 << 24, device=DEV))
+    out = torch.empty(1 << 24, device=DEV)
+    key, draw = philox.round_key(0, 0, DEV), philox.draw_ids([0], DEV)
+    _run(benchmark, "normal-16M", lambda: philox.normal_into(out, key, draw, rng.Stream.WEIGHTS))
 
 
 # --- draw sampling ---------------------------------------------------------------------------
@@ -98,12 +100,17 @@ def test_sample_reference_torch(benchmark, resnet50_arena):
     _run(benchmark, "sample-resnet50", torch_path)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sample_triton(benchmark, resnet50_arena, dtype):
+def test_sample_triton(benchmark, resnet50_arena):
     arena, mask = resnet50_arena
     table, mask_d = sd.StdTable.from_arena(arena, DEV), mask.to(DEV)
-    _run(benchmark, "sample-resnet50",
-         lambda: sd.sample_draws(table, 0, 0, [0], EPS, mask_d, dtype=getattr(torch, dtype)))
+    key, draws = philox.round_key(0, 0, DEV), philox.draw_ids([0], DEV)
+
+    def triton_path():
+        w_clean = torch.empty(1, table.numel, device=DEV)
+        w_pert = torch.empty_like(w_clean)
+        sd.sample_draws_into(w_clean, w_pert, table, key, draws, EPS, mask_d)
+        return w_clean, w_pert
+    _run(benchmark, "sample-resnet50", triton_path)
 
 
 # --- mask-gradient reduction -----------------------------------------------------------------
@@ -136,8 +143,9 @@ def test_mask_grad_triton(benchmark, grads, stats):
     table, mask_d, draws, g_c, g_p, _, _ = grads
     G = torch.zeros(table.numel, device=DEV)
     acc = (torch.zeros_like(G), torch.zeros_like(G)) if stats else None
+    key, ids = philox.round_key(0, 0, DEV), philox.draw_ids(draws, DEV)
     _run(benchmark, "mask-grad-resnet50-8draws",
-         lambda: mg.mask_grad_accumulate(G, g_c, g_p, table, 0, 0, draws, EPS, mask_d, stats=acc))
+         lambda: mg.mask_grad_accumulate_into(G, g_c, g_p, table, key, ids, EPS, mask_d, acc))
 
 
 # --- BatchNorm statistics --------------------------------------------------------------------

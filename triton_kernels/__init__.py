@@ -19,17 +19,11 @@ tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is im
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
-__all__ = ["available", "philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad"]
+__all__ = ["philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad"]
 
 _MODULES = ("philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad")
-
-
-def available() -> bool:
-    """True when triton is installed (the kernels can be imported)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def __getattr__(name: str) -> ModuleType:

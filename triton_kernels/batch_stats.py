@@ -1,10 +1,8 @@
 """The clean branch's BatchNorm statistics in one pass over memory (twin: ``clean_stats_reference``).
 
-Input ``x``: ``(groups * B, C, *spatial)`` float32/bf16/fp16, any dense layout (NCHW or
-channels-last); ``groups`` draws stacked along the batch dim get statistics of their own.
+Input ``x``: ``(B, C, *spatial)`` float32/bf16/fp16, any dense layout (NCHW or channels-last).
 
-``clean_stats`` gives per (group, channel) mean and unbiased variance over the batch and spatial
-dims: data shifted by one sample of the channel (so |mean| >> std costs nothing), each tile's mean
+``clean_stats`` gives per channel mean and unbiased variance over the batch and spatial dims: data shifted by one sample of the channel (so |mean| >> std costs nothing), each tile's mean
 and M2 computed in float32 registers (two-pass within the tile) and merged (Chan et al.) into
 per-chunk accumulators; chunks combined in float64 and rounded once to float32. Accuracy: within
 ~1 float32 ulp of the float64 statistics the engine rounds to float32 (measured <= 1.2 ulp of var,
@@ -14,7 +12,9 @@ lose all digits.
 
 Compiled once per layout and dtype: shapes and counts are runtime arguments (not specialised) and
 the tile is one of three fixed shapes (``_tiles``), so a whole network uses at most three variants
-of the partial kernel and one of the combine kernel per input dtype.
+of the partial kernel and one of the combine kernel per input dtype. The batch is split into
+``K`` chunks of ``BPC`` samples (the last chunk may be shorter) so that ~1024 programs share the
+work.
 """
 from __future__ import annotations
 
@@ -29,21 +29,21 @@ __all__ = ["clean_stats", "clean_stats_reference"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit(do_not_specialize=["C", "S", "Bg", "BPC", "K"])
-def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, Bg, BPC, K, sB, sC, sS,
+@triton.jit(do_not_specialize=["C", "S", "B", "BPC", "K"])
+def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, B, BPC, K, sB, sC, sS,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial (mean, M2) of channels tile ``pid0``, samples chunk ``pid1``, group ``pid2``.
+    """Partial (mean, M2) of channels tile ``pid0`` over samples chunk ``pid1`` (``BPC`` samples, the
+    last chunk fewer).
 
-    Statistics of ``x - x[first sample of the group, c, s=0]``: the shift keeps float32 exact
-    when |mean| >> std (the variance does not change; the combine adds the shift back).
+    Statistics of ``x - x[0, c, s=0]``: the shift keeps float32 exact when |mean| >> std (the
+    variance does not change; the combine adds the shift back).
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     k = tl.program_id(1)
-    g = tl.program_id(2)
     c_ok = c < C
-    shift = tl.load(x_ptr + (g * Bg).to(tl.int64) * sB + c * sC, mask=c_ok, other=0.0).to(tl.float32)
-    b_start = g * Bg + k * BPC
-    b_stop = tl.minimum(b_start + BPC, g * Bg + Bg)
+    shift = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float32)
+    b_start = k * BPC
+    b_stop = tl.minimum(b_start + BPC, B)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -64,26 +64,25 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, Bg, BPC, K, sB, sC, s
             m2 = m2 + t_m2 + delta * delta * (count * n_t / total)
             count = total
         base += sB
-    out = (g * C + c).to(tl.int64) * K + k
+    out = c.to(tl.int64) * K + k
     tl.store(pmean_ptr + out, mean, mask=c_ok)
     tl.store(pm2_ptr + out, m2, mask=c_ok)
 
 
-@triton.jit(do_not_specialize=["C", "S", "Bg", "BPC", "K"])
-def _stats_combine_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, Bg, BPC, K, sB, sC,
+@triton.jit(do_not_specialize=["C", "S", "B", "BPC", "K"])
+def _stats_combine_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, B, BPC, K, sC,
                           BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Chunks -> (mean, unbiased var) per channel in float64, stored as float32 ``(G, C)``."""
-    g = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Chunks -> (mean, unbiased var) per channel in float64, stored as float32 ``(C,)``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    row = (g * C + c).to(tl.int64) * K
-    total = (tl.zeros([BLOCK_C], dtype=tl.float64) + Bg) * S
+    row = c.to(tl.int64) * K
+    total = (tl.zeros([BLOCK_C], dtype=tl.float64) + B) * S
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         ok = c_ok[:, None] & (k < K)[None, :]
         m = tl.load(pmean_ptr + row[:, None] + k[None, :], mask=ok, other=0.0).to(tl.float64)
-        n = (tl.minimum(Bg - k * BPC, BPC).to(tl.float64) * S)[None, :]
+        n = (tl.minimum(B - k * BPC, BPC).to(tl.float64) * S)[None, :]
         acc += tl.sum(tl.where(ok, m * n, 0.0), axis=1)
     mean = acc / total
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
@@ -92,12 +91,12 @@ def _stats_combine_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, Bg
         ok = c_ok[:, None] & (k < K)[None, :]
         m = tl.load(pmean_ptr + row[:, None] + k[None, :], mask=ok, other=0.0).to(tl.float64)
         q = tl.load(pm2_ptr + row[:, None] + k[None, :], mask=ok, other=0.0).to(tl.float64)
-        n = (tl.minimum(Bg - k * BPC, BPC).to(tl.float64) * S)[None, :]
+        n = (tl.minimum(B - k * BPC, BPC).to(tl.float64) * S)[None, :]
         d = m - mean[:, None]
         m2 += tl.sum(tl.where(ok, q + n * d * d, 0.0), axis=1)
-    shift = tl.load(x_ptr + (g * Bg).to(tl.int64) * sB + c * sC, mask=c_ok, other=0.0).to(tl.float64)
-    tl.store(mean_ptr + g * C + c, (shift + mean).to(tl.float32), mask=c_ok)
-    tl.store(var_ptr + g * C + c, (m2 / (total - 1.0)).to(tl.float32), mask=c_ok)
+    shift = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float64)
+    tl.store(mean_ptr + c, (shift + mean).to(tl.float32), mask=c_ok)
+    tl.store(var_ptr + c, (m2 / (total - 1.0)).to(tl.float32), mask=c_ok)
 
 
 def _bcs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int, int]:
@@ -131,39 +130,32 @@ def _check_input(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def clean_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance of ``x`` ``(groups*B, C, *spatial)``: two float32 ``(groups, C)``."""
+def clean_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance per channel of ``x`` ``(B, C, *spatial)``: two float32 ``(C,)``."""
     _check_input(x, "x")
     x, b, c, s, sb, sc, ss = _bcs(x.detach())
-    if groups < 1 or b % groups:
-        raise ValueError(f"groups={groups} must divide the batch size {b}")
-    bg = b // groups
-    mean = torch.empty(groups, c, dtype=torch.float32, device=x.device)
+    mean = torch.empty(c, dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
-    if mean.numel() == 0:
+    if c == 0:
         return mean, var
-    if bg * s == 0:
+    if b * s == 0:
         return mean.fill_(float("nan")), var.fill_(float("nan"))
     block_s, block_c = _tiles(s, sc)
     c_tiles = triton.cdiv(c, block_c)
-    k_target = max(1, 1024 // (c_tiles * groups))
-    bpc = triton.cdiv(bg, min(bg, k_target))
-    k = triton.cdiv(bg, bpc)
-    pmean = torch.empty(groups, c, k, dtype=torch.float32, device=x.device)
+    k_target = max(1, 1024 // c_tiles)
+    bpc = triton.cdiv(b, min(b, k_target))  # samples per chunk
+    k = triton.cdiv(b, bpc)  # chunks, the last one short when bpc does not divide b
+    pmean = torch.empty(c, k, dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    _stats_partial_kernel[(c_tiles, k, groups)](x, pmean, pm2, c, s, bg, bpc, k, sb, sc, ss,
-                                                BLOCK_S=block_s, BLOCK_C=block_c)
+    _stats_partial_kernel[(c_tiles, k)](x, pmean, pm2, c, s, b, bpc, k, sb, sc, ss, BLOCK_S=block_s, BLOCK_C=block_c)
     comb_c = 64
-    _stats_combine_kernel[(groups, triton.cdiv(c, comb_c))](x, pmean, pm2, mean, var, c, s, bg, bpc, k, sb, sc,
-                                                             BLOCK_C=comb_c, BLOCK_K=64)
+    _stats_combine_kernel[(triton.cdiv(c, comb_c),)](x, pmean, pm2, mean, var, c, s, b, bpc, k, sc,
+                                                      BLOCK_C=comb_c, BLOCK_K=64)
     return mean, var
 
 
-def clean_stats_reference(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of ``clean_stats``: float64 ``torch.var_mean`` per group, rounded to float32."""
-    xg = x.detach().double().reshape(groups, x.shape[0] // groups, *x.shape[1:]).transpose(0, 1)
-    dims = [0] + list(range(3, xg.dim()))
-    var, mean = torch.var_mean(xg, dims, correction=1)
+def clean_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``clean_stats``: float64 ``torch.var_mean`` over all dims but 1, rounded to float32 ``(C,)``."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.detach().double(), dims, correction=1)
     return mean.float(), var.float()
-
-

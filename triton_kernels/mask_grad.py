@@ -27,10 +27,10 @@ import triton.language as tl
 
 from ntksap_fast.rng import Stream, normal
 
-from .philox import block_normals, draw_ids, interleave4, load_key, round_key, use_libdevice
-from .sample_draw import StdTable, check_mask, lookup_std
+from .philox import block_normals, draw_ids, interleave4, load_key, use_libdevice
+from .sample_draw import StdTable, lookup_std
 
-__all__ = ["mask_grad_accumulate", "mask_grad_accumulate_into", "mask_grad_reference"]
+__all__ = ["mask_grad_accumulate_into", "mask_grad_reference"]
 
 #: ``(odd, sq)``: float32 ``(N,)`` accumulators of the odd-numbered draws' sum and of the squares.
 Stats = tuple[torch.Tensor, torch.Tensor]
@@ -82,18 +82,6 @@ def _mask_grad_kernel(G_ptr, odd_ptr, sq_ptr, gc_ptr, gp_ptr, mask_ptr, offsets_
         tl.store(sq_ptr + elem, sq, mask=ok)
 
 
-def _check_grads(G: torch.Tensor, *rows: torch.Tensor) -> int:
-    if G.dtype != torch.float32 or G.dim() != 1 or not G.is_contiguous():
-        raise ValueError("G must be a contiguous flat float32 tensor")
-    d = rows[0].shape[0] if rows[0].dim() == 2 else -1
-    for name, t in zip(("g_clean", "g_pert"), rows):
-        if t.dim() != 2 or t.shape != (d, G.numel()) or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous (D, N) tensor with N = {G.numel()}, got {tuple(t.shape)}")
-        if t.device != G.device:
-            raise ValueError(f"{name} is on {t.device}, G on {G.device}")
-    return d
-
-
 def mask_grad_accumulate_into(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, table: StdTable,
                               key: torch.Tensor, draws: torch.Tensor, eps: float, mask: torch.Tensor | None = None,
                               stats: Stats | None = None) -> None:
@@ -114,36 +102,14 @@ def mask_grad_accumulate_into(G: torch.Tensor, g_clean: torch.Tensor, g_pert: to
             PRECISE=use_libdevice())
 
 
-def mask_grad_accumulate(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, table: StdTable,
-                         seed: int, round: int, draws: Sequence[int], eps: float,
-                         mask: torch.Tensor | None = None, stats: Stats | None = None) -> torch.Tensor:
-    """``G += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p`` with theta/z regenerated; returns ``G``.
-
-    Args:
-        G: flat float32 ``(N,)`` accumulator, updated in place.
-        g_clean, g_pert: ``(D, N)`` float32 or bf16 gradients w.r.t. the clean/perturbed weights.
-        table, seed, round, draws, eps: as for ``sample_draw.sample_draws`` (same draws, same order).
-        mask: optional flat ``(N,)`` bool/float mask; zero entries get no contribution.
-        stats: optional ``(odd, sq)`` accumulators, updated in place.
-    """
-    d = _check_grads(G, g_clean, g_pert)
-    ids = draw_ids(draws, G.device)
-    if ids.numel() != d:
-        raise ValueError(f"draws has {ids.numel()} ids, the gradients {d} rows")
-    if table.numel != G.numel():
-        raise ValueError(f"table covers {table.numel} elements, G has {G.numel()}")
-    if stats is not None:
-        for acc in stats:
-            _check_grads(acc, g_clean, g_pert)
-    mask = check_mask(mask, G.numel(), G.device)
-    mask_grad_accumulate_into(G, g_clean, g_pert, table, round_key(seed, round, G.device), ids, eps, mask, stats)
-    return G
-
-
 def mask_grad_reference(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, table: StdTable,
                         seed: int, round: int, draws: Sequence[int], eps: float,
                         mask: torch.Tensor | None = None, stats: Stats | None = None) -> torch.Tensor:
-    """PyTorch twin of ``mask_grad_accumulate`` (the engine's per-draw formula); in place."""
+    """PyTorch twin of ``mask_grad_accumulate_into`` (the engine's per-draw formula); in place, returns ``G``.
+
+    ``seed``/``round``: the counters of the ``round_key``; ``draws``: the ``D`` draw ids, in the
+    gradients' row order; other arguments as for ``mask_grad_accumulate_into``.
+    """
     std = table.vector().to(G.device)
     m = None if mask is None else mask.to(G.device, torch.float32)
     for i, draw in enumerate(draw_ids(draws, "cpu").tolist()):

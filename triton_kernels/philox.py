@@ -10,7 +10,7 @@ Kernels read the counters from device memory, never from launch arguments: a ``r
 serves every seed, round and draw, and a CUDA graph that launches it draws new numbers when the
 tensors are rewritten between replays.
 
-* ``philox4x32`` words are bit-identical to the PyTorch twin (uint32 arithmetic, ``tl.umulhi``).
+* ``philox4x32_10`` words are bit-identical to the PyTorch twin (uint32 arithmetic, ``tl.umulhi``).
 * Normals agree with the twin to a few float32 ulps, not bit for bit: both sides compute
   ``u``, ``v``, ``-2 log u`` scaling, ``2 pi v`` and ``sqrt`` identically (exact or correctly
   rounded), but ``log``, ``cos`` and ``sin`` come from different libraries (CUDA libdevice
@@ -34,7 +34,7 @@ from ntksap_fast.rng import Stream, check_counters
 
 __all__ = [
     "philox4x32_10", "box_muller", "load_key", "block_normals", "interleave4",
-    "philox4x32", "round_key", "draw_ids", "normal", "normal_into", "use_libdevice", "NORMAL_TOL",
+    "round_key", "draw_ids", "normal_into", "use_libdevice", "NORMAL_TOL",
 ]
 
 #: Normals agree with ``ntksap_fast.rng`` to ``|a - b| <= NORMAL_TOL * max(1, |b|)``.
@@ -49,7 +49,7 @@ _W1 = tl.constexpr(rng.PHILOX_W1)
 def use_libdevice() -> bool:
     """True when this module's kernels are compiled (libdevice log/cos/sin); False when they were
     created under ``TRITON_INTERPRET=1`` (numpy has no libdevice)."""
-    return type(_philox_words_kernel).__name__ != "InterpretedFunction"
+    return type(_normal_range_kernel).__name__ != "InterpretedFunction"
 
 
 def round_key(seed: int, round: int, device: torch.device | str) -> torch.Tensor:
@@ -150,21 +150,6 @@ def interleave4(n0, n1, n2, n3):
     return tl.reshape(n, (4 * n0.shape[0],))
 
 
-@triton.jit(do_not_specialize=["k0", "k1"])
-def _philox_words_kernel(c_ptr, out_ptr, n, k0, k1, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    c0 = tl.load(c_ptr + offs, mask=ok, other=0).to(tl.uint32)
-    c1 = tl.load(c_ptr + n + offs, mask=ok, other=0).to(tl.uint32)
-    c2 = tl.load(c_ptr + 2 * n + offs, mask=ok, other=0).to(tl.uint32)
-    c3 = tl.load(c_ptr + 3 * n + offs, mask=ok, other=0).to(tl.uint32)
-    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    tl.store(out_ptr + offs, w0.to(tl.int64), mask=ok)
-    tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=ok)
-    tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=ok)
-    tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=ok)
-
-
 @triton.jit(do_not_specialize=["first_block", "offset", "numel"])
 def _normal_range_kernel(out_ptr, first_block, offset, numel, key_ptr, draw_ptr,
                          STREAM: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
@@ -176,26 +161,6 @@ def _normal_range_kernel(out_ptr, first_block, offset, numel, key_ptr, draw_ptr,
     elem = first_block * 4 + tl.program_id(0).to(tl.int64) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
     ok = (elem >= offset) & (elem < offset + numel)
     tl.store(out_ptr + (elem - offset), vals, mask=ok)
-
-
-def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-               key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox-4x32-10 words; twin of ``ntksap_fast.rng.philox4x32``.
-
-    Args:
-        counter: four int64 tensors of one shape on one device, values in [0, 2**32).
-        key: two Python ints in [0, 2**32).
-    Returns:
-        four int64 tensors (values in [0, 2**32)) of the counters' shape.
-    """
-    c = torch.stack([torch.as_tensor(w, dtype=torch.int64) for w in counter]).reshape(4, -1).contiguous()
-    n = c.shape[1]
-    out = torch.empty_like(c)
-    if n:
-        grid = (triton.cdiv(n, 1024),)
-        _philox_words_kernel[grid](c, out, n, key[0] & rng.MASK32, key[1] & rng.MASK32, BLOCK=1024)
-    shape = torch.as_tensor(counter[0]).shape
-    return tuple(w.reshape(shape) for w in out.unbind(0))  # type: ignore[return-value]
 
 
 def normal_into(out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream: Stream, offset: int = 0) -> torch.Tensor:
@@ -216,13 +181,3 @@ def normal_into(out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream
                                    PRECISE=use_libdevice())
     return out
 
-
-def normal(seed: int, round: int, draw: int, stream: Stream, numel: int, *, offset: int = 0,
-           device: torch.device | str = "cuda") -> torch.Tensor:
-    """Standard normals of elements ``offset .. offset + numel - 1``: float32 ``(numel,)`` on ``device``.
-
-    Twin of ``ntksap_fast.rng.normal``.
-    """
-    check_counters(seed, round, draw)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    return normal_into(out, round_key(seed, round, device), draw_ids([draw], device), stream, offset)

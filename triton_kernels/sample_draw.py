@@ -13,8 +13,7 @@ search, not from an N-long vector. Seed, round and draw ids are read on the devi
 (``philox.round_key``, a draw-id tensor), so one compiled kernel serves every round and a CUDA graph
 replay samples new draws. Normals match the twin to ``philox.NORMAL_TOL``; everything
 after them is the same float32 arithmetic up to one fused multiply-add (``theta + eps*z``), so
-``w_clean``/``w_pert`` match the twin to ``NORMAL_TOL`` times std plus an ulp (bf16 outputs: plus
-one bf16 ulp, as values a few float32 ulps apart may round to neighbouring bf16 numbers).
+``w_clean``/``w_pert`` match the twin to ``NORMAL_TOL`` times std plus an ulp.
 """
 from __future__ import annotations
 
@@ -28,14 +27,12 @@ import triton.language as tl
 
 from ntksap_fast.rng import Stream, normal
 
-from .philox import block_normals, draw_ids, interleave4, load_key, round_key, use_libdevice
+from .philox import block_normals, draw_ids, interleave4, load_key, use_libdevice
 
 if TYPE_CHECKING:
     from ntksap_fast.arena import Arena
 
-__all__ = ["StdTable", "lookup_std", "sample_draws", "sample_draws_into", "sample_draws_reference"]
-
-_OUT_DTYPES = (torch.float32, torch.bfloat16)
+__all__ = ["StdTable", "lookup_std", "sample_draws_into", "sample_draws_reference"]
 
 
 @dataclass(frozen=True)
@@ -118,24 +115,13 @@ def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, key_ptr, draws_ptr, wc_
         w_c = theta
         w_p = pert
     row = d.to(tl.int64) * N + elem
-    tl.store(wc_ptr + row, w_c.to(wc_ptr.dtype.element_ty), mask=ok)
-    tl.store(wp_ptr + row, w_p.to(wp_ptr.dtype.element_ty), mask=ok)
-
-
-def check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-    """``mask`` as a contiguous flat tensor of ``n`` elements on ``device`` (ValueError otherwise)."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != n:
-        raise ValueError(f"mask must be a flat tensor of {n} elements")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device}, the table on {device}")
-    return mask.contiguous()
+    tl.store(wc_ptr + row, w_c, mask=ok)
+    tl.store(wp_ptr + row, w_p, mask=ok)
 
 
 def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTable, key: torch.Tensor,
                       draws: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> None:
-    """Fills ``w_clean``/``w_pert`` (contiguous ``(D, N)`` float32 or bf16) with ``D`` draws, one launch.
+    """Fills ``w_clean``/``w_pert`` (contiguous float32 ``(D, N)``) with ``D`` draws, one launch.
 
     ``key``: a ``philox.round_key`` tensor; ``draws``: int64 ``(D,)`` draw ids; ``mask``: contiguous
     flat ``(N,)`` bool/float or None. All on the table's device; nothing is read on the host, so the
@@ -150,36 +136,10 @@ def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTab
             PRECISE=use_libdevice())
 
 
-def sample_draws(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
-                 mask: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and perturbed weights of ``D`` draws in one launch.
-
-    Args:
-        table: the arena's ``StdTable`` (its device is the output device).
-        seed, round: counters, ``0 <= seed < 2**64``, ``0 <= round < 2**32``.
-        draws: ``D`` draw ids in [0, 2**30).
-        eps: perturbation scale (float32 in-kernel).
-        mask: optional flat ``(N,)`` bool or float mask (1 = kept); None = all kept.
-        dtype: float32 or bfloat16, the dtype of ``w_clean``/``w_pert``.
-    Returns:
-        ``(w_clean, w_pert)`` each ``(D, N)`` ``dtype``.
-    """
-    if dtype not in _OUT_DTYPES:
-        raise TypeError(f"dtype must be float32 or bfloat16, got {dtype}")
-    device = table.offsets.device
-    ids = draw_ids(draws, device)
-    key = round_key(seed, round, device)
-    mask = check_mask(mask, table.numel, device)
-    w_clean = torch.empty(ids.numel(), table.numel, dtype=dtype, device=device)
-    w_pert = torch.empty_like(w_clean)
-    sample_draws_into(w_clean, w_pert, table, key, ids, eps, mask)
-    return w_clean, w_pert
-
-
 def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
-                           mask: torch.Tensor | None = None, *,
-                           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch twin of ``sample_draws`` (``ntksap_fast.rng`` on the CPU, then moved to the table's device)."""
+                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of ``sample_draws_into``: float32 ``(w_clean, w_pert)``, each ``(D, N)`` on the table's
+    device (``ntksap_fast.rng`` on the CPU, then moved there). ``draws``: ``D`` ids; ``mask``: flat ``(N,)``."""
     device = table.offsets.device
     std = table.vector()
     m = None if mask is None else mask.detach().cpu().to(torch.float32)
@@ -190,5 +150,5 @@ def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequen
         clean.append(theta if m is None else m * theta)
         pert.append(w_p if m is None else m * w_p)
     if not clean:
-        return (torch.empty(0, table.numel, dtype=dtype, device=device),) * 2
-    return torch.stack(clean).to(device, dtype), torch.stack(pert).to(device, dtype)
+        return (torch.empty(0, table.numel, dtype=torch.float32, device=device),) * 2
+    return torch.stack(clean).to(device), torch.stack(pert).to(device)
