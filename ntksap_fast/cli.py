@@ -32,7 +32,8 @@ from . import __version__
 from .baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
 from .masks import Masks, check_mask_path, save_masks
 from .models import MODELS
-from .presets import PRESETS
+from .options import SETTLED_KEYS, ScorerOptions
+from .presets import PAPER_OPTIONS, PRESETS
 from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
                      plot_layer_density, plot_ntk_spectrum, stability_table)
 from .sanity import keep_lowest, shuffle_masks
@@ -60,8 +61,11 @@ Settings, highest first: explicit flags, --preset (the paper's NTK-SAP settings:
 input shape, rounds, draws, inputs per draw, epsilon), the library's defaults. The preset's rounds
 apply to --method ntksap; other iterative methods use their own defaults unless --iterations is given.
 """
-_NTKSAP_ONLY = ("draws", "batch_size", "epsilon", "dtype", "micro_batch", "target_overlap", "max_draws")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: The scorer's options the CLI takes as flags (``ScorerOptions.cli_fields``; ``--seed`` also seeds the model).
+_SCORER_FLAGS = tuple(f for f in ScorerOptions.cli_fields() if f.name != "seed")
+#: Options of ``NtkSapScorer.prune`` the CLI takes as flags.
+_PRUNE_FLAGS = ("target_overlap", "max_draws")
+_NTKSAP_ONLY = (*(f.name for f in _SCORER_FLAGS), *_PRUNE_FLAGS)
 #: Flags that ``--invert`` (which keeps the lowest scores after every round) does not combine with.
 _NOT_INVERTED = ("min_layer_density", "target_overlap", "max_draws")
 #: Errors of the run itself (no GPU driver, out of memory, a file that cannot be written): exit code 1.
@@ -156,11 +160,6 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _batch(text: str) -> int | tuple[int, ...]:
-    sizes = _shape(text)
-    return sizes[0] if len(sizes) == 1 else sizes
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``ntksap`` argument parser (subcommand ``prune``)."""
     parser = argparse.ArgumentParser(prog="ntksap", description="Fast NTK-SAP pruning at initialization.",
@@ -204,15 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_ntksap_options(p: argparse.ArgumentParser) -> None:
     """The NTK-SAP options (``--method ntksap`` only)."""
-    p.add_argument("--draws", type=int, help="NTK-SAP draws per round (default: preset, else 5)")
-    p.add_argument("--batch-size", type=_batch, help="NTK-SAP inputs per draw: N or one per draw N1,N2,...")
-    p.add_argument("--epsilon", type=float, help="NTK-SAP perturbation size (default 0.01)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="NTK-SAP compute precision (default float32)")
-    p.add_argument("--micro-batch", type=int, help="NTK-SAP: most inputs per forward (exact)")
+    for f in _SCORER_FLAGS:  # derived from ScorerOptions: its help text and default
+        default = f.default if f.metadata["choices"] is None else str(f.default).removeprefix("torch.")
+        in_presets = "preset, else " if f.name in PAPER_OPTIONS else ""
+        help_text = f"NTK-SAP: {f.metadata['help']}" + (f" (default: {in_presets}{default})" if default is not None else "")
+        if f.metadata["choices"] is not None:  # the flag takes a name; _settings parses it
+            p.add_argument("--" + f.name.replace("_", "-"), choices=f.metadata["choices"], help=help_text)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f.metadata["cli"]), help=help_text)
     p.add_argument("--target-overlap", type=float,
                    help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]")
     p.add_argument("--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round "
                    "(default 4 x draws)")
+
+
+def _flag_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` with its ``ValueError`` as argparse's usage error (its message shown as it is)."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return convert
 
 
 def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -270,14 +282,10 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         kwargs["iterations"] = preset.iterations
     if args.method == "ntksap":
         defaults = preset.prune_kwargs() if preset else {}
-        for k in ("draws", "batch_size", "epsilon"):
-            value = getattr(args, k) if k in given else defaults.get(k)
+        for f in _SCORER_FLAGS:
+            value = getattr(args, f.name) if f.name in given else defaults.get(f.name)
             if value is not None:
-                kwargs[k] = value
-        if args.dtype:
-            kwargs["dtype"] = _DTYPES[args.dtype]
-        if args.micro_batch is not None:
-            kwargs["micro_batch"] = args.micro_batch
+                kwargs[f.name] = f.metadata["cli"](value) if f.metadata["choices"] is not None else value
         if args.scope == "global":  # per-round stability figures, shown in the table and the report
             kwargs["stats"] = True
         for k in ("target_overlap", "max_draws"):
@@ -296,8 +304,7 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
            "iterations": rounds, "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
            "min_layer_density": kwargs.get("min_layer_density", 0.0)}
     if method == "ntksap":
-        out |= {"draws": kwargs.get("draws", 5), "batch_size": kwargs.get("batch_size", 100),
-                "epsilon": kwargs.get("epsilon", 0.01), "dtype": str(kwargs.get("dtype", torch.float32))}
+        out |= {k: kwargs.get(k, ScorerOptions.default(k)) for k in PAPER_OPTIONS}
     out |= {k: True for k in ("invert", "shuffle") if spec.get(k)}
     out |= {"input_shape": kwargs["input_shape"], "device": kwargs["device"], "threads": torch.get_num_threads(),
             "torch": torch.__version__}
@@ -306,8 +313,7 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
 
 def _prune_inverted(model: nn.Module, kwargs: dict) -> Masks:
     """NTK-SAP keeping the lowest scores among the unpruned entries after every round."""
-    scorer = NtkSapScorer(model, kwargs["input_shape"], **{k: kwargs[k] for k in (
-        "draws", "batch_size", "epsilon", "seed", "device", "dtype", "micro_batch") if k in kwargs})
+    scorer = NtkSapScorer(model, kwargs["input_shape"], **{k: kwargs[k] for k in ScorerOptions.names() if k in kwargs})
     iterations = kwargs.get("iterations", DEFAULT_ITERATIONS["ntksap"])
     masks = None
     for t, density in enumerate(density_schedule(kwargs["density"], iterations, kwargs["schedule"])):
@@ -345,8 +351,7 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     meta = getattr(masks, "metadata", {})
     if args.method == "ntksap":  # what the scorer decided
-        print("scorer: " + ", ".join(f"{k} {meta.get(k)}" for k in ("device", "dtype", "backend", "micro_batch",
-                                                                     "draw_batch", "graphs", "allow_tf32")))
+        print("scorer: " + ", ".join(f"{k} {meta.get(k)}" for k in SETTLED_KEYS))
     print(layer_table(masks))
     if meta.get("rounds"):
         print(stability_table(meta["rounds"]))

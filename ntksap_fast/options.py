@@ -28,7 +28,7 @@ from .arena import Arena, ParamSelector
 from .backend import resolve_backend
 
 __all__ = ["ScorerOptions", "ScorerConfig", "resolve", "describe", "precision", "tf32_policy", "DTYPES",
-           "OutputFn"]
+           "SETTLED_KEYS", "OutputFn"]
 
 log = logging.getLogger("ntksap_fast")
 
@@ -38,8 +38,14 @@ OutputFn = Callable[[Any], torch.Tensor]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _batch(text: str) -> int | tuple[int, ...]:
-    sizes = tuple(int(s) for s in text.split(","))
+def parse_sizes(text: str) -> int | tuple[int, ...]:
+    """``"100"`` -> 100, ``"256,256,232"`` -> (256, 256, 232): a batch size from the command line."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"expected a positive int or comma-separated positive ints like 256,256,232, got {text!r}")
     return sizes[0] if len(sizes) == 1 else sizes
 
 
@@ -53,7 +59,7 @@ class ScorerOptions:
     """Every option of ``NtkSapScorer``, checked when made (``TypeError``/``ValueError`` naming the option)."""
 
     draws: int = _option(5, "weight/input draws per round", int)
-    batch_size: int | tuple[int, ...] = _option(100, "inputs per draw: N, or one per draw N1,N2,...", _batch)
+    batch_size: int | tuple[int, ...] = _option(100, "inputs per draw: N, or one per draw N1,N2,...", parse_sizes)
     epsilon: float = _option(0.01, "perturbation size of the finite difference", float)
     seed: int = _option(0, "seed of every random number (with the round and the draw)", int)
     params: ParamSelector | None = _option(None, "prunable tensors: names or a predicate (name, module, param) -> "
@@ -214,14 +220,17 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def describe(config: ScorerConfig, graphs_error: str | None = None) -> dict[str, Any]:
-    """The settled configuration as plain values (``repr``, CLI settings line, mask metadata, checkpoint).
+#: What ``describe`` reports, in its order (the CLI's settings line prints these keys of the metadata).
+SETTLED_KEYS = ("device", "dtype", "backend", "micro_batch", "draw_batch", "graphs", "allow_tf32")
 
-    ``graphs_error``: why CUDA graphs were switched off after capture failed, if they were.
-    """
-    out = {"device": str(config.device), "dtype": str(config.dtype).removeprefix("torch."),
-           "backend": config.backend, "micro_batch": config.micro_batch, "draw_batch": config.draw_batch,
-           "graphs": config.graphs and graphs_error is None, "allow_tf32": config.allow_tf32}
+
+def describe(config: ScorerConfig, graphs_error: str | None = None) -> dict[str, Any]:
+    """The settled configuration as plain values (``repr``, CLI settings line, mask metadata, checkpoint):
+    ``SETTLED_KEYS``, then ``graphs_error`` (why CUDA graphs were switched off after a failed
+    capture, if they were) and ``memory`` (the GPU memory plan's numbers) where they apply."""
+    values = (str(config.device), str(config.dtype).removeprefix("torch."), config.backend, config.micro_batch,
+              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32)
+    out = dict(zip(SETTLED_KEYS, values, strict=True))
     if graphs_error is not None:
         out["graphs_error"] = graphs_error
     if config.memory is not None:
