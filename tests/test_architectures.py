@@ -238,22 +238,34 @@ def test_recurrent_families_on_cuda(family: str) -> None:
     assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
 
 
-def test_timm_vit() -> None:
-    timm = pytest.importorskip(
-        "timm", reason="timm is optional (not a dependency); this test runs where it is installed")
+TIMM_MODELS = {  # name: (create_model keyword arguments, input shape), small enough for a 2-core CPU
+    "resnet10t": ({}, (3, 32, 32)),  # a CNN
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 2, "embed_dim": 16},
+                             (3, 32, 32)),  # a ViT
+    "mobilevit_xxs": ({}, (3, 32, 32)),  # a hybrid: convolutions and transformer blocks
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_timm_models(name: str) -> None:
+    timm = pytest.importorskip("timm", reason="timm is in the test extra; this test runs where it is installed")
+    kwargs, input_shape = TIMM_MODELS[name]
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_heads=2, embed_dim=16, num_classes=10)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    before = snapshot(model)
     names = expected_default_names(model)
-    masks = ntk_sap_prune(model, DENSITY, (3, 32, 32), iterations=2, draws=1, batch_size=2, progress=False)
-    assert list(masks) == names and any(n.endswith("attn.qkv.weight") for n in names)
+    masks = ntk_sap_prune(model, DENSITY, input_shape, iterations=2, draws=1, batch_size=2, progress=False)
+    assert list(masks) == names
+    if name != "resnet10t":
+        assert any(n.endswith("qkv.weight") for n in names)
     n_total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
+    assert all(torch.equal(t, before[n]) for n, t in snapshot(model).items())
 
 
 def test_transformers_vit_with_output() -> None:
     transformers = pytest.importorskip(
-        "transformers", reason="transformers is optional (not a dependency); this test runs where it is installed")
+        "transformers", reason="transformers is in the test extra; this test runs where it is installed")
     torch.manual_seed(0)
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=32, num_labels=10)
@@ -263,6 +275,47 @@ def test_transformers_vit_with_output() -> None:
     masks = ntk_sap_prune(model, DENSITY, (3, 32, 32), iterations=2, draws=1, batch_size=2,
                           output=lambda out: out.logits, progress=False)
     assert list(masks) == expected_default_names(model)
+    n_total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
+
+
+class EmbeddingsToLogits(nn.Module):
+    """A language model fed float token embeddings ``(batch, tokens, width)`` instead of token ids."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.lm(inputs_embeds=embeddings).logits
+
+
+def test_transformers_gpt2_through_its_input_embeddings() -> None:
+    """GPT-2's Conv1D layers (weight (in, out)) are prunable by default and sampled with fan-in = in."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is in the test extra; this test runs where it is installed")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    model = EmbeddingsToLogits(transformers.GPT2LMHeadModel(config))
+    conv1d = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    sampled: list[dict[str, torch.Tensor]] = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, Conv1D):
+            mod.register_forward_hook(lambda module, args, out, name=f"{mname}.weight":
+                                      sampled.append({name: module.weight.detach().clone()}))
+    scorer = NtkSapScorer(model, (6, 16), draws=1, batch_size=2, seed=3)
+    sampled.clear()  # the input-shape check ran the model with zero weights
+    scorer.scores()
+    first = {}
+    for record in sampled:  # draw 0's clean branch comes first
+        for name, w in record.items():
+            first.setdefault(name, w)
+    assert [s.name for s in scorer.arena.slots] == conv1d  # the tied lm_head/wte embedding is not pruned
+    _check_spread(first, {n: dict(model.named_parameters())[n].shape[0] for n in conv1d}, scorer)
+    masks = scorer.prune(DENSITY, 2)
     n_total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
 
