@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-__all__ = ["Masks", "apply_masks", "save_masks", "load_masks", "mask_density", "model_fingerprint",
+__all__ = ["Masks", "apply_masks", "save_masks", "load_masks", "mask_density",
            "check_mask_path", "MASK_EXTENSIONS"]
 
 #: Extensions ``save_masks`` writes: safetensors, or ``torch.save``.
@@ -47,8 +47,9 @@ class Masks(dict):
     ``copy.deepcopy`` keep it; pickling, hence ``torch.save(masks)``, stores a plain
     ``OrderedDict`` that ``torch.load`` reads with ``weights_only=True``). The metadata
     keys written by the library: ``method``, ``density``, ``iterations``, ``schedule``, ``draws``,
-    ``batch_size``, ``epsilon``, ``seed``, ``dtype``, ``package_version``, ``fingerprint``
-    (:func:`model_fingerprint` of the masked tensors) and whatever else the caller adds.
+    ``batch_sizes``, ``epsilon``, ``seed``, ``dtype``, ``package_version``, ``fingerprint`` (a hash
+    of the masks' names and shapes, ``"sha256:"`` and 16 hex digits of ``"name:AxB;..."`` sorted by
+    name) and whatever else the caller adds.
     """
 
     def __init__(self, *args: Any, metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -99,31 +100,6 @@ def _resolve(model: nn.Module, name: str) -> torch.Tensor | None:
 def _fingerprint(pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str:
     text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in sorted(pairs))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> str:
-    """Stable hash of parameter names and shapes: ``"sha256:"`` and 16 hex digits.
-
-    Args:
-        model: the model; ``names`` are resolved as ``module.attr`` (so also after ``apply_masks``).
-        names: which parameters (default all of ``model.named_parameters()``); order does not matter.
-    The same names and shapes give the same string in every process and version of this package;
-    values, dtypes and devices do not enter. Masks' own names and shapes give the same fingerprint
-    as their model's (a mask has its parameter's shape), which is what ``save_masks`` stores.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if names is None:
-        return _fingerprint((n, tuple(p.shape)) for n, p in model.named_parameters())
-    if isinstance(names, str):
-        raise TypeError("names must be an iterable of parameter names, not a single string")
-    pairs = []
-    for n in names:
-        tensor = _resolve(model, n)
-        if tensor is None:
-            raise ValueError(f"names: the model has no parameter named {n!r}")
-        pairs.append((n, tuple(tensor.shape)))
-    return _fingerprint(pairs)
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ntksap_fast
-from ntksap_fast.masks import Masks, apply_masks, check_mask_path, load_masks, model_fingerprint, save_masks
+from ntksap_fast.masks import Masks, apply_masks, check_mask_path, load_masks, save_masks
 from _tiny_models import CNN_SHAPE, FAST, assert_same_snapshot, default_prunable_names, snapshot, tiny_cnn
 from ntksap_fast import ntk_sap_prune
 
@@ -74,7 +74,7 @@ def test_round_trip_with_metadata(tmp_path, suffix: str) -> None:
     assert meta["seed"] == 4 and meta["note"] == "run 7" and meta["density"] == 0.05
     assert meta["batch_size"] == [256, 256, 232] and meta["dtype"] == "torch.float32"
     assert meta["package_version"] == ntksap_fast.__version__
-    assert meta["fingerprint"] == model_fingerprint(model, masks)
+    assert meta["fingerprint"].startswith("sha256:")
     assert load_masks(path).metadata == meta  # without the model, same result
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary left behind
 
@@ -111,7 +111,7 @@ def test_plain_dict_gets_fingerprint_and_version(tmp_path) -> None:
     masks = dict(small_masks(model))
     save_masks(masks, tmp_path / "m.safetensors")
     meta = load_masks(tmp_path / "m.safetensors").metadata
-    assert meta == {"fingerprint": model_fingerprint(model, masks), "package_version": ntksap_fast.__version__}
+    assert set(meta) == {"fingerprint", "package_version"} and meta["package_version"] == ntksap_fast.__version__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,21 +132,18 @@ def test_load_with_model_names_the_first_misfit(tmp_path) -> None:
     load_masks(path, model)
 
 
-def test_model_fingerprint() -> None:
+def test_fingerprint_of_names_and_shapes(tmp_path) -> None:
     model = small_model()
-    fp = model_fingerprint(model, ["0.weight", "3.weight"])
+    masks = {n: m for n, m in small_masks(model).items()}
+    save_masks(masks, tmp_path / "a.pt")
+    fp = load_masks(tmp_path / "a.pt").metadata["fingerprint"]
     # Pinned: files written today must compare equal with fingerprints computed by later versions.
     assert fp == "sha256:" + __import__("hashlib").sha256(b"0.weight:4x3x3x3;3.weight:5x144").hexdigest()[:16]
-    assert model_fingerprint(model, ["3.weight", "0.weight"]) == fp  # order does not matter
-    torch.nn.init.zeros_(model[0].weight)
-    assert model_fingerprint(model.double(), ["0.weight", "3.weight"]) == fp  # values and dtype do not matter
-    assert model_fingerprint(model) != fp  # all parameters: the biases too
-    wider = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 5))
-    assert model_fingerprint(wider, ["0.weight", "3.weight"]) != fp
-    with pytest.raises(ValueError, match="no parameter named 'x.weight'"):
-        model_fingerprint(model, ["x.weight"])
-    with pytest.raises(TypeError):
-        model_fingerprint(model, "0.weight")
+    save_masks(dict(reversed(list(masks.items()))), tmp_path / "b.pt")  # order does not matter
+    save_masks({n: ~m for n, m in masks.items()}, tmp_path / "c.pt")  # values do not matter
+    assert load_masks(tmp_path / "b.pt").metadata["fingerprint"] == load_masks(tmp_path / "c.pt").metadata["fingerprint"] == fp
+    save_masks({"0.weight": masks["0.weight"]}, tmp_path / "d.pt")
+    assert load_masks(tmp_path / "d.pt").metadata["fingerprint"] != fp
 
 
 # ----------------------------------------------------------------------------------------------
