@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402  (a test dependency: without it the Triton path would go untested)
 from torch import nn  # noqa: E402
 
-from ntksap_fast import ntk_sap_scores  # noqa: E402
+from ntksap_fast import NtkSapScorer, ntk_sap_scores  # noqa: E402
 from ntksap_fast.backend import ENV_VAR, resolve_backend  # noqa: E402
 from ntksap_fast.models import CifarResNet  # noqa: E402
 
@@ -182,3 +182,26 @@ def test_interpreter_refused_where_it_cannot_run_the_kernels(monkeypatch, triton
             check_interpreter()
     else:
         check_interpreter()
+
+
+def test_triton_round_statistics_match_torch(monkeypatch):
+    """``stats=True`` on the Triton path in the default launch configuration (one draw per launch, so
+    every draw sits at position 0 of its launch), draws 0-4: the odd-numbered draws' share of ``G``
+    and the sum of squares match the torch path (held like the scores), and so does the round's
+    relative standard error."""
+    model = _mlp().to(DEVICE)
+    kwargs = dict(draws=5, batch_size=6)
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv(ENV_VAR, backend)
+        scorer = NtkSapScorer(model, (20,), seed=SEED, **kwargs)
+        assert scorer.options.draw_batch == 1
+        _, info = scorer.scores(round=ROUND, stats=True, density=0.3)
+        out[backend] = info, [t.detach().cpu().clone() for t in scorer.engine.stats]
+    (want, want_acc), (got, got_acc) = out["torch"], out["triton"]
+    assert want.draws == got.draws == 5
+    near = _near_kink(model.cpu(), (20,), **kwargs)
+    for name, a, b in zip(("odd-draw share", "sum of squares"), got_acc, want_acc):
+        assert b.abs().max().item() > 0, name
+        assert_triton_close(a, b, near)
+    assert got.relative_se == pytest.approx(want.relative_se, rel=1e-4)
