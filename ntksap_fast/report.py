@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from .arena import Arena, ParamSelector
 from .arguments import resolve_input_shape
@@ -171,6 +172,22 @@ def _limit_error(what: str, entries: int, limit: int) -> ValueError:
                       "use a smaller batch or model, or raise the limit")
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also of a model carrying ``torch.nn.utils.prune`` masks: their
+    computed ``weight`` attributes are not graph leaves, which deepcopy refuses; the copy gets them
+    detached (its pre-hooks recompute them) and ``model``'s own are put back."""
+    computed = [(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
+                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in m.__dict__]
+    saved = [(m, name, m.__dict__[name]) for m, name in computed]
+    try:
+        for m, name, value in saved:
+            m.__dict__[name] = value.detach()
+        return copy.deepcopy(model)
+    finally:
+        for m, name, value in saved:
+            m.__dict__[name] = value
+
+
 def check_ntk_size(model: nn.Module, *, input_shape: Sequence[int] | None = None, batch_size: int = 8,
                    params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> int:
     """Raises the ``ValueError`` that ``ntk_eigenvalues`` would raise for its size limit, cheaply.
@@ -186,7 +203,7 @@ def check_ntk_size(model: nn.Module, *, input_shape: Sequence[int] | None = None
     if batch_size * arena.numel > limit:
         raise _limit_error("at least batch * params", batch_size * arena.numel, limit)
     shape = resolve_input_shape(model, input_shape)
-    work = copy.deepcopy(model).eval()
+    work = _copy(model).eval()
     first = next(work.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
@@ -212,16 +229,16 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, to
     limit = int(max_jacobian_entries)
     if inputs.shape[0] * arena.numel > limit:
         raise _limit_error("at least batch * params", inputs.shape[0] * arena.numel, limit)
-    work = copy.deepcopy(model).eval()
+    work = _copy(model).eval()
     for m in work.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
-    named = dict(work.named_parameters())
-    weights = [named[n] for n in arena.names]
+    weights = list(arena.values(work).values())  # weight_orig where the model carries masks
     for p in work.parameters():
         p.requires_grad_(False)
-    keep = (torch.ones(arena.numel, dtype=torch.bool) if masks is None
-            else arena.flatten(masks, argname="masks", dtype=torch.bool))
+    keep = arena.start_mask(work)
+    if masks is not None:
+        keep &= arena.flatten(masks, argname="masks", dtype=torch.bool)
     with torch.no_grad():
         for w, k in zip(weights, arena.views(keep).values()):
             w.mul_(k.to(w.device, w.dtype))

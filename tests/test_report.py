@@ -171,3 +171,17 @@ def test_bad_report_input():
         layer_table({"w": torch.ones(3)})
     with pytest.raises(ValueError, match="empty"):
         layer_table({})
+
+
+def test_ntk_of_a_model_carrying_masks_equals_the_ntk_with_those_masks():
+    from ntksap_fast import apply_masks
+    from ntksap_fast.report import ntk_eigenvalues
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    masks = {"0.weight": torch.rand(6, 4) < 0.5, "2.weight": torch.rand(3, 6) < 0.5}
+    want = ntk_eigenvalues(model, masks, input_shape=(4,))
+    apply_masks(model, masks)  # its weight attributes are computed tensors, not leaves: deepcopy refuses them
+    weight = model[0].weight
+    torch.testing.assert_close(ntk_eigenvalues(model, input_shape=(4,)), want)
+    assert model[0].weight is weight  # the model's own attribute is back
