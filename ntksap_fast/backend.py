@@ -241,9 +241,7 @@ class TritonBackend(Backend):
     capturable = True
 
     def __init__(self, *args, max_group: int = 1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.dtype != torch.float32:
-            raise ValueError(f"the Triton path computes in float32, got {self.dtype}")
+        super().__init__(*args, **kwargs)  # dtype: float32 (resolve_backend keeps float64 on PyTorch)
         from .kernels import batch_stats as kernel_stats, fd_loss, mask_grad, philox, sample_draw
 
         if self.device.type == "cpu" and philox.use_libdevice():
