@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import NtkSapScorer, ntk_sap_prune, prune
+from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores, prune, topk
 from ntksap_fast.reference import reference_prune
 
-from _oracle_models import MODELS
+from _oracle_models import MODELS, flat
+from _requires_ext import ext_missing
 
 F64 = torch.float64
 # Non-default estimator settings, so that a loop that drops one of them is caught too.
@@ -97,3 +98,41 @@ def test_one_scorer_prunes_twice_like_the_reference_loop():
         scorer.prune(density, 3, schedule=schedule, progress=False, on_round=_record(got))
         reference_prune(model, density, shape, iterations=3, schedule=schedule, on_round=_record(want), **ESTIMATOR)
         _assert_same_rounds(got, want)
+
+
+def _bias_free_relu_net() -> nn.Module:
+    """A unit of this net whose inputs are all pruned outputs exactly 0, so its outgoing weights score
+    exactly 0 (as do those of a unit that is negative on every input of a draw)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10, bias=False), nn.ReLU(), nn.Linear(10, 10, bias=False), nn.ReLU(),
+                         nn.Linear(10, 3, bias=False))
+
+
+@pytest.mark.parametrize("topk_path", ["compiled", "pytorch"])
+def test_zero_score_ties_at_the_cut_never_revive_pruned_entries(monkeypatch, topk_path):
+    """Twelve rounds on a bias-free ReLU net: from round 10 on fewer unpruned entries score above 0
+    than the round keeps, so the cut falls among exact zeros, where pruned entries (score 0, many at
+    lower indices) tie with unpruned ones. Every round equals the reference loop and keeps only
+    unpruned entries, through the compiled top-k and through the PyTorch fallback."""
+    if topk_path == "pytorch":
+        monkeypatch.setenv("NTKSAP_FAST_NO_EXT", "1")
+    else:
+        monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
+        if not topk.extension_available():
+            ext_missing(f"compiled extension unavailable: {topk.extension_error()}")
+    assert topk._use_extension(torch.device("cpu")) == (topk_path == "compiled")
+    model, shape = _bias_free_relu_net(), (6,)
+    estimator = dict(draws=2, batch_size=4, epsilon=0.01, seed=1)
+    got, want = [], []
+    ntk_sap_prune(model, 0.03, shape, iterations=12, dtype=F64, progress=False, on_round=_record(got), **estimator)
+    reference_prune(model, 0.03, shape, iterations=12, on_round=_record(want), **estimator)
+    _assert_same_rounds(got, want)
+    before, cuts_at_zero = None, 0
+    for t, masks in got:
+        kept = flat(masks)
+        unpruned = torch.ones_like(kept) if before is None else flat(before)
+        assert not bool((kept & ~unpruned).any()), f"round {t} revived a pruned entry"
+        scores = flat(ntk_sap_scores(model, shape, before, round=t - 1, dtype=F64, **estimator))
+        cuts_at_zero += int(((scores > 0) & unpruned).sum()) < int(kept.sum())
+        before = masks
+    assert cuts_at_zero >= 2, "the cut never fell among exact zeros: a revival there would go unseen"

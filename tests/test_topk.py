@@ -263,6 +263,23 @@ def test_pruned_entries_never_return(impl, device):
     assert got.nonzero().squeeze(1).tolist() == [85, 86, 87, 88, 89]
 
 
+@pytest.mark.parametrize("n", [1000, 300_000])
+def test_pruned_zeros_never_win_a_zero_tie_at_the_cut(impl, device, n):
+    """Scores are ``|G| * mask``: pruned entries score exactly 0, and so do unpruned entries whose
+    unit lost every input. With fewer positive scores than ``n_keep`` the cut falls among exact
+    zeros: unpruned zeros fill it, lowest index first; pruned zeros (many at lower indices) stay out."""
+    g = gen(21)
+    mask = torch.rand(n, generator=g) < 0.6
+    mask[: n // 10] = False  # pruned zeros below every unpruned zero
+    scores = torch.rand(n, generator=g) * mask
+    scores[(torch.rand(n, generator=g) < 0.5) & mask] = 0.0
+    scores[(scores == 0) & (torch.arange(n) % 7 == 0)] = -0.0  # -0.0 among the zeros
+    positives, count = int((scores > 0).sum()), int(mask.sum())
+    for n_keep in (positives + 1, (positives + count) // 2, count - 1):
+        got = check(impl, scores.to(device), mask.to(device), n_keep, key=("zero-ties", n))
+        assert int((got & (scores == 0)).sum()) == n_keep - positives  # the cut is among the zeros
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty(impl, device, dtype):
     scores = torch.empty(0, dtype=dtype, device=device)
