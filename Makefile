@@ -15,8 +15,9 @@ PIP := $(PY) -m pip install --progress-bar off
 
 install: $(STAMP)
 
-# Rebuilt when the build or the C++/CUDA sources change.
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+# Rebuilt when the build (its configuration: ntksap_fast/_build_config.py) or the C++/CUDA
+# sources change.
+$(STAMP): setup.py pyproject.toml ntksap_fast/_build_config.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	@echo "== [1/4] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "== [2/4] pip, setuptools, wheel"
@@ -30,7 +31,9 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu 
 demo: install
 	$(PY) -m ntksap_fast.demo
 
-# The compiled ops must be there: their tests fail (not skip) when the extension is missing.
+# The compiled ops must be there: the build fails without them (NTKSAP_FAST_REQUIRE_EXT, which
+# make passes on to the install and ctest steps as well) and their tests fail (not skip).
+test: export NTKSAP_FAST_REQUIRE_EXT = 1
 test: install ctest
 	$(PY) -m pytest -q tests
 
@@ -38,7 +41,7 @@ test: install ctest
 .PHONY: ctest
 ctest: install
 	@echo "== C++ test of the ops against libtorch (CMake)"
-	cmake -S . -B cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(PY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build cmake-build -j 2
 	cd cmake-build && ctest --output-on-failure

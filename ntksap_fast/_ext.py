@@ -17,10 +17,15 @@ checked once.
   compiler (:func:`build_checked`, also used by setup.py). If nothing loads, :func:`error` says
   why and the callers use their PyTorch implementations, warning once each
   (:func:`use_compiled`).
-* ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementations.
+* ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementations; ``NTKSAP_FAST_REQUIRE_EXT=1``
+  makes them an error instead (:func:`use_compiled` and :func:`cuda_code_for` raise).
+* CUDA code is used only on devices the build holds code for (:func:`cuda_code_for`: the
+  targets the library recorded, :func:`recorded_targets`, by ``_build_config.runs_on``);
+  elsewhere the PyTorch implementation runs, with one warning per device capability.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib
 import importlib.util
@@ -38,6 +43,15 @@ from typing import Callable, Optional
 
 import torch
 
+if __package__:
+    from . import _build_config
+else:  # loaded by path from setup.py in the middle of a build: its sibling, also by path
+    _spec = importlib.util.spec_from_file_location(
+        "_ntksap_fast_build_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_config.py")
+    )
+    _build_config = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_build_config)
+
 __all__ = [
     "autoload",
     "load",
@@ -45,6 +59,10 @@ __all__ = [
     "has_kernel",
     "has_op",
     "use_compiled",
+    "cuda_targets",
+    "cuda_code_for",
+    "recorded_targets",
+    "require_ext",
     "verify",
     "build_checked",
     "system_compilers",
@@ -61,12 +79,17 @@ SCHEMAS = {
 
 _OK_LINE = "ntksap_fast compiled ops: ok"
 
-# Run as `python -c _CHECK_SCRIPT <library> <schemas json>` in a fresh process.
+# Run as `python -c _CHECK_SCRIPT <library> <schemas json> <_build_config.py>` in a fresh process.
+# The CUDA ops are checked on the current device only where the library holds code for it (an
+# install must not fail because the visible GPU is not among the built targets).
 _CHECK_SCRIPT = r"""
-import json, sys
+import ctypes, importlib.util, json, sys
 import torch
 
 lib, schemas = sys.argv[1], json.loads(sys.argv[2])
+spec = importlib.util.spec_from_file_location("_ntksap_fast_build_config", sys.argv[3])
+config = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(config)
 torch.ops.load_library(lib)
 ops = torch.ops.ntksap_fast
 for name, want in schemas.items():
@@ -79,7 +102,14 @@ def fail(what):
 
 devices = ["cpu"]
 if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("ntksap_fast::masked_topk", "CUDA"):
-    devices.append("cuda")
+    try:
+        record = ctypes.CDLL(lib).ntksap_fast_cuda_targets
+        record.restype = ctypes.c_char_p
+        recorded = record().decode()
+    except (AttributeError, OSError):
+        recorded = ""
+    if config.runs_on(config.parse_targets(recorded), torch.cuda.get_device_capability()):
+        devices.append("cuda")
 T, F = True, False
 for dev in devices:
     s = torch.tensor([0.5, -1.0, 3.0, 2.0, float("nan"), 1.0], device=dev)
@@ -126,11 +156,20 @@ print(%r)
 _CHECK_VERSION = hashlib.sha256((_CHECK_SCRIPT + json.dumps(SCHEMAS)).encode()).hexdigest()[:16]
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "error": None, "warned": set(), "auto": None}
+# lib: path of the library whose ops are registered (set once one loaded).
+_state: dict = {"tried": False, "ok": False, "error": None, "warned": set(), "auto": None, "lib": None}
+
+_REQUIRE_HINT = "NTKSAP_FAST_REQUIRE_EXT=1 makes this an error"
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0")
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_ext() -> bool:
+    """Whether the compiled ops are mandatory (``NTKSAP_FAST_REQUIRE_EXT=1``): a build without
+    them fails, and so does a call that would fall back to PyTorch."""
+    return _flag("NTKSAP_FAST_REQUIRE_EXT")
 
 
 def cache_dir() -> Optional[Path]:
@@ -160,7 +199,7 @@ def _run_check(lib: str, timeout: float) -> tuple[bool, str]:
     env = dict(os.environ, NTKSAP_FAST_IN_CHECK="1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHECK_SCRIPT, os.path.abspath(lib), json.dumps(SCHEMAS)],
+            [sys.executable, "-c", _CHECK_SCRIPT, os.path.abspath(lib), json.dumps(SCHEMAS), _build_config.__file__],
             capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir(),
         )
     except subprocess.TimeoutExpired:
@@ -237,45 +276,51 @@ def build_checked(build: Callable[[dict], str]) -> tuple[Optional[str], str]:
     return None, f"{why}; rebuilt with {cxx}, {why2}"
 
 
-def _sources() -> tuple[list[str], list[str]]:
-    """C++ and CUDA source files of the extension (empty lists when not shipped)."""
-    root = Path(__file__).resolve().parent.parent / "csrc"
-    cpp = sorted(str(p) for p in root.glob("*.cpp") if not p.name.startswith("test_"))
-    cu = sorted(str(p) for p in (root / "cuda").glob("*.cu")) if (root / "cuda").is_dir() else []
-    return cpp, cu
-
-
-# Run as `python -c _JIT_SCRIPT <build dir> <with cuda 0/1> <sources...>`: builds (and loads, in
+# Run as `python -c _JIT_SCRIPT <build dir> <flags json> <sources...>`: builds (and loads, in
 # that process only) the extension; the library is <build dir>/ntksap_fast_C_jit.so.
 _JIT_SCRIPT = r"""
-import os, sys
+import json, sys
 from torch.utils import cpp_extension
-build_dir, with_cuda, sources = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
+build_dir, flags, sources = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 cpp_extension.load(
     name="ntksap_fast_C_jit", sources=sources, build_directory=build_dir,
-    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-    extra_cuda_cflags=["-O3"] if with_cuda else None,
-    extra_include_paths=[os.path.dirname(sources[0])], with_cuda=with_cuda,
+    extra_cflags=flags["cxx"], extra_ldflags=flags["link"], extra_cuda_cflags=flags["nvcc"],
+    extra_include_paths=[flags["include"]], with_cuda=flags["nvcc"] is not None,
     is_python_module=False, verbose=False)
 """
 
 
 def _jit_build(env: dict) -> str:
     """Builds the extension just in time (CPU ops, plus CUDA when a GPU and nvcc are present) in
-    a separate process; returns the library path."""
+    a separate process, with the sources and flags of ``_build_config``; returns the library
+    path."""
     from torch.utils import cpp_extension
 
-    cpp, cu = _sources()
-    if not cpp:
-        raise RuntimeError("csrc/ sources not found next to the package")
-    with_cuda = bool(cu and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME)
+    root_dir = Path(__file__).resolve().parent.parent
+    src = _build_config.sources(root_dir)
+    if not src.cpp:
+        raise RuntimeError("csrc/ sources not found next to the package (the just-in-time build needs a source checkout)")
+    with_cuda = bool(src.cuda and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME)
+    nvcc_flags = None
+    if with_cuda:
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        targets, _ = _build_config.fit_to_compiler(
+            _build_config.parse_arch_list(_build_config.cuda_arch_list()), _build_config.nvcc_codes(nvcc)
+        )
+        nvcc_flags = _build_config.nvcc_flags(targets)
+    flags = {
+        "cxx": list(_build_config.CXX_FLAGS), "link": list(_build_config.LINK_FLAGS), "nvcc": nvcc_flags,
+        "include": str(root_dir / _build_config.INCLUDE_DIR),
+    }
+    files = [str(root_dir / p) for p in (*src.cpp, *(src.cuda if with_cuda else ()))]
     compiler = env.get("CXX") or os.environ.get("CXX") or "c++"
-    tag = hashlib.sha256(f"{torch.__version__}|{compiler}|{with_cuda}|{cpp[0]}".encode()).hexdigest()[:16]
+    key = f"{torch.__version__}|{compiler}|{json.dumps(flags, sort_keys=True)}|{files[0]}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = cache_dir()
     build_dir = str(root / "jit" / tag) if root is not None else tempfile.mkdtemp(prefix="ntksap_fast_jit_")
     os.makedirs(build_dir, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-c", _JIT_SCRIPT, build_dir, "1" if with_cuda else "0", *cpp, *(cu if with_cuda else [])],
+        [sys.executable, "-c", _JIT_SCRIPT, build_dir, json.dumps(flags), *files],
         capture_output=True, text=True, env={**os.environ, **env, "NTKSAP_FAST_IN_CHECK": "1"},
     )
     lib = os.path.join(build_dir, "ntksap_fast_C_jit.so")
@@ -309,6 +354,7 @@ def _load_prebuilt(errors: list[str]) -> bool:
     except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
         errors.append(f"import ntksap_fast._C failed ({type(exc).__name__}: {exc})")
         return False
+    _state["lib"] = lib
     return True
 
 
@@ -344,6 +390,7 @@ def load() -> bool:
                     errors.append(f"just-in-time build refused: {why}")
                 else:
                     torch.ops.load_library(lib)
+                    _state["lib"] = lib
                     ok = True
             except Exception as exc:
                 errors.append(f"just-in-time build failed ({type(exc).__name__}: {exc})")
@@ -375,16 +422,64 @@ def has_op(name: str) -> bool:
 
 
 def use_compiled(what: str) -> bool:
-    """Whether to use the compiled ops; False with one warning per ``what`` if they did not load."""
+    """Whether to use the compiled ops for ``what`` (e.g. "the top-k"); False if they did not
+    load, with one warning per process (``RuntimeError`` under ``NTKSAP_FAST_REQUIRE_EXT=1``)."""
     if _flag("NTKSAP_FAST_NO_EXT"):
         return False
     if load():
         return True
-    if what not in _state["warned"]:
-        _state["warned"].add(what)
-        warnings.warn(
-            f"ntksap_fast: compiled extension unavailable, using the slower PyTorch {what}: {_state['error']}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    message = (
+        f"ntksap_fast: compiled extension unavailable ({_state['error']}), using the slower PyTorch "
+        f"implementations (first for {what}). Reinstall with a working C++ compiler (and nvcc for "
+        "the CUDA ops) to build it; "
+    )
+    if require_ext():
+        raise RuntimeError(message + "NTKSAP_FAST_REQUIRE_EXT=1 is set, so this is an error")
+    if "unavailable" not in _state["warned"]:
+        _state["warned"].add("unavailable")
+        warnings.warn(message + _REQUIRE_HINT, RuntimeWarning, stacklevel=3)
+    return False
+
+
+def recorded_targets(lib: str) -> str:
+    """What the library ``lib`` recorded about its GPU code (C function
+    ``ntksap_fast_cuda_targets``, csrc/cuda/build_targets.cu), e.g. ``"sm_90/compute_90"``;
+    ``""`` for a build without CUDA."""
+    try:
+        record = ctypes.CDLL(lib).ntksap_fast_cuda_targets
+    except (AttributeError, OSError):  # no such symbol; a library that cannot be opened
+        return ""
+    record.restype = ctypes.c_char_p
+    return record().decode()
+
+
+def cuda_targets() -> tuple:
+    """The GPU code the loaded ops hold (``_build_config.CudaTarget`` tuple), as their build
+    recorded it; empty when no library is loaded or it was built without CUDA."""
+    lib = _state.get("lib")
+    return _build_config.parse_targets(recorded_targets(lib)) if lib else ()
+
+
+def cuda_code_for(device: torch.device, what: str) -> bool:
+    """Whether the compiled CUDA ops hold code for ``device`` (SASS of its major and a lower or
+    equal minor, or PTX no newer than it). If not: False, with one warning per device
+    capability naming it and how to rebuild (``RuntimeError`` under ``NTKSAP_FAST_REQUIRE_EXT=1``)."""
+    capability = tuple(torch.cuda.get_device_capability(device))
+    targets = cuda_targets()
+    if _build_config.runs_on(targets, capability):
+        return True
+    major, minor = capability
+    built = ", ".join(map(str, targets)) or "no GPU code (a build without CUDA)"
+    message = (
+        f"ntksap_fast: the compiled ops hold no code for CUDA device {device} (compute capability "
+        f"{major}.{minor}; built for {built}), using the slower PyTorch {what}. To build them for it, "
+        f"reinstall from source with nvcc: TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install "
+        f"--no-build-isolation --no-deps --force-reinstall <ntksap_fast source directory or sdist>; "
+    )
+    if require_ext():
+        raise RuntimeError(message + "NTKSAP_FAST_REQUIRE_EXT=1 is set, so this is an error")
+    key = ("cuda", capability)
+    if key not in _state["warned"]:
+        _state["warned"].add(key)
+        warnings.warn(message + _REQUIRE_HINT, RuntimeWarning, stacklevel=3)
     return False

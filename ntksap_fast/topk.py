@@ -99,8 +99,12 @@ def extension_error() -> Optional[str]:
 
 
 def _use_extension(device: torch.device) -> bool:
+    """Whether the compiled op runs for tensors on ``device``: CPU when the ops loaded; CUDA when
+    they also hold code for that device (else one warning per device capability, ``_ext``)."""
     key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
     if not _ext.use_compiled("the top-k") or not extension_available() or key is None:
+        return False
+    if key == "CUDA" and not _ext.cuda_code_for(device, "top-k"):
         return False
     return all(_ext.has_kernel(op, key) for op in _OPS)
 

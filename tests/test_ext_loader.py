@@ -7,16 +7,21 @@ Anything that could crash runs in a subprocess, so the test process cannot die.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from _requires_ext import ext_missing
-from ntksap_fast import _ext, topk
+from ntksap_fast import _build_config, _ext, topk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +133,7 @@ def test_loader_refuses_a_crashing_module_and_falls_back(broken_lib, tmp_path):
     )
     env = dict(os.environ, NTKSAP_FAST_CACHE_DIR=str(tmp_path), NTKSAP_FAST_NO_JIT="1")
     env.pop("NTKSAP_FAST_NO_EXT", None)
+    env.pop("NTKSAP_FAST_REQUIRE_EXT", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -181,3 +187,112 @@ def test_no_ext_env_skips_loading(tmp_path):
     script = "import torch, ntksap_fast\nprint(hasattr(torch.ops.ntksap_fast, 'masked_topk'))\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-3000:]
+
+
+def test_require_ext_makes_the_fallback_an_error(monkeypatch):
+    monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
+    monkeypatch.setattr(_ext, "_state", {"tried": True, "ok": False, "error": "no compiler", "warned": set(), "auto": None})
+    monkeypatch.setenv("NTKSAP_FAST_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="no compiler.*NTKSAP_FAST_REQUIRE_EXT=1 is set"):
+        _ext.use_compiled("the top-k")
+    monkeypatch.setenv("NTKSAP_FAST_REQUIRE_EXT", "0")
+    with pytest.warns(RuntimeWarning, match="no compiler.*NTKSAP_FAST_REQUIRE_EXT=1 makes this an error"):
+        assert not _ext.use_compiled("the top-k")
+
+
+# ------------------------------------------------------------------------------------------
+# Which CUDA devices the compiled ops run on (faked capabilities: no GPU needed)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Sets the built targets and the device's capability: ``fake_gpu(targets, (major, minor))``."""
+    monkeypatch.delenv("NTKSAP_FAST_REQUIRE_EXT", raising=False)
+    monkeypatch.setitem(_ext._state, "warned", set())
+
+    def fake(targets: str, capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(_ext, "cuda_targets", lambda: _build_config.parse_arch_list(targets) if targets else ())
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    return fake
+
+
+def _decide(device: str = "cuda:0") -> tuple[bool, list[str]]:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        runs = _ext.cuda_code_for(torch.device(device), "top-k")
+    return runs, [str(w.message) for w in rec]
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1), (13, 0)])
+def test_default_build_runs_on_every_current_gpu(fake_gpu, capability):
+    fake_gpu(_build_config.DEFAULT_CUDA_ARCH_LIST, capability)
+    assert _decide() == (True, [])
+
+
+def test_uncovered_device_falls_back_with_one_warning_per_capability(fake_gpu):
+    fake_gpu("9.0", (8, 6))  # an H100-only build on an A10
+    runs, msgs = _decide()
+    assert not runs and len(msgs) == 1
+    assert "compute capability 8.6" in msgs[0] and "built for sm_90" in msgs[0]
+    assert 'TORCH_CUDA_ARCH_LIST="8.6"' in msgs[0] and "NTKSAP_FAST_REQUIRE_EXT=1" in msgs[0]
+    assert _decide("cuda:1") == (False, [])  # same capability: said once
+    fake_gpu("9.0", (7, 5))
+    runs, msgs = _decide()
+    assert not runs and len(msgs) == 1 and "7.5" in msgs[0]
+    fake_gpu("9.0", (9, 0))
+    assert _decide() == (True, [])
+
+
+def test_ptx_runs_on_newer_devices_only(fake_gpu):
+    fake_gpu("8.0+PTX", (9, 0))
+    assert _decide() == (True, [])
+    fake_gpu("8.0+PTX", (7, 5))
+    assert not _decide()[0]
+
+
+def test_build_without_cuda_says_so(fake_gpu):
+    fake_gpu("", (9, 0))
+    runs, msgs = _decide()
+    assert not runs and len(msgs) == 1 and "a build without CUDA" in msgs[0]
+
+
+def test_uncovered_device_is_an_error_under_require_ext(fake_gpu, monkeypatch):
+    fake_gpu("9.0", (8, 6))
+    monkeypatch.setenv("NTKSAP_FAST_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="compute capability 8.6"):
+        _decide()
+
+
+def _cuobjdump():
+    """Path of a cuobjdump (the CUDA toolkit's, or the one in triton's wheel), or None."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    triton = importlib.util.find_spec("triton")
+    candidates = [os.path.join(home, "bin", "cuobjdump")]
+    if triton is not None and triton.submodule_search_locations:
+        candidates.append(os.path.join(triton.submodule_search_locations[0], "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
+def test_built_module_records_the_code_it_holds():
+    """What the module says it holds (ntksap_fast_cuda_targets) is what cuobjdump finds in it:
+    every SASS and PTX target, no more and no less. A build without CUDA records nothing."""
+    lib = built_module()
+    if not topk.extension_available():
+        ext_missing(f"the compiled ops are missing or refused: {topk.extension_error()}")
+    assert os.path.samefile(_ext._state["lib"], lib)
+    recorded = {str(t) for t in _ext.cuda_targets()}
+    if not _ext.has_kernel("ntksap_fast::masked_topk", "CUDA"):
+        assert recorded == set()
+        return
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump here (CUDA toolkit or triton) to read the module with")
+    listed = set()
+    for option, pattern in (("--list-elf", r"\.sm_(\d+)\."), ("--list-ptx", r"\.sm_(\d+)\.ptx")):
+        out = subprocess.run([tool, option, lib], capture_output=True, text=True, check=True).stdout
+        kind = "sm" if option == "--list-elf" else "compute"
+        listed |= {f"{kind}_{num}" for num in re.findall(pattern, out)}
+    assert recorded == listed

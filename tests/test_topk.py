@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _requires_ext import ext_missing
-from ntksap_fast import _ext, topk
+from ntksap_fast import _build_config, _ext, topk
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = [
@@ -505,6 +505,7 @@ def test_no_ext_env_forces_torch(monkeypatch):
 
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
+    monkeypatch.delenv("NTKSAP_FAST_REQUIRE_EXT", raising=False)  # (which turns it into an error)
     monkeypatch.setattr(
         _ext, "_state", {"tried": True, "ok": False, "error": "no compiler", "warned": set(), "auto": None}
     )
@@ -516,6 +517,25 @@ def test_fallback_warns_once(monkeypatch):
     msgs = [str(w.message) for w in rec if "ntksap_fast" in str(w.message)]
     assert len(msgs) == 1 and "no compiler" in msgs[0]
     assert not topk.extension_available() and topk.extension_error() == "no compiler"
+
+
+def test_cuda_tensors_use_the_compiled_op_only_where_it_has_code(monkeypatch):
+    """The dispatch asks _ext.cuda_code_for with the tensor's device (capability faked: no GPU
+    needed): an sm_90-only build serves a 9.0 device, not an 8.6 one (one warning)."""
+    monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
+    monkeypatch.delenv("NTKSAP_FAST_REQUIRE_EXT", raising=False)
+    monkeypatch.setattr(_ext, "use_compiled", lambda what: True)
+    monkeypatch.setattr(topk, "extension_available", lambda: True)
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_ext, "cuda_targets", lambda: (_build_config.CudaTarget(9, 0, False),))
+    monkeypatch.setitem(_ext._state, "warned", set())
+    capability = {"now": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    assert topk._use_extension(torch.device("cuda", 0))
+    capability["now"] = (8, 6)
+    with pytest.warns(RuntimeWarning, match="compute capability 8.6"):
+        assert not topk._use_extension(torch.device("cuda", 0))
+    assert topk._use_extension(torch.device("cpu"))
 
 
 def test_extension_registered(ext):
