@@ -47,7 +47,7 @@ import torch
 
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
 from ntksap_fast.arena import Arena
-from ntksap_fast.cli import build_model
+from ntksap_fast.sources import build_model
 from ntksap_fast.presets import PRESETS
 from ntksap_fast.reference import reference_scores
 

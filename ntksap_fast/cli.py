@@ -1,10 +1,10 @@
 """``ntksap`` command line (also ``python -m ntksap_fast``): prune a model, print and save reports.
 
-Models: a ``ntksap_fast.models`` name, ``torchvision:NAME``, ``timm:NAME`` (input shape from timm's
-``pretrained_cfg`` unless ``--input-shape``) or ``package.module:callable``, the user's own factory
-returning an ``nn.Module`` (called with ``num_classes=`` when ``--num-classes`` is given; found on
-``PYTHONPATH`` or in the current folder). Usage errors exit with code 2, runtime errors (no GPU
-driver, out of memory, a file that cannot be written) with code 1, each with one line on stderr.
+Models (``ntksap_fast.sources``): a ``ntksap_fast.models`` name, ``torchvision:NAME``,
+``timm:NAME`` (input shape from timm's ``pretrained_cfg`` unless ``--input-shape``) or
+``package.module:callable``, the user's own factory. Usage errors exit with code 2, runtime errors
+(no GPU driver, out of memory, a file that cannot be written) with code 1, each with one line on
+stderr.
 
 Settings come from, highest first: explicit flags, ``--preset`` (the paper's NTK-SAP settings:
 model, classes, input shape, rounds, draws, inputs per draw, epsilon), the library's defaults.
@@ -17,8 +17,6 @@ magnitude pruning the weights themselves), so the same command and seed give the
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import importlib.util
 import os
 import sys
@@ -37,10 +35,11 @@ from .presets import PAPER_OPTIONS, PRESETS
 from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
                      plot_layer_density, plot_ntk_spectrum, stability_table)
 from .sanity import keep_lowest, shuffle_masks
+from .sources import build_model, default_input_shape
 from .schedule import density_schedule
 from .scorer import NtkSapScorer
 
-__all__ = ["main", "build_model", "build_parser", "default_input_shape"]
+__all__ = ["main", "build_parser"]
 
 _EPILOG = """\
 example:
@@ -70,84 +69,6 @@ _NTKSAP_ONLY = (*(f.name for f in _SCORER_FLAGS), *_PRUNE_FLAGS)
 _NOT_INVERTED = ("min_layer_density", "target_overlap", "max_draws")
 #: Errors of the run itself (no GPU driver, out of memory, a file that cannot be written): exit code 1.
 _RUNTIME_ERRORS = (RuntimeError, OSError, MemoryError)
-
-
-def _user_factory(spec: str) -> Callable[..., object]:
-    """The callable named by ``package.module:callable`` (dotted attributes allowed after the colon)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"model: expected NAME, torchvision:NAME, timm:NAME or package.module:callable, got {spec!r}")
-    if os.getcwd() not in sys.path:  # as ``python -m`` does, so modules in the current folder are found
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"model {spec!r}: cannot import {module_name!r} ({err}); put its folder on PYTHONPATH "
-                         "or run from it") from None
-    except Exception as err:  # the user's module failed while importing
-        raise ValueError(f"model {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
-    try:
-        factory = functools.reduce(getattr, attr.split("."), module)
-    except AttributeError:
-        raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(factory):
-        raise ValueError(f"model {spec!r}: {attr!r} is a {type(factory).__name__}, expected a callable returning "
-                         "a torch.nn.Module")
-    return factory
-
-
-def build_model(name: str, num_classes: int | None = None, seed: int | None = None) -> nn.Module:
-    """A randomly initialised model (on the CPU), never pretrained weights.
-
-    ``name``: a ``ntksap_fast.models`` name, ``torchvision:NAME``, ``timm:NAME`` or
-    ``package.module:callable`` (the user's factory; ``num_classes=`` is passed when given). With
-    ``seed`` the initialisation draws from ``torch.manual_seed(seed)`` and the global CPU random
-    state is restored afterwards, so the same name and seed give the same weights. Raises
-    ``ValueError`` for a model that cannot be found or built, ``ImportError`` when timm is missing.
-    """
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    source, colon, rest = name.partition(":")
-    if not colon:
-        if name not in MODELS:
-            raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)}, torchvision:NAME, "
-                             "timm:NAME or package.module:callable")
-        make = functools.partial(MODELS[name], **kwargs)
-    elif source == "torchvision":
-        import torchvision
-
-        if rest not in torchvision.models.list_models():
-            raise ValueError(f"model: torchvision has no model {rest!r} (see torchvision.models.list_models())")
-        make = functools.partial(torchvision.models.get_model, rest, weights=None, **kwargs)
-    elif source == "timm":
-        if importlib.util.find_spec("timm") is None:
-            raise ImportError(f"model {name!r} needs timm: pip install timm")
-        import timm
-
-        if not timm.is_model(rest):
-            raise ValueError(f"model: timm has no model {rest!r} (see timm.list_models())")
-        make = functools.partial(timm.create_model, rest, pretrained=False, **kwargs)
-    else:
-        make = functools.partial(_user_factory(name), **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        try:
-            model = make()
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"model {name!r}{' with num_classes=%d' % num_classes if kwargs else ''}: "
-                             f"{type(err).__name__}: {err}") from None
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r} returned a {type(model).__name__}, expected a torch.nn.Module")
-    return model
-
-
-def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The input shape a model says it takes: its ``input_shape`` attribute (``ntksap_fast.models``),
-    else timm's ``pretrained_cfg["input_size"]``; None when it says nothing."""
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        shape = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    return None if shape is None else tuple(int(s) for s in shape)
 
 
 def _shape(text: str) -> tuple[int, ...]:

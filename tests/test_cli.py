@@ -11,7 +11,8 @@ import torch
 
 import ntksap_fast
 from ntksap_fast import NtkSapScorer, cli, density_schedule, load_masks
-from ntksap_fast.cli import build_model, build_parser, default_input_shape, main
+from ntksap_fast.cli import build_parser, main
+from ntksap_fast.sources import build_model, default_input_shape
 from ntksap_fast.demo import main as demo_main
 from ntksap_fast.sanity import keep_lowest
 
