@@ -16,6 +16,18 @@ trap 'rm -rf "$WORK"' EXIT
 export NTKSAP_FAST_CACHE_DIR="$WORK/cache"   # the verdict cache of the run-time check
 unset NTKSAP_FAST_REQUIRE_EXT NTKSAP_FAST_NO_EXT NTKSAP_FAST_ALLOW_NO_EXT
 
+# A fresh venv that sees the project venv's packages (torch, ...) through a .pth line but not its
+# editable install of ntksap_fast (whose import hook would find the checkout's modules).
+# Prints its site-packages directory.
+fresh_venv() {
+  local base site
+  base="$("$PY" -c 'import sys; print(sys._base_executable)')"
+  "$base" -m venv --without-pip "$1"
+  site="$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/_project_venv.pth"
+  echo "$site"
+}
+
 echo "== clean clone of $SRC"
 git clone --quiet "$SRC" "$WORK/clone"
 
@@ -38,9 +50,10 @@ assert lic and so, f"license {lic}, compiled module {so}"
 print(f"   wheel ships {lic[0]} and {so[0]}")
 PY
 
-echo "== install the wheel in a fresh target, use it from outside the checkout"
-"$PY" -m pip install -q --no-deps --target "$WORK/site" "$WHEEL"
-(cd "$WORK" && PYTHONPATH="$WORK/site" "$PY" - "$WORK/site" <<'PY'
+echo "== install the wheel in a fresh venv, use it from outside the checkout"
+SITE="$(fresh_venv "$WORK/venv")"
+"$PY" -m pip install -q --no-deps --target "$SITE" "$WHEEL"
+(cd "$WORK" && "$WORK/venv/bin/python" - "$SITE" <<'PY'
 import os, sys, warnings
 site = sys.argv[1]
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to PyTorch would be an error here
@@ -66,13 +79,16 @@ echo "== wheel without a C++ compiler (CC=/nonexistent/cc CXX=/nonexistent/c++ N
 grep -o "ntksap_fast: WARNING: installing WITHOUT the compiled ops.*" "$WORK/nocc.log" | head -1 | cut -c1-200
 NOCC="$(ls "$WORK"/nocc/ntksap_fast-*.whl)"
 echo "   $(basename "$NOCC")"
-"$PY" -m pip install -q --no-deps --target "$WORK/nocc_site" "$NOCC"
-(cd "$WORK" && PYTHONPATH="$WORK/nocc_site" "$PY" - "$WORK/nocc_site" <<'PY'
+SITE="$(fresh_venv "$WORK/nocc_venv")"
+"$PY" -m pip install -q --no-deps --target "$SITE" "$NOCC"
+(cd "$WORK" && "$WORK/nocc_venv/bin/python" - "$SITE" <<'PY'
 import sys, warnings
 site = sys.argv[1]
 import ntksap_fast
 from ntksap_fast.models import resnet20
+from ntksap_fast import _ext
 assert ntksap_fast.__file__.startswith(site), ntksap_fast.__file__
+assert _ext._state["lib"] is None, _ext._state["lib"]
 with warnings.catch_warnings(record=True) as rec:
     warnings.simplefilter("always")
     masks = ntksap_fast.ntk_sap_prune(resnet20(), density=0.1, input_shape=(3, 32, 32), iterations=2,
