@@ -326,3 +326,17 @@ def test_load_masks_rejects_non_bool_and_missing(tmp_path):
         load_masks(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError):
         save_masks({"fc.weight": torch.ones(2, 3)}, tmp_path / "x.pt")
+
+
+def test_safetensors_header_size_starting_like_a_pickle_loads(tmp_path):
+    """A header of 128 + 256 k bytes makes a safetensors file start with 0x80, a pickle's first byte:
+    the file is still read as safetensors (its JSON header starts at byte 8)."""
+    masks = {"fc.weight": torch.ones(2, 3, dtype=torch.bool)}
+    path = tmp_path / "m.safetensors"
+    for pad in range(0, 256, 8):
+        save_masks(masks, path, metadata={"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    loaded = load_masks(path)
+    assert torch.equal(loaded["fc.weight"], masks["fc.weight"]) and loaded.metadata["note"].startswith("x")
