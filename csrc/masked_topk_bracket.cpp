@@ -19,6 +19,7 @@
 // runs (masked_topk_radix.cpp). All of it in one parallel region with two barriers (after the
 // sampling, after the pass): each synchronisation costs, most on a busy machine.
 #include "masked_topk_scan.h"
+#include "splitmix64.h"
 
 #include <ATen/Parallel.h>
 
@@ -38,13 +39,6 @@ namespace {
 
 constexpr int kCandBinBits = 12;
 constexpr int64_t kSampleAhead = 32;  // samples prefetched ahead
-
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 int bit_length(uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); }
 

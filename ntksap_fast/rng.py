@@ -28,12 +28,18 @@ import torch
 from . import _ext
 
 __all__ = ["Stream", "philox4x32", "normal", "normal_at", "PHILOX_ROUNDS", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0",
-           "PHILOX_W1", "MASK32", "check_counters", "MAX_DRAW"]
+           "PHILOX_W1", "BOX_MULLER_SHIFT", "BOX_MULLER_SCALE", "TWO_PI", "MASK32", "check_counters", "MAX_DRAW"]
 
-# The generator's constants, one home for the PyTorch twin and the Triton kernels.
+# The generator's constants, one home for the PyTorch twin and the Triton kernels; csrc/philox.cpp
+# spells them out in C++ and tests/test_rng.py checks that they agree.
 PHILOX_ROUNDS = 10
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (Weyl sequence)
+# Box-Muller: a word's top 24 bits, w >> SHIFT, scaled by 2**-24 give u = (that + 1) * SCALE in
+# (0, 1] and v = that * SCALE in [0, 1) (exact in float32); the angle is TWO_PI * v.
+BOX_MULLER_SHIFT = 8
+BOX_MULLER_SCALE = 2.0**-24
+TWO_PI = 2.0 * math.pi
 MASK32 = 0xFFFFFFFF
 #: Draw ids live in [0, MAX_DRAW): ``draw * 4 + stream`` must fit the 32-bit counter word.
 MAX_DRAW = 2**30
@@ -100,16 +106,16 @@ def _compiled() -> bool:
 
 def _box_muller(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(blocks,) x 4 words -> (blocks, 4) float32 standard normals."""
-    scale = 2.0**-24
+    shift, scale = BOX_MULLER_SHIFT, BOX_MULLER_SCALE
     # u in (0, 1] (never 0, so the log is finite); v in [0, 1).
-    u0 = ((w[0] >> 8) + 1).to(torch.float32) * scale
-    v0 = (w[1] >> 8).to(torch.float32) * scale
-    u1 = ((w[2] >> 8) + 1).to(torch.float32) * scale
-    v1 = (w[3] >> 8).to(torch.float32) * scale
+    u0 = ((w[0] >> shift) + 1).to(torch.float32) * scale
+    v0 = (w[1] >> shift).to(torch.float32) * scale
+    u1 = ((w[2] >> shift) + 1).to(torch.float32) * scale
+    v1 = (w[3] >> shift).to(torch.float32) * scale
     r0 = torch.sqrt(-2.0 * torch.log(u0))
     r1 = torch.sqrt(-2.0 * torch.log(u1))
-    a0 = (2.0 * math.pi) * v0
-    a1 = (2.0 * math.pi) * v1
+    a0 = TWO_PI * v0
+    a1 = TWO_PI * v1
     return torch.stack((r0 * torch.cos(a0), r0 * torch.sin(a0), r1 * torch.cos(a1), r1 * torch.sin(a1)), dim=1)
 
 

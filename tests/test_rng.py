@@ -1,8 +1,18 @@
-"""The Philox-4x32-10 twin: known-answer vectors and the counter contract."""
+"""The Philox-4x32-10 twin: known-answer vectors, the counter contract, and one set of constants for
+the PyTorch twin (ntksap_fast/rng.py), the Triton kernels (triton_kernels/philox.py) and the
+compiled op (csrc/philox.cpp)."""
+import math
+import re
+from pathlib import Path
+
+import pytest
 import torch
 
 from _requires_ext import ext_missing
+from ntksap_fast import rng
 from ntksap_fast.rng import Stream, normal, normal_at, philox4x32
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Known-answer vectors of Random123 (Salmon et al.) for philox4x32, 10 rounds.
 KAT = [
@@ -69,3 +79,39 @@ def test_compiled_normals_match_the_pytorch_twin(monkeypatch):
     # values of magnitude up to ~6: 2e-6 absolute.
     for c, t in zip(compiled, twin):
         torch.testing.assert_close(c, t, rtol=0, atol=2e-6)
+
+
+def _cpp_constant(text: str, name: str) -> str:
+    found = re.findall(rf"\b{name} = ([^,;]+)[,;]", text)
+    assert len(found) == 1, f"csrc/philox.cpp: one definition of {name} expected, found {found}"
+    return found[0].strip()
+
+
+def test_cpp_philox_and_box_muller_constants_equal_the_twins():
+    """csrc/philox.cpp spells the constants out in C++: each must equal rng.py's."""
+    text = (ROOT / "csrc" / "philox.cpp").read_text()
+    assert int(_cpp_constant(text, "kRounds")) == rng.PHILOX_ROUNDS
+    for name, value in (("kM0", rng.PHILOX_M0), ("kM1", rng.PHILOX_M1), ("kW0", rng.PHILOX_W0),
+                        ("kW1", rng.PHILOX_W1)):
+        assert int(_cpp_constant(text, name).rstrip("uU"), 16) == value, name
+    assert "r < kRounds" in text, "the round loop must run kRounds rounds"
+    assert float(_cpp_constant(text, "kScale").rstrip("f")) == rng.BOX_MULLER_SCALE
+    assert _cpp_constant(text, "kTwoPi") == "static_cast<float>(2.0 * M_PI)" and rng.TWO_PI == 2.0 * math.pi
+    box_muller = text[text.index("inline void box_muller"):text.index("void check_word")]
+    shifts = re.findall(r">>\s*(\w+)\)", box_muller)
+    assert len(shifts) == 2 and all(int(k) == rng.BOX_MULLER_SHIFT for k in shifts), shifts
+
+
+def test_triton_kernels_take_their_constants_from_the_twin():
+    """triton_kernels/philox.py writes no constant of its own: its constexprs are rng.py's."""
+    text = (ROOT / "triton_kernels" / "philox.py").read_text()
+    for value in (rng.PHILOX_M0, rng.PHILOX_M1, rng.PHILOX_W0, rng.PHILOX_W1):
+        assert f"{value:x}" not in text.lower(), f"{value:#x} written out in triton_kernels/philox.py"
+    assert not re.search(r"5\.96|6\.28|>>\s*8\b", text), "a Box-Muller constant written out"
+    pytest.importorskip("triton")
+    from ntksap_fast.kernels import philox
+
+    assert (philox._ROUNDS.value, philox._M0.value, philox._M1.value, philox._W0.value, philox._W1.value) == (
+        rng.PHILOX_ROUNDS, rng.PHILOX_M0, rng.PHILOX_M1, rng.PHILOX_W0, rng.PHILOX_W1)
+    assert (philox._SHIFT.value, philox._SCALE.value, philox._TWO_PI.value) == (
+        rng.BOX_MULLER_SHIFT, rng.BOX_MULLER_SCALE, rng.TWO_PI)

@@ -10,7 +10,9 @@ NTKSAP_FAST_ALLOW_NO_EXT=1 says that is expected.
 from __future__ import annotations
 
 import mmap
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -623,3 +625,16 @@ def test_beyond_int32_indexing(ext, device):
     got = topk.masked_topk(s_dev, m_dev, 402)
     kept = got.nonzero().squeeze(1).cpu().tolist()
     assert kept == sorted([2**31 - 400, n - 1] + list(range(2**31 - 300, 2**31 + 100)))
+
+
+def test_one_splitmix64_for_the_cpu_and_cuda_samplers():
+    """The CPU and CUDA ops sample the same hashed positions: both include csrc/splitmix64.h and no
+    source under csrc/ defines a splitmix64 of its own."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    for name in ("masked_topk_bracket.cpp", "cuda/masked_topk_fast.cu"):
+        text = (csrc / name).read_text()
+        assert re.search(r'#include "(\.\./)?splitmix64\.h"', text), f"{name} does not include splitmix64.h"
+        assert "splitmix64(" in text, f"{name} no longer samples with splitmix64"
+    defining = sorted(str(p.relative_to(csrc)) for p in csrc.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")
+                      and re.search(r"uint64_t\s+splitmix64\s*\(", p.read_text()))
+    assert defining == ["splitmix64.h"]

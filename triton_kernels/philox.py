@@ -44,6 +44,9 @@ _M0 = tl.constexpr(rng.PHILOX_M0)
 _M1 = tl.constexpr(rng.PHILOX_M1)
 _W0 = tl.constexpr(rng.PHILOX_W0)
 _W1 = tl.constexpr(rng.PHILOX_W1)
+_SHIFT = tl.constexpr(rng.BOX_MULLER_SHIFT)
+_SCALE = tl.constexpr(rng.BOX_MULLER_SCALE)
+_TWO_PI = tl.constexpr(rng.TWO_PI)
 
 
 def use_libdevice() -> bool:
@@ -110,15 +113,14 @@ def _sin(x, PRECISE: tl.constexpr):
 @triton.jit
 def box_muller(w0, w1, w2, w3, PRECISE: tl.constexpr):
     """Four uint32 words -> four float32 standard normals (same formula as ``rng._box_muller``)."""
-    scale = 5.9604644775390625e-08  # 2**-24
-    u0 = ((w0 >> 8) + 1).to(tl.float32) * scale
-    v0 = (w1 >> 8).to(tl.float32) * scale
-    u1 = ((w2 >> 8) + 1).to(tl.float32) * scale
-    v1 = (w3 >> 8).to(tl.float32) * scale
+    u0 = ((w0 >> _SHIFT) + 1).to(tl.float32) * _SCALE
+    v0 = (w1 >> _SHIFT).to(tl.float32) * _SCALE
+    u1 = ((w2 >> _SHIFT) + 1).to(tl.float32) * _SCALE
+    v1 = (w3 >> _SHIFT).to(tl.float32) * _SCALE
     r0 = tl.sqrt_rn(-2.0 * _log(u0, PRECISE))
     r1 = tl.sqrt_rn(-2.0 * _log(u1, PRECISE))
-    a0 = 6.283185307179586 * v0
-    a1 = 6.283185307179586 * v1
+    a0 = _TWO_PI * v0
+    a1 = _TWO_PI * v1
     return r0 * _cos(a0, PRECISE), r0 * _sin(a0, PRECISE), r1 * _cos(a1, PRECISE), r1 * _sin(a1, PRECISE)
 
 

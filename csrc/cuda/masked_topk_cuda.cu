@@ -66,19 +66,7 @@ TopKStatus run(const at::Tensor& scores, const at::Tensor& mask, const at::Tenso
   const ull mode = static_cast<ull>(h[kMode]);
   if (mode == kModeDone || mode == kModeCut) return status;
   if (in_place) restore_mask(o, backup, n, stream);  // every other case starts from the mask
-  if (!status.ok(n_keep)) {
-    if (!in_place) C10_CUDA_CHECK(cudaMemsetAsync(o, 0, static_cast<size_t>(n), stream));
-    return status;
-  }
-  if (n_keep == 0) {
-    C10_CUDA_CHECK(cudaMemsetAsync(o, 0, static_cast<size_t>(n), stream));
-    return status;
-  }
-  if (n_keep == status.count) {
-    if (!in_place)
-      C10_CUDA_CHECK(cudaMemcpyAsync(o, m, static_cast<size_t>(n), cudaMemcpyDeviceToDevice, stream));
-    return status;
-  }
+  if (settle_without_selection(status, m, o, n, n_keep, stream)) return status;
   if (mode == kModeTies) {
     tie_write<Bits>(s, m, o, n, ws + kCutKey, scores);
     return status;

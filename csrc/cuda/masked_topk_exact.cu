@@ -255,17 +255,7 @@ TopKStatus exact_select(const typename Bits::key_t* s, const bool* m, bool* o, i
   TopKStatus status;
   status.count = head.const_data_ptr<int64_t>()[kXCount];
   status.nan = head.const_data_ptr<int64_t>()[kXNan] != 0;
-  const bool in_place = o == m;
-  if (!status.ok(n_keep) || n_keep == 0) {
-    if (!in_place || status.ok(n_keep))
-      C10_CUDA_CHECK(cudaMemsetAsync(o, 0, static_cast<size_t>(n), stream));
-    return status;
-  }
-  if (n_keep == status.count) {
-    if (!in_place)
-      C10_CUDA_CHECK(cudaMemcpyAsync(o, m, static_cast<size_t>(n), cudaMemcpyDeviceToDevice, stream));
-    return status;
-  }
+  if (settle_without_selection(status, m, o, n, n_keep, stream)) return status;
   state.narrow(0, kXK, 1).fill_(n_keep);
   for (int level = 0; level < kLevels; ++level) {
     if (level > 0) {

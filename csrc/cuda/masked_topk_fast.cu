@@ -12,6 +12,7 @@
 //  4-6. The exact cut among the candidates and the fixup of out: select_candidates
 //     (masked_topk_select.cu).
 #include "topk_cuda.cuh"
+#include "../splitmix64.h"
 
 #include <c10/cuda/CUDAException.h>
 
@@ -28,13 +29,6 @@ constexpr int kBuf = 1024;   // per-block candidate buffer (entries)
 constexpr int kFlush = 512;  // flushed to global memory from this fill on
 constexpr int kTile = 4096;  // entries per block per iteration of scan_kernel
 static_assert(kCandHist - kSampleHist == kSampleBins / 2, "workspace layout");
-
-__host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 __device__ __forceinline__ int bit_length(ull x) { return x == 0 ? 0 : 64 - __clzll(x); }
 

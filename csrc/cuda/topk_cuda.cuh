@@ -1,12 +1,16 @@
-// Shared by the two CUDA files of the masked top-k: masked_topk_cuda.cu (the bracketed fast
-// path, the op entry points and registration) and masked_topk_exact.cu (the exact radix path,
-// the tie path and the mask put-back). See masked_topk_cuda.cu for the algorithm.
+// Shared by the four CUDA files of the masked top-k: masked_topk_cuda.cu (the op entry points,
+// the choice between the paths, registration), masked_topk_fast.cu (the bracketed fast path:
+// sampling, bracket, the one read of the scores), masked_topk_select.cu (the exact cut among the
+// fast path's candidates) and masked_topk_exact.cu (the exact radix path, the tie path and the
+// mask put-back). The algorithms are described at the top of masked_topk_fast.cu and
+// masked_topk_exact.cu; masked_topk_cuda.cu says which runs when.
 #pragma once
 
 #include "../key_traits.h"
 #include "../masked_topk.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <cuda_runtime.h>
 
@@ -80,6 +84,26 @@ void tie_write(const typename Bits::key_t* s, const bool* m, bool* o, int64_t n,
 
 // o[i] = bit i of backup (32 entries per word): puts back a mask saved by the fast path.
 void restore_mask(bool* o, const uint32_t* backup, int64_t n, cudaStream_t stream);
+
+// The op contract's cases that need no selection (masked_topk.h), once the status is known and
+// nothing has been written (in place, o == m holds the mask): a non-ok status leaves the mask
+// alone in place and makes o all False out of place; n_keep == 0 makes o all False; n_keep ==
+// count keeps every unpruned entry (o = m). True when the call is settled by this.
+inline bool settle_without_selection(const TopKStatus& status, const bool* m, bool* o, int64_t n, int64_t n_keep,
+                                     cudaStream_t stream) {
+  const bool in_place = o == m;
+  if (!status.ok(n_keep) || n_keep == 0) {
+    if (!in_place || status.ok(n_keep))
+      C10_CUDA_CHECK(cudaMemsetAsync(o, 0, static_cast<size_t>(n), stream));
+    return true;
+  }
+  if (n_keep == status.count) {
+    if (!in_place)
+      C10_CUDA_CHECK(cudaMemcpyAsync(o, m, static_cast<size_t>(n), cudaMemcpyDeviceToDevice, stream));
+    return true;
+  }
+  return false;
+}
 
 }  // namespace cuda
 }  // namespace ntksap_fast
