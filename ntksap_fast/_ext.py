@@ -294,12 +294,11 @@ def _jit_build(env: dict) -> str:
     """Builds the extension just in time (CPU ops, plus CUDA when a GPU and nvcc are present) in
     a separate process, with the sources and flags of ``_build_config``; returns the library
     path."""
-    from torch.utils import cpp_extension
-
     root_dir = Path(__file__).resolve().parent.parent
     src = _build_config.sources(root_dir)
     if not src.cpp:
         raise RuntimeError("csrc/ sources not found next to the package (the just-in-time build needs a source checkout)")
+    from torch.utils import cpp_extension  # (imported only now: it warns where CUDA is missing)
     with_cuda = bool(src.cuda and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME)
     nvcc_flags = None
     if with_cuda:
