@@ -31,8 +31,10 @@ def _user_factory(spec: str) -> Callable[..., object]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"model: expected NAME, torchvision:NAME, timm:NAME or package.module:callable, got {spec!r}")
-    if os.getcwd() not in sys.path:  # as ``python -m`` does, so modules in the current folder are found
-        sys.path.append(os.getcwd())
+    folder = os.getcwd()
+    search_here = folder not in sys.path  # as ``python -m`` does, for the import only
+    if search_here:
+        sys.path.append(folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -40,6 +42,9 @@ def _user_factory(spec: str) -> Callable[..., object]:
                          "or run from it") from None
     except Exception as err:  # the user's module failed while importing
         raise ValueError(f"model {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
+    finally:
+        if search_here:
+            sys.path.remove(folder)
     try:
         factory = functools.reduce(getattr, attr.split("."), module)
     except AttributeError:

@@ -270,8 +270,9 @@ def test_user_module_in_the_current_folder_and_its_errors(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # restored afterwards
     monkeypatch.delitem(sys.modules, "ntksap_cli_user_models", raising=False)
+    path_before = list(sys.path)
     model = build_model("ntksap_cli_user_models:tiny_cnn", num_classes=3, seed=1)
-    assert model[4].out_features == 3
+    assert model[4].out_features == 3 and sys.path == path_before  # found in the current folder, path restored
     again = build_model("ntksap_cli_user_models:tiny_cnn", num_classes=3, seed=1)
     assert torch.equal(model[0].weight, again[0].weight)  # seeded
     for name, words in (("ntksap_cli_user_models:not_a_model", "returned a int, expected a torch.nn.Module"),
