@@ -143,43 +143,45 @@ def test_sources_cover_every_compiled_file():
 # ------------------------------------------------------------------------------------------
 # The three build paths read the same sources and flags
 # ------------------------------------------------------------------------------------------
-def _setup_extensions(monkeypatch, **env) -> tuple[dict, str]:
+def _setup_extensions(monkeypatch, capsys, **env) -> tuple[dict, str]:
     """Runs setup.py with setuptools.setup replaced: the keyword arguments it got and stderr."""
+    from torch.utils import cpp_extension
+
     captured: dict = {}
     monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # setup.py sets it
     for name in ("NTKSAP_FAST_NO_CUDA", "NTKSAP_FAST_NO_EXT_BUILD", "NTKSAP_FAST_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(ROOT)
-    err = []
-    monkeypatch.setattr(sys, "stderr", type("Err", (), {"write": lambda self, s: err.append(s), "flush": lambda self: None})())
+    capsys.readouterr()
     runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
-    return captured, "".join(err)
+    return captured, capsys.readouterr().err
 
 
-def test_setup_py_builds_the_configured_sources_and_flags(monkeypatch):
+def test_setup_py_builds_the_configured_sources_and_flags(monkeypatch, capsys):
     nvcc = "/usr/local/cuda/bin/nvcc"
     if not (torch.version.cuda and os.access(nvcc, os.X_OK)):
         pytest.skip("needs nvcc and a CUDA build of torch (setup.py builds C++ only otherwise)")
-    kw, _ = _setup_extensions(monkeypatch, CUDA_HOME="/usr/local/cuda")
+    kw, _ = _setup_extensions(monkeypatch, capsys, CUDA_HOME="/usr/local/cuda")
     (ext,) = kw["ext_modules"]
     src = config.sources(ROOT)
     targets = config.parse_arch_list(config.DEFAULT_CUDA_ARCH_LIST)
     assert sorted(ext.sources) == sorted([*src.cpp, src.module, *src.cuda])
     assert ext.extra_compile_args == {"cxx": list(config.CXX_FLAGS), "nvcc": config.nvcc_flags(targets)}
     assert ext.extra_link_args == list(config.LINK_FLAGS)
-    kw, _ = _setup_extensions(monkeypatch, CUDA_HOME="/usr/local/cuda", TORCH_CUDA_ARCH_LIST="8.6")
+    kw, _ = _setup_extensions(monkeypatch, capsys, CUDA_HOME="/usr/local/cuda", TORCH_CUDA_ARCH_LIST="8.6")
     assert kw["ext_modules"][0].extra_compile_args["nvcc"] == config.nvcc_flags([T(8, 6, False)])
 
 
-def test_setup_py_without_a_compiler_installs_without_the_ops(monkeypatch):
-    kw, err = _setup_extensions(monkeypatch, CXX="/nonexistent/c++", CC="/nonexistent/cc")
+def test_setup_py_without_a_compiler_installs_without_the_ops(monkeypatch, capsys):
+    kw, err = _setup_extensions(monkeypatch, capsys, CXX="/nonexistent/c++", CC="/nonexistent/cc")
     assert kw["ext_modules"] == []
     assert err.count("WITHOUT the compiled ops") == 1
     assert "/nonexistent/c++" in err and "NTKSAP_FAST_REQUIRE_EXT=1" in err
     with pytest.raises(RuntimeError, match="cannot be built: no C\\+\\+ compiler"):
-        _setup_extensions(monkeypatch, CXX="/nonexistent/c++", NTKSAP_FAST_REQUIRE_EXT="1")
+        _setup_extensions(monkeypatch, capsys, CXX="/nonexistent/c++", NTKSAP_FAST_REQUIRE_EXT="1")
 
 
 def test_jit_build_uses_the_configured_sources_and_flags(monkeypatch, tmp_path):
