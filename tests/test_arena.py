@@ -150,3 +150,33 @@ def test_re_pruning_a_masked_model_to_a_lower_density(how):
     baseline = prune(model, "magnitude", density=0.2)
     assert not (torch.cat([m.reshape(-1) for m in baseline.values()]) & ~start).any()
     assert _same_state(before, _state(model))
+
+
+def test_layout_fan_in_views_and_flatten():
+    """Consecutive slots in named_parameters order, fan-in = shape[1] * prod(shape[2:]) (grouped and
+    depthwise convolutions count their group's inputs), views that share the buffer, flatten's
+    checks naming the argument."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Conv1d(6, 6, 5, groups=6), nn.Linear(7, 3))
+    arena = Arena(model)
+    assert arena.names == ["0.weight", "1.weight", "2.weight"]
+    assert [(s.offset, s.numel, s.fan_in) for s in arena.slots] == [(0, 108, 18), (108, 30, 5), (138, 21, 7)]
+    assert arena.numel == 159 and len(arena) == 3
+    assert [s.std for s in arena.slots] == pytest.approx([math.sqrt(2 / f) for f in (18, 5, 7)], rel=1e-12)
+    std = arena.std_vector()
+    assert std.dtype == torch.float32 and std.shape == (159,)
+    assert bool((std[108:138] == torch.tensor(math.sqrt(2 / 5), dtype=torch.float32)).all())
+    flat = torch.arange(2 * 159, dtype=torch.float32).view(2, 159)
+    views = arena.views(flat)
+    assert views["1.weight"].shape == (2, 6, 1, 5) and views["1.weight"].data_ptr() == flat[:, 108:].data_ptr()
+    values = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
+    back = arena.views(arena.flatten(values, argname="weights", dtype=torch.float64))
+    assert all(torch.equal(back[n], v.double()) for n, v in values.items())
+    with pytest.raises(ValueError, match="weights"):
+        arena.flatten({n: v for n, v in values.items() if n != "2.weight"}, argname="weights", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"weights\['2.weight'\]"):
+        arena.flatten(dict(values, **{"2.weight": torch.zeros(7, 3)}), argname="weights", dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"masks\['0.weight'\]"):
+        arena.flatten(values, argname="masks", dtype=torch.bool)
+    with pytest.raises(ValueError, match="159"):
+        arena.views(torch.zeros(158))
