@@ -1,9 +1,9 @@
 """Tests of the public API: ntk_sap_prune and ntk_sap_scores (counts, rounds, determinism, the model
-left unchanged, NaN, params, bad input, conv kinds, bfloat16, micro_batch) and the public namespace.
+left unchanged, NaN, params, conv kinds, bfloat16, micro_batch) and the public namespace.
 
-The schedule, presets, models and mask I/O have their own files (test_schedule.py, test_presets.py,
-test_models.py, test_masks.py). Everything runs on CPU with tiny models and few draws so the whole file
-stays fast.
+Bad input, the schedule, presets, models and mask I/O have their own files (test_arguments.py,
+test_schedule.py, test_presets.py, test_models.py, test_masks.py). Everything runs on CPU with tiny
+models and few draws so the whole file stays fast.
 """
 from __future__ import annotations
 
