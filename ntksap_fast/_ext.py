@@ -312,7 +312,12 @@ def cuda_targets() -> tuple:
     """The GPU code the loaded ops hold (``_build_config.CudaTarget`` tuple), as their build
     recorded it; empty when no library is loaded or it was built without CUDA."""
     lib = _state.get("lib")
-    return _build_config.parse_targets(recorded_targets(lib)) if lib else ()
+    if not lib:
+        return ()
+    cached = _state.get("targets")  # (library, its targets): read once per library
+    if cached is None or cached[0] != lib:
+        cached = _state["targets"] = (lib, _build_config.parse_targets(recorded_targets(lib)))
+    return cached[1]
 
 
 def cuda_code_for(device: torch.device, what: str) -> bool:
