@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -106,6 +106,12 @@ class ScorerOptions:
     def names(cls) -> tuple[str, ...]:
         """The option names, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def arguments(cls, scope: Mapping[str, Any]) -> dict[str, Any]:
+        """The options among a function's arguments (``locals()`` of a public entry point whose
+        signature spells them out): ``{name: value}`` for every option name."""
+        return {name: scope[name] for name in cls.names()}
 
     @classmethod
     def default(cls, name: str) -> Any:

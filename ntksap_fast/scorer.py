@@ -58,19 +58,17 @@ class NtkSapScorer:
                  allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.options = ScorerOptions(draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed, params=params,
-                                     device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
-                                     process_group=process_group, allow_tf32=allow_tf32, output=output)
+        self.options = ScorerOptions(**ScorerOptions.arguments(locals()))
         self.model = model
         self.draws, self.batch_sizes = self.options.draws, self.options.batch_sizes()
         self.epsilon, self.seed = self.options.epsilon, self.options.seed
         self.input_shape = args.resolve_input_shape(model, input_shape)
-        self.arena = Arena(model, params)
-        self.share = DrawShare.current(process_group)
+        self.arena = Arena(model, self.options.params)
+        self.share = DrawShare.current(self.options.process_group)
         self.local_draws = self.share.draws(self.draws)
 
         def make_forward(device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype) -> Forward:
-            return Forward(model, self.arena, device, dtype, param_dtype, output)
+            return Forward(model, self.arena, device, dtype, param_dtype, self.options.output)
 
         with preserved_state(model):
             self.config, forward = resolve(self.options, model, self.arena, self.input_shape, make_forward)
@@ -297,10 +295,7 @@ def ntk_sap_scores(
     Returns:
         ``{name: float32 tensor of the parameter's shape}``: ``|sum_s dL_s/dm| * (mask != 0)``.
     """
-    scorer = NtkSapScorer(model, input_shape, draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed,
-                          params=params, device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
-                          process_group=process_group, allow_tf32=allow_tf32, output=output)
-    return scorer.scores(masks, round)
+    return NtkSapScorer(model, input_shape, **ScorerOptions.arguments(locals())).scores(masks, round)
 
 
 def ntk_sap_prune(
@@ -327,9 +322,7 @@ def ntk_sap_prune(
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =
         kept), on the compute device, with ``metadata`` saying what made them.
     """
-    scorer = NtkSapScorer(model, input_shape, draws=draws, batch_size=batch_size, epsilon=epsilon, seed=seed,
-                          params=params, device=device, dtype=dtype, micro_batch=micro_batch, draw_batch=draw_batch,
-                          process_group=process_group, allow_tf32=allow_tf32, output=output)
+    scorer = NtkSapScorer(model, input_shape, **ScorerOptions.arguments(locals()))
     return scorer.prune(density, iterations, schedule=schedule, checkpoint=checkpoint, progress=progress,
                         on_round=on_round, min_layer_density=min_layer_density, stats=stats,
                         target_overlap=target_overlap, max_draws=max_draws)
