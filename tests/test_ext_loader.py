@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from _requires_ext import ext_missing
-from ntksap_fast import _build_config, _ext, topk
+from ntksap_fast import _build_config, _ext, _ext_check, topk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -296,3 +296,22 @@ def test_built_module_records_the_code_it_holds():
         kind = "sm" if option == "--list-elf" else "compute"
         listed |= {f"{kind}_{num}" for num in re.findall(pattern, out)}
     assert recorded == listed
+
+
+def test_check_skips_a_gpu_the_build_does_not_cover(tmp_path, monkeypatch):
+    """The build's check runs the CUDA ops only on a visible GPU the library holds code for, so an
+    install never fails because of the GPU at hand. Faked in the check process (sitecustomize):
+    a CUDA device of capability 7.0 (older than every default target) is skipped; one of 9.0 is
+    checked, which on this machine without a GPU must fail (so the skip above was the decision)."""
+    lib = built_module()
+    if not _ext.has_kernel("ntksap_fast::masked_topk", "CUDA"):
+        pytest.skip("the built module has no CUDA ops (a build without CUDA): nothing to skip")
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU is visible: the faked one would not be the only one")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    fake = "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.get_device_capability = lambda device=None: {cap}\n"
+    (tmp_path / "sitecustomize.py").write_text(fake.format(cap=(7, 0)))
+    assert _ext_check._run_check(lib, timeout=600) == (True, "")
+    (tmp_path / "sitecustomize.py").write_text(fake.format(cap=(9, 0)))
+    ok, why = _ext_check._run_check(lib, timeout=600)
+    assert not ok and "check failed" in why, why
