@@ -114,10 +114,7 @@ def _extensions():
     cpp = [*src.cpp, src.module]
     nvcc, why_not = _find_nvcc()
     if nvcc and src.cuda:
-        wanted = config.parse_arch_list(config.cuda_arch_list())
-        user_list = bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())
-        # The default list is fitted to the nvcc at hand; a list the user gave is taken as is.
-        targets, dropped = (wanted, ()) if user_list else config.fit_to_compiler(wanted, config.nvcc_codes(nvcc))
+        targets, dropped = config.build_targets(nvcc)
         if dropped:
             _say(f"{nvcc} cannot build {', '.join(map(str, dropped))}: left out (those GPUs use PyTorch)")
         _say(f"CUDA targets: {', '.join(map(str, targets))}")

@@ -161,6 +161,19 @@ def fit_to_compiler(
     return tuple(sorted(set(kept))), dropped
 
 
+def build_targets(nvcc: str, environ: Optional[Mapping[str, str]] = None) -> tuple[
+    tuple[CudaTarget, ...], tuple[CudaTarget, ...]
+]:
+    """``(targets, dropped)`` of a CUDA build with ``nvcc``: ``$TORCH_CUDA_ARCH_LIST`` as given
+    (nvcc reports what it cannot build), or the default list fitted to ``nvcc``
+    (:func:`fit_to_compiler`)."""
+    env = os.environ if environ is None else environ
+    wanted = parse_arch_list(cuda_arch_list(env))
+    if env.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return wanted, ()
+    return fit_to_compiler(wanted, nvcc_codes(nvcc))
+
+
 def gencode_flags(targets: Iterable[CudaTarget]) -> list[str]:
     """nvcc flags that produce exactly ``targets``."""
     return [
@@ -214,7 +227,7 @@ def cmake_script(root: str | os.PathLike, nvcc: Optional[str] = None,
         f"set(NTKSAP_FAST_CXX_FLAGS {_cmake_list(CXX_FLAGS)})",
     ]
     if nvcc:
-        targets, dropped = fit_to_compiler(parse_arch_list(cuda_arch_list(environ)), nvcc_codes(nvcc))
+        targets, dropped = build_targets(nvcc, environ)
         if not targets:
             raise SystemExit(f"{nvcc} can build none of the CUDA targets {cuda_arch_list(environ)!r}")
         if dropped:

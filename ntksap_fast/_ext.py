@@ -159,9 +159,7 @@ def _jit_build(env: dict) -> str:
     nvcc_flags = None
     if with_cuda:
         nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
-        targets, _ = _build_config.fit_to_compiler(
-            _build_config.parse_arch_list(_build_config.cuda_arch_list()), _build_config.nvcc_codes(nvcc)
-        )
+        targets, _ = _build_config.build_targets(nvcc)
         nvcc_flags = _build_config.nvcc_flags(targets)
     flags = {
         "cxx": list(_build_config.CXX_FLAGS), "link": list(_build_config.LINK_FLAGS), "nvcc": nvcc_flags,

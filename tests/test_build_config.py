@@ -112,6 +112,14 @@ def test_fit_to_compiler_drops_what_nvcc_lacks_and_keeps_a_ptx():
     assert config.fit_to_compiler(wanted, None) == (wanted, ())
 
 
+def test_build_targets_fit_only_the_default_list():
+    """A list the user gave is built as given (nvcc says what it cannot build); the default list
+    is fitted to the nvcc, or kept whole when nvcc cannot say what it builds."""
+    nowhere = "/nonexistent/nvcc"
+    assert config.build_targets(nowhere, {"TORCH_CUDA_ARCH_LIST": "8.6"}) == ((T(8, 6, False),), ())
+    assert config.build_targets(nowhere, {}) == (config.parse_arch_list(config.DEFAULT_CUDA_ARCH_LIST), ())
+
+
 def test_nvcc_here_builds_the_whole_default_list():
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.access(nvcc, os.X_OK):
