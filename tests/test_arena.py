@@ -68,7 +68,7 @@ def test_gpt2_conv1d_rule_by_qualified_name_without_importing_transformers():
 
 
 def test_gpt2_conv1d_of_transformers_samples_with_its_input_dimension():
-    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    from transformers import pytorch_utils  # the test extra installs it
     layer = pytorch_utils.Conv1D(12, 5)  # nf=12 outputs, nx=5 inputs: weight (5, 12)
     assert tuple(layer.weight.shape) == (5, 12)
     assert Arena(nn.Sequential(layer)).slots[0].fan_in == 5

@@ -154,8 +154,6 @@ def test_two_processes_give_identical_masks(tmp_path, extra):
 
 
 def test_spectrum_size_is_checked_before_the_prune(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("matplotlib")
-
     def no_prune(*args, **kwargs):
         raise AssertionError("the prune ran before the --spectrum size check")
 
@@ -285,7 +283,6 @@ def test_user_module_in_the_current_folder_and_its_errors(tmp_path, monkeypatch,
 
 
 def test_timm_resnet18_writes_masks(tmp_path, capsys):
-    pytest.importorskip("timm", reason="timm is in the test extra; this test runs where it is installed")
     out = tmp_path / "masks.pt"
     assert main(["prune", "timm:resnet18", "--input-shape", "3,64,64", "--num-classes", "10", "--density", "0.1",
                  "--draws", "1", "--batch-size", "2", "--iterations", "1", "--no-progress", "--out", str(out)]) == 0
@@ -297,7 +294,7 @@ def test_timm_resnet18_writes_masks(tmp_path, capsys):
 
 
 def test_timm_input_shape_comes_from_pretrained_cfg(capsys):
-    timm = pytest.importorskip("timm", reason="timm is in the test extra; this test runs where it is installed")
+    import timm  # the test extra installs it
     assert default_input_shape(timm.create_model("resnet18", pretrained=False)) == (3, 224, 224)
     assert default_input_shape(build_model("resnet20")) == (3, 32, 32)
     assert main(["prune", "timm:mobilevit_xxs", "--method", "magnitude", "--density", "0.5", "--no-progress"]) == 0
