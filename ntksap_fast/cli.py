@@ -28,16 +28,14 @@ from torch import nn
 
 from . import __version__
 from .baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
-from .masks import Masks, check_mask_path, save_masks
+from .masks import check_mask_path, save_masks
 from .models import MODELS
 from .options import SETTLED_KEYS, ScorerOptions
 from .presets import PAPER_OPTIONS, PRESETS
 from .report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
                      plot_layer_density, plot_ntk_spectrum, stability_table)
-from .sanity import keep_lowest, shuffle_masks
+from .sanity import shuffle_masks
 from .sources import build_model, default_input_shape
-from .schedule import density_schedule
-from .scorer import NtkSapScorer
 
 __all__ = ["main", "build_parser"]
 
@@ -65,7 +63,8 @@ _SCORER_FLAGS = tuple(f for f in ScorerOptions.cli_fields() if f.name != "seed")
 #: Options of ``NtkSapScorer.prune`` the CLI takes as flags.
 _PRUNE_FLAGS = ("target_overlap", "max_draws")
 _NTKSAP_ONLY = (*(f.name for f in _SCORER_FLAGS), *_PRUNE_FLAGS)
-#: Flags that ``--invert`` (which keeps the lowest scores after every round) does not combine with.
+#: Flags that ``--invert`` (which keeps the lowest scores after every round) does not combine with: the
+#: floors and the stability figures are taken on the highest scores.
 _NOT_INVERTED = ("min_layer_density", "target_overlap", "max_draws")
 #: Errors of the run itself (no GPU driver, out of memory, a file that cannot be written): exit code 1.
 _RUNTIME_ERRORS = (RuntimeError, OSError, MemoryError)
@@ -207,7 +206,9 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             value = getattr(args, f.name) if f.name in given else defaults.get(f.name)
             if value is not None:
                 kwargs[f.name] = f.metadata["cli"](value) if f.metadata["choices"] is not None else value
-        if args.scope == "global":  # per-round stability figures, shown in the table and the report
+        if args.invert:
+            kwargs["invert"] = True
+        elif args.scope == "global":  # per-round stability figures (of the highest scores), table and report
             kwargs["stats"] = True
         for k in ("target_overlap", "max_draws"):
             if getattr(args, k) is not None:
@@ -232,18 +233,6 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     return out
 
 
-def _prune_inverted(model: nn.Module, kwargs: dict) -> Masks:
-    """NTK-SAP keeping the lowest scores among the unpruned entries after every round."""
-    scorer = NtkSapScorer(model, kwargs["input_shape"], **{k: kwargs[k] for k in ScorerOptions.names() if k in kwargs})
-    iterations = kwargs.get("iterations", DEFAULT_ITERATIONS["ntksap"])
-    masks = None
-    for t, density in enumerate(density_schedule(kwargs["density"], iterations, kwargs["schedule"])):
-        masks = keep_lowest(scorer.scores(masks, round=t), density, masks)
-    masks.metadata = {"method": "ntksap", "density": kwargs["density"], "iterations": iterations,
-                      "schedule": kwargs["schedule"], **scorer.settings(), "inverted": True}
-    return masks
-
-
 def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _check_paths(parser, args)
     spec, kwargs = _settings(parser, args)
@@ -264,7 +253,7 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
     start = time.perf_counter()
     try:
-        masks = _prune_inverted(model, kwargs) if args.invert else prune(model, **kwargs)
+        masks = prune(model, **kwargs)
     except (ValueError, TypeError) as err:  # the library's argument checks
         parser.error(str(err))
     if args.shuffle:

@@ -4,11 +4,8 @@ entries matter, or only how many each layer keeps?
 * :func:`shuffle_masks`: each tensor's mask with its entries moved to random places, its count
   kept (layer-wise random masks with the method's per-layer densities).
 * :func:`keep_lowest`: keep the lowest scores instead of the highest (inverted scores), exact
-  counts and ties as the library's top-k. For iterative NTK-SAP, call it after every round::
-
-      scorer, masks = NtkSapScorer(model, input_shape), None
-      for t, d in enumerate(density_schedule(0.05, iterations)):
-          masks = keep_lowest(scorer.scores(masks, round=t), d, masks)
+  counts and ties as the library's top-k. Iterative NTK-SAP does the same after every round with
+  ``ntk_sap_prune(..., invert=True)``.
 
 Re-initialising the weights before training is the third check; it belongs to the training code.
 """

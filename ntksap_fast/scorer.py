@@ -181,7 +181,7 @@ class NtkSapScorer:
     def prune(self, density: float, iterations: int = 20, *, schedule: str = "exponential",
               checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
               on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
-              target_overlap: float | None = None, max_draws: int | None = None) -> Masks:
+              target_overlap: float | None = None, max_draws: int | None = None, invert: bool = False) -> Masks:
         """Iterative NTK-SAP: ``iterations`` scoring rounds, global top-k after each.
 
         After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
@@ -206,12 +206,16 @@ class NtkSapScorer:
             target_overlap: add draws to a round (in the counter generator's order, each of the first
                 draw's batch size) until its split-half overlap reaches this value or the round has
                 ``max_draws`` draws (default ``4 * draws``). Implies ``stats``.
+            invert: keep the LOWEST scores among the unpruned entries each round (the inverted-scores
+                sanity check, Frankle et al. 2021; ``ntksap_fast.sanity``); counts and ties as usual.
         Returns:
             ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
             device, with ``metadata`` saying what made them (written by ``save_masks``).
         """
         density = args.check_density(density)
         iterations = args.check_int("iterations", iterations)
+        if not isinstance(invert, bool):
+            raise TypeError(f"invert must be True or False, got {type(invert).__name__}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
@@ -240,7 +244,7 @@ class NtkSapScorer:
             "iterations": iterations, "schedule": schedule, "batch_sizes": tuple(self.batch_sizes),
             "epsilon": self.epsilon, "seed": self.seed, "input_shape": self.input_shape,
             "dtype": self.settled()["dtype"], "min_layer_density": min_layer_density,
-            "target_overlap": target_overlap, "max_draws": max_draws,
+            "target_overlap": target_overlap, "max_draws": max_draws, "invert": invert,
             "model_digest": model_digest(self.model, self.arena.params),
         }
         if checkpoint is not None and Path(checkpoint).exists():
@@ -257,7 +261,7 @@ class NtkSapScorer:
                                            target_overlap, max_draws)
                 # a model that already carries masks may hold fewer than n_keep: then nothing more goes
                 n_keep = min(keep_count(n_total, densities[t]), int(mask.sum()))
-                select_(scores, mask, n_keep, self.arena.slots, min_layer_density)
+                select_(scores.neg_() if invert else scores, mask, n_keep, self.arena.slots, min_layer_density)
                 if checkpoint is not None and self.share.is_main:
                     save_checkpoint(checkpoint, settings, t + 1, mask)
                 if info is not None:
@@ -269,6 +273,8 @@ class NtkSapScorer:
                     "min_layer_density": min_layer_density, **self.settings()}
         if stats:
             metadata["rounds"] = rounds
+        if invert:
+            metadata["inverted"] = True
         return Masks({n: v.clone() for n, v in self.arena.views(mask).items()}, metadata=metadata)
 
 
@@ -307,7 +313,7 @@ def ntk_sap_prune(
     allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
     checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
     on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
-    target_overlap: float | None = None, max_draws: int | None = None,
+    target_overlap: float | None = None, max_draws: int | None = None, invert: bool = False,
 ) -> Masks:
     """Iterative NTK-SAP: ``NtkSapScorer(model, input_shape, ...).prune(density, iterations, ...)``.
 
@@ -316,7 +322,7 @@ def ntk_sap_prune(
     ties to the lower flat index; pruned entries never come back. A model that already carries
     masks starts from them. The scorer's options as for ``NtkSapScorer`` (``ScorerOptions``);
     ``iterations``, ``schedule``, ``checkpoint``, ``progress``, ``on_round``, ``min_layer_density``,
-    ``stats``, ``target_overlap`` and ``max_draws`` as for ``NtkSapScorer.prune``.
+    ``stats``, ``target_overlap``, ``max_draws`` and ``invert`` as for ``NtkSapScorer.prune``.
 
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =
@@ -325,4 +331,4 @@ def ntk_sap_prune(
     scorer = NtkSapScorer(model, input_shape, **ScorerOptions.arguments(locals()))
     return scorer.prune(density, iterations, schedule=schedule, checkpoint=checkpoint, progress=progress,
                         on_round=on_round, min_layer_density=min_layer_density, stats=stats,
-                        target_overlap=target_overlap, max_draws=max_draws)
+                        target_overlap=target_overlap, max_draws=max_draws, invert=invert)

@@ -141,3 +141,16 @@ def test_inverted_ntksap_rounds_are_nested_and_exact() -> None:
         dropped = [scores[n][masks[n] & ~new[n]] if masks is not None else scores[n][~new[n]] for n in new]
         assert kept_max <= min(float(s.min()) for s in dropped if s.numel())  # the lowest were kept
         masks = new
+
+
+def test_prune_with_invert_is_keep_lowest_after_every_round() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    scorer, want = NtkSapScorer(model, (3, 8, 8), draws=1, batch_size=2), None
+    for t, d in enumerate(density_schedule(0.2, 3)):
+        want = keep_lowest(scorer.scores(want, round=t), d, want)
+    got = scorer.prune(0.2, 3, invert=True, progress=False)
+    assert got.metadata["inverted"] is True
+    assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.raises(TypeError, match="invert"):
+        scorer.prune(0.2, 3, invert=1)
