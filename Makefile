@@ -15,9 +15,9 @@ PIP := $(PY) -m pip install --progress-bar off
 
 install: $(STAMP)
 
-# Rebuilt when the build (its configuration: ntksap_fast/_build_config.py) or the C++/CUDA
+# Rebuilt when the build (its configuration: ntksap_fast/_build/config.py) or the C++/CUDA
 # sources change.
-$(STAMP): setup.py pyproject.toml ntksap_fast/_build_config.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+$(STAMP): setup.py pyproject.toml ntksap_fast/_build/config.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	@echo "== [1/4] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "== [2/4] pip, setuptools, wheel"
@@ -29,7 +29,7 @@ $(STAMP): setup.py pyproject.toml ntksap_fast/_build_config.py $(wildcard csrc/*
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m ntksap_fast.demo
+	$(PY) -m ntksap_fast.cli.demo
 
 # The compiled ops must be there: the build fails without them (NTKSAP_FAST_REQUIRE_EXT, which
 # make passes on to the install and ctest steps as well) and their tests fail (not skip).

@@ -5,11 +5,11 @@ The package is pure Python plus one compiled extension, ``ntksap_fast._C`` (see 
 present. Install with ``pip install --no-build-isolation .`` (``-e .`` for development) so the
 extension builds against the torch already in the environment (pyproject.toml names the build
 requirements, so this also works offline: ``--no-deps --no-index``). Sources, flags and CUDA
-architectures come from ``ntksap_fast/_build_config.py`` (shared with CMakeLists.txt and the
+architectures come from ``ntksap_fast/_build/config.py`` (shared with CMakeLists.txt and the
 just-in-time build).
 
 The built extension is checked in a separate process before the build counts as done
-(``ntksap_fast/_ext.py``: ``verify``): its ops must give the right answers and raise ordinary
+(``ntksap_fast/_build/loader.py``: ``verify``): its ops must give the right answers and raise ordinary
 Python errors on bad arguments. A C++ compiler whose runtime does not match torch's (e.g. a
 custom GCC in ``$CXX``) can build a library that crashes right there; if ``$CXX``/``$CC`` name
 such a compiler, the extension is built once more with the system compiler.
@@ -47,7 +47,7 @@ def _load(name: str, relpath: str):
     return mod
 
 
-config = _load("_ntksap_fast_build_config", os.path.join("ntksap_fast", "_build_config.py"))
+config = _load("_ntksap_fast_build_config", os.path.join("ntksap_fast", "_build", "config.py"))
 
 
 def _truthy(name: str) -> bool:
@@ -145,7 +145,7 @@ def _checked_build_ext(base):
         extension that cannot be built is left out (see _without_ext)."""
 
         def build_extension(self, ext):
-            loader = _load("_ntksap_fast_ext", os.path.join("ntksap_fast", "_ext.py"))
+            loader = _load("_ntksap_fast_ext", os.path.join("ntksap_fast", "_build", "loader.py"))
 
             def build(env: dict) -> str:
                 if env:

@@ -20,9 +20,9 @@ import torchvision
 
 from ntksap_fast import NtkSapScorer
 from ntksap_fast.arguments import cpu_has_bfloat16
-from ntksap_fast.arena import Arena
+from ntksap_fast.engine.arena import Arena
 from ntksap_fast.models import resnet20
-from ntksap_fast.reference import reference_scores
+from ntksap_fast.testing.reference import reference_scores
 
 SETTINGS = {
     "cifar10-round": (lambda: resnet20(), (3, 32, 32), 5, 100),

@@ -45,7 +45,7 @@ def _child(case: str, dtype_name: str, smoke: bool) -> dict:
     import torch
 
     import ntksap_fast
-    from ntksap_fast.sources import build_model
+    from ntksap_fast.cli.sources import build_model
     from ntksap_fast.presets import PRESETS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,7 +1,7 @@
 """Triton kernels against their PyTorch twins on CUDA, side by side (ratios printed at the end).
 
 Groups (sizes from the paper's settings; the baseline of each group has ``reference`` in its name):
-* ``normal-16M``: 2**24 standard normals. reference: ``ntksap_fast.rng`` Philox + Box-Muller in
+* ``normal-16M``: 2**24 standard normals. reference: ``ntksap_fast.engine.rng`` Philox + Box-Muller in
   PyTorch ops on CUDA tensors.
 * ``sample-resnet50``: clean + perturbed weights of one draw over a ResNet-50 arena (25.5M
   entries, 50% mask). reference_cpu: the engine's path today (CPU twin, then a copy to the GPU);
@@ -27,10 +27,10 @@ pytest.importorskip("triton")
 
 import torchvision  # noqa: E402
 
-from ntksap_fast import rng  # noqa: E402
-from ntksap_fast.arena import Arena  # noqa: E402
-from ntksap_fast.draws import DrawKey, sample_weights  # noqa: E402
-from ntksap_fast.batchnorm import batch_stats  # noqa: E402
+from ntksap_fast.engine import rng  # noqa: E402
+from ntksap_fast.engine.arena import Arena  # noqa: E402
+from ntksap_fast.engine.draws import DrawKey, sample_weights  # noqa: E402
+from ntksap_fast.engine.batchnorm import batch_stats  # noqa: E402
 from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
 from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
 from ntksap_fast.kernels import mask_grad as mg  # noqa: E402

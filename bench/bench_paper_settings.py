@@ -1,5 +1,5 @@
 """One scoring round at the paper's four settings (docs/DESIGN.md): the reference (the research
-code's passes, ``ntksap_fast.reference``) against the engine in float32 and bfloat16, on one
+code's passes, ``ntksap_fast.testing.reference``) against the engine in float32 and bfloat16, on one
 device, one benchmark group per setting (ratios printed by bench/conftest.py). Two engine figures
 each: ``engine-*`` times a round on a kept ``NtkSapScorer`` (set up once, outside the timing);
 ``call-*`` times what a user calls, ``ntk_sap_scores`` with its set-up.
@@ -27,7 +27,7 @@ Environment:
 
 The reference takes one batch size per call, so a round with several sizes is timed as one call
 per run of equal sizes (the CIFAR-100 round: 3 x 256, then 1 x 232), each with its own deep copy
-of the model. It draws its random numbers on the CPU (``ntksap_fast.draws``) and moves them to the
+of the model. It draws its random numbers on the CPU (``ntksap_fast.engine.draws``) and moves them to the
 device, as it does everywhere. A run that does not fit in device memory is skipped with the
 reason (``CUDA out of memory``); the peak memory of each benchmark is in its ``extra_info``.
 
@@ -46,10 +46,10 @@ import pytest
 import torch
 
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
-from ntksap_fast.arena import Arena
-from ntksap_fast.sources import build_model
+from ntksap_fast.engine.arena import Arena
+from ntksap_fast.cli.sources import build_model
 from ntksap_fast.presets import PRESETS
-from ntksap_fast.reference import reference_scores
+from ntksap_fast.testing.reference import reference_scores
 
 DEVICE = torch.device(os.environ.get("NTKSAP_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SMOKE = os.environ.get("NTKSAP_BENCH_SMOKE", "0") not in ("", "0")

@@ -48,7 +48,7 @@ import pytest
 import torch
 
 from _machine import cpu_name
-from ntksap_fast import topk
+from ntksap_fast.select import topk
 
 if not topk.extension_available():
     pytest.skip(f"compiled extension unavailable: {topk.extension_error()}", allow_module_level=True)

@@ -84,7 +84,7 @@ EOF
 check_build() {
   "$PY" - <<'EOF'
 import torch, ntksap_fast, ntksap_fast.kernels as k
-from ntksap_fast import _ext
+from ntksap_fast._build import loader as _ext
 ok = _ext.load()
 print("extension loaded:", ok, _ext.error() or "")
 print("masked_topk CUDA kernel:", _ext.has_kernel("ntksap_fast::masked_topk", "CUDA"))

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ntksap_fast import NtkSapScorer
-from ntksap_fast.sources import build_model
+from ntksap_fast.cli.sources import build_model
 
 #: name -> (model, input shape, inputs per draw)
 SETTINGS = {

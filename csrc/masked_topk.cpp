@@ -104,11 +104,11 @@ at::Tensor masked_topk_cpu_(const at::Tensor& scores, at::Tensor& mask, int64_t 
 
 TORCH_LIBRARY(ntksap_fast, m) {
   // Fake (meta) implementations live in ntksap_fast/topk.py; torch imports it when needed.
-  m.set_python_module("ntksap_fast.topk");
+  m.set_python_module("ntksap_fast.select.topk");
   // Both return the status [count, nan] (int64, CPU) instead of raising on the data; see
   // masked_topk.h. The in-place op returns only the status: functionalization (torch.compile)
   // does not support custom ops whose output aliases an input; the Python wrapper
-  // ntksap_fast.topk.masked_topk_ returns the mask.
+  // ntksap_fast.select.topk.masked_topk_ returns the mask.
   m.def("masked_topk(Tensor scores, Tensor mask, int n_keep) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> Tensor",

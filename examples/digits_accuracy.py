@@ -1,7 +1,7 @@
 """Test accuracy after pruning at initialization, every method, on scikit-learn's 8x8 digits.
 
 An MLP 64-256-256-10 (ReLU) is pruned at initialization by each method of
-``ntksap_fast.baselines.prune`` at several densities, trained with the masks applied
+``ntksap_fast.methods.baselines.prune`` at several densities, trained with the masks applied
 (``ntksap_fast.apply_masks``), and evaluated on a held-out split; 3 seeds (initialisation, pruning
 randomness, training order). Writes ``results/digits_accuracy.md`` (mean +- std test accuracy) and
 ``results/digits_accuracy.png``. Runs on the CPU in a few minutes; the data ship with scikit-learn
@@ -26,7 +26,7 @@ except ImportError as err:  # an optional dependency: say how to get it
     raise SystemExit("examples/digits_accuracy.py needs scikit-learn: pip install -e '.[examples]'") from err
 
 from ntksap_fast import apply_masks
-from ntksap_fast.baselines import METHODS, prune
+from ntksap_fast.methods.baselines import METHODS, prune
 
 HERE = Path(__file__).resolve().parent
 

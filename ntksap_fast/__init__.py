@@ -4,11 +4,11 @@
     masks = ntk_sap_prune(model, density=0.05, input_shape=(3, 32, 32))
     apply_masks(model, masks)
 """
-from .arena import register_layer
-from .baselines import prune
-from .masks import apply_masks, load_masks, mask_density, save_masks
+from .engine.arena import register_layer
+from .methods.baselines import prune
+from .io.masks import apply_masks, load_masks, mask_density, save_masks
 from .presets import PRESETS, Preset
-from .schedule import density_schedule, keep_count
+from .select.schedule import density_schedule, keep_count
 from .options import ScorerOptions
 from .scorer import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 

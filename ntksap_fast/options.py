@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from . import arguments as args
-from . import memory
-from .arena import Arena, ParamSelector
-from .backend import resolve_backend
+from .engine import memory
+from .engine.arena import Arena, ParamSelector
+from .engine.backend import resolve_backend
 
 __all__ = ["ScorerOptions", "ScorerConfig", "resolve", "describe", "precision", "tf32_policy", "DTYPES",
            "SETTLED_KEYS", "OutputFn"]
@@ -136,7 +136,7 @@ class ScorerConfig:
         device: where the passes run.
         dtype: compute precision of the passes (bfloat16 runs under autocast).
         param_dtype: dtype of the weights, inputs, losses and ``G`` (float64 for float64, else float32).
-        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.backend``).
+        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.engine.backend``).
         micro_batch: most inputs per forward; None = whole draws.
         draw_batch: whole draws run together through ``torch.func.vmap``; 1 = in sequence.
         graphs: capture each whole draw size in a CUDA graph and replay it.
@@ -191,7 +191,7 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
 
     ``make_forward(device, dtype, param_dtype)`` builds the model runner (``engine.Forward``) once
     the device and precision are known; it checks ``input_shape`` and, on CUDA, runs two probe
-    draws to measure the bytes one input adds (the memory plan, ``ntksap_fast.memory``), which
+    draws to measure the bytes one input adds (the memory plan, ``ntksap_fast.engine.memory``), which
     decides the micro-batch (unless given) and CUDA graphs. The runner is returned for the engine.
     """
     device = args.resolve_device(model, options.device)

@@ -17,15 +17,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arguments as args
-from .arena import Arena, ParamSelector
-from .checkpoint import load_checkpoint, model_digest, save_checkpoint
-from .distributed import DrawShare
-from .engine import Engine, Forward, preserved_state
-from .masks import Masks
+from .engine.arena import Arena, ParamSelector
+from .io.checkpoint import load_checkpoint, model_digest, save_checkpoint
+from .engine.distributed import DrawShare
+from .engine.engine import Engine, Forward, preserved_state
+from .io.masks import Masks
 from .options import OutputFn, ScorerOptions, describe, resolve, tf32_policy
-from .schedule import SCHEDULES, density_schedule, keep_count
-from .selection import select_
-from .stability import RoundStats, round_stats
+from .select.schedule import SCHEDULES, density_schedule, keep_count
+from .select.selection import select_
+from .analysis.stability import RoundStats, round_stats
 
 __all__ = ["NtkSapScorer", "ntk_sap_scores", "ntk_sap_prune"]
 
@@ -163,7 +163,7 @@ class NtkSapScorer:
             masks: current masks (bool, parameter shapes) keyed by parameter name; None = dense.
             round: the round counter of the random numbers (``ntk_sap_prune`` scores round ``t`` with
                 ``round=t``).
-            stats: also return the round's ``RoundStats`` (``ntksap_fast.stability``), the
+            stats: also return the round's ``RoundStats`` (``ntksap_fast.analysis.stability``), the
                 split-half overlap taken at ``density`` (the kept fraction you would prune to;
                 required with ``stats=True``).
         Returns:
@@ -194,12 +194,12 @@ class NtkSapScorer:
                 it atomically (by rank 0), and a call with the same settings and model resumes after
                 the last finished round, giving the identical final masks. A checkpoint written with
                 other settings or another model's non-prunable tensors, or a corrupted one, raises
-                ``ValueError`` (``ntksap_fast.checkpoint.CheckpointError``).
+                ``ValueError`` (``ntksap_fast.io.checkpoint.CheckpointError``).
             progress: a bar over draws (None: only on a terminal; rank 0 only).
             on_round: called after each round as ``on_round(t, masks)``, or ``on_round(t, masks,
                 round_stats)`` when ``stats`` or ``target_overlap`` is given.
             min_layer_density: each prunable tensor keeps at least this fraction of its entries (its
-                highest-scoring unpruned ones; ``ntksap_fast.selection``), the rest is chosen
+                highest-scoring unpruned ones; ``ntksap_fast.select.selection``), the rest is chosen
                 globally; the total stays exactly ``n_keep``. 0 (default): plain global top-k.
             stats: compute each round's ``RoundStats`` (split-half overlap at the round's density,
                 relative standard error); they go to ``on_round`` and to ``masks.metadata["rounds"]``.
@@ -207,7 +207,7 @@ class NtkSapScorer:
                 draw's batch size) until its split-half overlap reaches this value or the round has
                 ``max_draws`` draws (default ``4 * draws``). Implies ``stats``.
             invert: keep the LOWEST scores among the unpruned entries each round (the inverted-scores
-                sanity check, Frankle et al. 2021; ``ntksap_fast.sanity``); counts and ties as usual.
+                sanity check, Frankle et al. 2021; ``ntksap_fast.methods.sanity``); counts and ties as usual.
         Returns:
             ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
             device, with ``metadata`` saying what made them (written by ``save_masks``).

@@ -59,7 +59,8 @@ site = sys.argv[1]
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to PyTorch would be an error here
 import torch
 import ntksap_fast
-from ntksap_fast import _ext, topk
+from ntksap_fast._build import loader as _ext
+from ntksap_fast.select import topk
 from ntksap_fast.models import resnet20
 assert ntksap_fast.__file__.startswith(site), ntksap_fast.__file__
 assert topk.extension_available(), topk.extension_error()
@@ -86,7 +87,7 @@ import sys, warnings
 site = sys.argv[1]
 import ntksap_fast
 from ntksap_fast.models import resnet20
-from ntksap_fast import _ext
+from ntksap_fast._build import loader as _ext
 assert ntksap_fast.__file__.startswith(site), ntksap_fast.__file__
 assert _ext._state["lib"] is None, _ext._state["lib"]
 with warnings.catch_warnings(record=True) as rec:

@@ -1,4 +1,4 @@
-"""Shared by the Triton kernel tests (``tests/test_kernel_<module>.py``, ``tests/test_kernels.py``).
+"""Shared by the Triton kernel tests (``tests/kernels/test_kernel_<module>.py``, ``tests/kernels/test_kernels.py``).
 
 Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (conftest sets it
 before triton is imported); with one, the same cases run compiled on CUDA tensors and the CPU cases

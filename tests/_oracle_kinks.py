@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ntksap_fast.reference import reference_scores
+from ntksap_fast.testing.reference import reference_scores
 
 KINK_DELTA = 1e-4
 KINK_SCORE_TOL = 1e-6

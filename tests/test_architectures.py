@@ -3,7 +3,7 @@
 Tiny instances of each family (tests/_arch_models.py): scores are finite, ``ntk_sap_prune`` keeps
 exactly ``N - floor((1 - d) * N)`` entries, the default prunable set holds the attention input
 projections and the recurrent weight matrices, and the model is left as it was. The sampled weights
-of the new kinds follow the fan-in documented in ``ntksap_fast.arena``. Everything runs on a 2-core
+of the new kinds follow the fan-in documented in ``ntksap_fast.engine.arena``. Everything runs on a 2-core
 CPU with batches of 2-4, 1-2 draws and 2 rounds.
 """
 from __future__ import annotations

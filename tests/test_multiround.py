@@ -1,4 +1,4 @@
-"""Iterative pruning against the oracle's own loop (``ntksap_fast.reference.reference_prune``).
+"""Iterative pruning against the oracle's own loop (``ntksap_fast.testing.reference.reference_prune``).
 
 The loop is written independently of ``ntk_sap_prune``: oracle scores of round ``t`` with round
 counter ``t - 1`` and the mask after round ``t - 1``, a stable descending sort among the unpruned
@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores, prune, topk
-from ntksap_fast.reference import reference_prune
+from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores, prune
+
+from ntksap_fast.select import topk
+from ntksap_fast.testing.reference import reference_prune
 
 from _oracle_models import MODELS, flat
 from _requires_ext import ext_missing

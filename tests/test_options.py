@@ -11,9 +11,9 @@ from torch import nn
 
 import ntksap_fast.options as options_mod
 from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
-from ntksap_fast.arena import Arena
-from ntksap_fast.baselines import _NTKSAP_OPTIONS, _SHARED
-from ntksap_fast.cli import build_parser
+from ntksap_fast.engine.arena import Arena
+from ntksap_fast.methods.baselines import _NTKSAP_OPTIONS, _SHARED
+from ntksap_fast.cli.app import build_parser
 from ntksap_fast.options import SETTLED_KEYS, ScorerConfig, ScorerOptions, describe, resolve
 
 GIB = 2**30

@@ -1,4 +1,4 @@
-"""The engine against the independent oracle (``ntksap_fast.reference``) and closed forms.
+"""The engine against the independent oracle (``ntksap_fast.testing.reference``) and closed forms.
 
 The oracle shares nothing with the engine but the counter generator: its own prunable layout,
 weight spread from fan-in, inputs and perturbations, a deep copy with a separate BatchNorm
@@ -15,8 +15,8 @@ from torch import nn
 
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
 from ntksap_fast.models import resnet20, vgg16_bn
-from ntksap_fast.reference import reference_prunable, reference_scores
-from ntksap_fast.rng import Stream, normal
+from ntksap_fast.testing.reference import reference_prunable, reference_scores
+from ntksap_fast.engine.rng import Stream, normal
 
 from _oracle_models import MODELS, flat, tiny_resnet
 from _tolerances import assert_float32_close, assert_scores_close

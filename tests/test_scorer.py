@@ -159,7 +159,7 @@ def test_repr_says_what_was_decided():
 
 
 def test_engine_built_once_and_settled_configuration_written_by_one_function(monkeypatch):
-    import ntksap_fast.engine as engine_mod
+    import ntksap_fast.engine.engine as engine_mod
     import ntksap_fast.scorer as scorer_mod
 
     built = []

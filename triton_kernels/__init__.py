@@ -4,7 +4,7 @@ The folder is ``triton_kernels/`` in the repository (docs/DESIGN.md section 4); 
 under ``ntksap_fast.kernels`` so that it never shadows the ``triton_kernels`` distribution Triton
 publishes. One module per fused op, each with its PyTorch twin:
 
-* ``philox``         Philox-4x32-10 words and Box-Muller normals (twin: ``ntksap_fast.rng``)
+* ``philox``         Philox-4x32-10 words and Box-Muller normals (twin: ``ntksap_fast.engine.rng``)
 * ``sample_draw``    clean/perturbed weights of many draws, all tensors, one launch
 * ``batch_stats``    the clean branch's BatchNorm statistics in one pass (float64 combine)
 * ``fd_loss``        ``sum((f_clean - f_pert)**2)`` and its gradient

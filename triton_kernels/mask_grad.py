@@ -2,7 +2,7 @@
 
 With ``g_c = dL/dw_clean`` and ``g_p = dL/dw_pert`` of draw ``d`` (flat, arena order), the draw's
 contribution to the mask gradient is ``c_d = theta_d * (g_c[d] + g_p[d]) + eps * z_d * g_p[d]``
-(``dL/dm = theta * g_c + (theta + eps*z) * g_p``, ``ntksap_fast.engine``), and
+(``dL/dm = theta * g_c + (theta + eps*z) * g_p``, ``ntksap_fast.engine.engine``), and
 
     G += sum_d c_d;   with statistics also  odd += sum_{d odd} c_d,  sq += sum_d c_d**2
 
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ntksap_fast.rng import Stream, normal
+from ntksap_fast.engine.rng import Stream, normal
 
 from .philox import block_normals, draw_ids, interleave4, load_key, use_libdevice
 from .sample_draw import StdTable, lookup_std

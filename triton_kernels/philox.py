@@ -1,6 +1,6 @@
-"""Philox-4x32-10 and Box-Muller normals in Triton, the twin of ``ntksap_fast.rng``.
+"""Philox-4x32-10 and Box-Muller normals in Triton, the twin of ``ntksap_fast.engine.rng``.
 
-Counter layout (exactly as ``ntksap_fast.rng``, whose constants these kernels use): key = (seed
+Counter layout (exactly as ``ntksap_fast.engine.rng``, whose constants these kernels use): key = (seed
 lo32, seed hi32), counter = (block lo32, block hi32, round, draw * 4 + stream) with ``block =
 element // 4``; the four words of a block give the normals of elements ``4*block + lane``, lane
 0..3, through two Box-Muller transforms (lanes 0/1: cos/sin of words 0/1, lanes 2/3: of words 2/3).
@@ -29,15 +29,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ntksap_fast import rng
-from ntksap_fast.rng import Stream, check_counters
+from ntksap_fast.engine import rng
+from ntksap_fast.engine.rng import Stream, check_counters
 
 __all__ = [
     "philox4x32_10", "box_muller", "load_key", "block_normals", "interleave4",
     "round_key", "draw_ids", "normal_into", "use_libdevice", "NORMAL_TOL",
 ]
 
-#: Normals agree with ``ntksap_fast.rng`` to ``|a - b| <= NORMAL_TOL * max(1, |b|)``.
+#: Normals agree with ``ntksap_fast.engine.rng`` to ``|a - b| <= NORMAL_TOL * max(1, |b|)``.
 NORMAL_TOL = 2e-6
 _ROUNDS = tl.constexpr(rng.PHILOX_ROUNDS)
 _M0 = tl.constexpr(rng.PHILOX_M0)

@@ -7,7 +7,7 @@ For arena element ``e`` (index into the flat prunable space of length ``N``) of 
     w_clean = mask[e] * theta
     w_pert  = mask[e] * (theta + eps * z)
 
-exactly the quantities of ``ntksap_fast.draws`` / ``ntksap_fast.engine`` (dense sampling). The std
+exactly the quantities of ``ntksap_fast.engine.draws`` / ``ntksap_fast.engine.engine`` (dense sampling). The std
 comes from a per-tensor table (``StdTable``: T+1 offsets and T stds) found by an in-kernel binary
 search, not from an N-long vector. Seed, round and draw ids are read on the device
 (``philox.round_key``, a draw-id tensor), so one compiled kernel serves every round and a CUDA graph
@@ -25,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ntksap_fast.rng import Stream, normal
+from ntksap_fast.engine.rng import Stream, normal
 
 from .philox import block_normals, draw_ids, interleave4, load_key, use_libdevice
 
 if TYPE_CHECKING:
-    from ntksap_fast.arena import Arena
+    from ntksap_fast.engine.arena import Arena
 
 __all__ = ["StdTable", "lookup_std", "sample_draws_into", "sample_draws_reference"]
 
@@ -68,7 +68,7 @@ class StdTable:
 
     @classmethod
     def from_arena(cls, arena: "Arena", device: torch.device | str = "cpu") -> "StdTable":
-        """Table of an ``ntksap_fast.arena.Arena``."""
+        """Table of an ``ntksap_fast.engine.arena.Arena``."""
         return cls.from_sizes([s.numel for s in arena.slots], [s.std for s in arena.slots], device)
 
     def vector(self) -> torch.Tensor:
@@ -139,7 +139,7 @@ def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTab
 def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
                            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of ``sample_draws_into``: float32 ``(w_clean, w_pert)``, each ``(D, N)`` on the table's
-    device (``ntksap_fast.rng`` on the CPU, then moved there). ``draws``: ``D`` ids; ``mask``: flat ``(N,)``."""
+    device (``ntksap_fast.engine.rng`` on the CPU, then moved there). ``draws``: ``D`` ids; ``mask``: flat ``(N,)``."""
     device = table.offsets.device
     std = table.vector()
     m = None if mask is None else mask.detach().cpu().to(torch.float32)

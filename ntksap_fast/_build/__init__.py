@@ -1,0 +1,1 @@
+"""How the compiled extension ``ntksap_fast._C`` is built, loaded and checked."""

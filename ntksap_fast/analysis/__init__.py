@@ -1,0 +1,1 @@
+"""Reading results: per-layer reports, NTK spectra, round statistics and their stability."""

@@ -1,0 +1,1 @@
+"""Files: mask files and their metadata, checkpoints."""

@@ -1,0 +1,1 @@
+"""Other pruning methods (baselines) and the sanity-check variants."""

@@ -1,0 +1,1 @@
+"""Selection: the masked top-k, the global/floored selection and the density schedule."""

@@ -1,0 +1,1 @@
+"""The independent float64 oracle the tests and benchmarks compare against."""
