@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from ntksap_fast import NtkSapScorer
-from ntksap_fast.arguments import cpu_has_bfloat16
+from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.models import resnet20
 from ntksap_fast.testing.reference import reference_scores

@@ -1,36 +1,32 @@
-"""The scorer's options and the one place they are settled.
+"""The user's options and the checks of every public argument.
 
 * ``ScorerOptions``: every option of ``NtkSapScorer`` (and so of ``ntk_sap_scores``,
   ``ntk_sap_prune``, ``prune(method="ntksap")``, the CLI and the presets), its default, its check
   and its help text, written once. The other entry points derive their option lists from it
   (``ScorerOptions.names()``, ``cli_fields()``).
-* ``resolve``: options + model + device -> ``ScorerConfig``, the settled configuration (device,
-  precision, backend, micro-batch, draw batching, CUDA graphs, memory plan). Each of these is
-  decided here and nowhere else; the engine receives only settled values.
-* ``describe``: the settled configuration as plain values, the one writer for the scorer's
-  ``repr``, the CLI's settings line, the masks' metadata and the checkpoint.
+* ``check_*``, ``resolve_input_shape``, ``batch_sizes``: the checks shared by every entry point, so
+  errors read the same (``TypeError``/``ValueError`` naming the argument).
+
+How the options are turned into a computation (device, precision, backend, memory plan) is
+decided in ``ntksap_fast.engine.plan``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import warnings
+import math
+import numbers
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from . import arguments as args
-from .engine import memory
-from .engine.arena import Arena, ParamSelector
-from .engine.backend import resolve_backend
+from .engine.arena import ParamSelector
 
-__all__ = ["ScorerOptions", "ScorerConfig", "resolve", "describe", "precision", "tf32_policy", "DTYPES",
-           "SETTLED_KEYS", "OutputFn"]
-
-log = logging.getLogger("ntksap_fast")
+__all__ = ["ScorerOptions", "DTYPES", "OutputFn", "parse_sizes", "check_int", "check_float", "check_epsilon",
+           "check_seed", "check_density", "resolve_input_shape", "batch_sizes", "user_stacklevel"]
 
 #: Picks the tensor to compare from what the model returns (e.g. ``lambda out: out.logits``).
 OutputFn = Callable[[Any], torch.Tensor]
@@ -81,22 +77,22 @@ class ScorerOptions:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        set_("draws", args.check_int("draws", self.draws))
+        set_("draws", check_int("draws", self.draws))
         if isinstance(self.batch_size, (list, tuple)):
-            set_("batch_size", tuple(args.batch_sizes(self.draws, self.batch_size)))
+            set_("batch_size", tuple(batch_sizes(self.draws, self.batch_size)))
         else:
-            set_("batch_size", args.check_int("batch_size", self.batch_size))
-        set_("epsilon", args.check_epsilon(self.epsilon))
-        set_("seed", args.check_seed(self.seed))
-        if self.dtype is None:  # None (as for every optional argument) means the default
+            set_("batch_size", check_int("batch_size", self.batch_size))
+        set_("epsilon", check_epsilon(self.epsilon))
+        set_("seed", check_seed(self.seed))
+        if self.dtype is None:  # dtype=None and draw_batch=None stand for their defaults
             set_("dtype", torch.float32)
         if self.draw_batch is None:
             set_("draw_batch", 1)
         if self.dtype not in DTYPES.values():
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {self.dtype}")
         if self.micro_batch is not None:
-            set_("micro_batch", args.check_int("micro_batch", self.micro_batch))
-        set_("draw_batch", args.check_int("draw_batch", self.draw_batch))
+            set_("micro_batch", check_int("micro_batch", self.micro_batch))
+        set_("draw_batch", check_int("draw_batch", self.draw_batch))
         if self.allow_tf32 is not None and not isinstance(self.allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be True, False or None, got {type(self.allow_tf32).__name__}")
         if self.output is not None and not callable(self.output):
@@ -125,120 +121,80 @@ class ScorerOptions:
 
     def batch_sizes(self) -> list[int]:
         """Inputs of each draw, one entry per draw."""
-        return args.batch_sizes(self.draws, self.batch_size)
+        return batch_sizes(self.draws, self.batch_size)
 
 
-@dataclass(frozen=True)
-class ScorerConfig:
-    """The settled configuration of one scorer (made by ``resolve``; nothing downstream re-decides it).
-
-    Attributes:
-        device: where the passes run.
-        dtype: compute precision of the passes (bfloat16 runs under autocast).
-        param_dtype: dtype of the weights, inputs, losses and ``G`` (float64 for float64, else float32).
-        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.engine.backend``).
-        micro_batch: most inputs per forward; None = whole draws.
-        draw_batch: whole draws run together through ``torch.func.vmap``; 1 = in sequence.
-        graphs: capture each whole draw size in a CUDA graph and replay it.
-        allow_tf32: TF32 policy during the scorer's calls (None: PyTorch's flags).
-        memory: the GPU memory plan's numbers (None off CUDA).
-    """
-
-    device: torch.device
-    dtype: torch.dtype = torch.float32
-    param_dtype: torch.dtype = torch.float32
-    backend: str = "torch"
-    micro_batch: int | None = None
-    draw_batch: int = 1
-    graphs: bool = False
-    allow_tf32: bool | None = None
-    memory: memory.MemoryPlan | None = None
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
-def precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """``(compute dtype, param dtype)``: bfloat16 computes under autocast with float32 weights, inputs,
-    losses and ``G``; float32 and float64 are both.
-
-    A ``RuntimeWarning`` when bfloat16 on this CPU would be slower than float32, not faster: without
-    native bfloat16 (e.g. AVX2-only CPUs) PyTorch's CPU convolutions fall back to slow reference
-    kernels (measured on a 2-core AVX2 EPYC: a ResNet-20 round 10x, a ResNet-50 draw 14x slower).
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16 and not args.cpu_has_bfloat16():
-        warnings.warn("dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
-                      "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
-                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=args.user_stacklevel())
-    return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
+def check_float(name: str, value) -> float:
+    """``value`` as a float; ``TypeError`` naming ``name`` unless it is a real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
 
 
-@contextlib.contextmanager
-def tf32_policy(allow_tf32: bool | None) -> Iterator[None]:
-    """PyTorch's TF32 flags (cuDNN convolutions and CUDA matmuls) set to ``allow_tf32`` for the block
-    and restored afterwards, also on error; ``None`` leaves them as they are."""
-    if allow_tf32 is None:
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def check_epsilon(value) -> float:
+    epsilon = check_float("epsilon", value)
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        raise ValueError(f"epsilon must be a finite number > 0, got {value}")
+    return epsilon
 
 
-def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape: tuple[int, ...],
-            make_forward: Callable[[torch.device, torch.dtype, torch.dtype], Any]) -> tuple[ScorerConfig, Any]:
-    """The settled configuration of a scorer of ``model`` with ``options``, and its model runner.
-
-    ``make_forward(device, dtype, param_dtype)`` builds the model runner (``engine.Forward``) once
-    the device and precision are known; it checks ``input_shape`` and, on CUDA, runs two probe
-    draws to measure the bytes one input adds (the memory plan, ``ntksap_fast.engine.memory``), which
-    decides the micro-batch (unless given) and CUDA graphs. The runner is returned for the engine.
-    """
-    device = args.resolve_device(model, options.device)
-    dtype, param_dtype = precision(options.dtype, device)
-    backend = resolve_backend(device, dtype)
-    draw_batch = options.draw_batch
-    if draw_batch > 1 and any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
-    largest = max(options.batch_sizes())
-    micro, graphs, plan, per_input = options.micro_batch, False, None, 0.0
-    with tf32_policy(options.allow_tf32):  # the model runs here: under the scorer's TF32 policy
-        forward = make_forward(device, dtype, param_dtype)
-        forward.check_input_shape(input_shape)
-        if device.type == "cuda":
-            per_input = memory.measure_bytes_per_input(lambda n: forward.probe_draw(input_shape, n), device)
-    if device.type == "cuda":
-        fixed = 8 * arena.numel * torch.finfo(param_dtype).bits // 8  # weights, noise, gradients, G, stats
-        plan = memory.plan(memory.device_usable_bytes(device), per_input, fixed, largest)
-        if micro is None:
-            micro = plan.max_inputs
-        graphs = plan.graphs and draw_batch == 1 and backend == "triton"
-    if micro is not None and micro >= largest:
-        micro = None
-    graphs = graphs and micro is None
-    config = ScorerConfig(device, dtype, param_dtype, backend, micro, draw_batch if micro is None else 1, graphs,
-                          options.allow_tf32, plan)
-    log.info("NTK-SAP scorer settled: %s", ", ".join(f"{k}={v}" for k, v in describe(config).items()))
-    return config, forward
+def check_seed(value) -> int:
+    seed = check_int("seed", value, minimum=0)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64, got {value}")
+    return seed
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def check_density(value, name: str = "density") -> float:
+    density = check_float(name, value)
+    if not (0.0 < density <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return density
 
 
-#: What ``describe`` reports, in its order (the CLI's settings line prints these keys of the metadata).
-SETTLED_KEYS = ("device", "dtype", "backend", "micro_batch", "draw_batch", "graphs", "allow_tf32")
+def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of ints, or the model's own ``input_shape`` attribute if None."""
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError(
+                f"input_shape is needed: {type(model).__name__} does not say what input it takes; pass one "
+                "sample's shape without the batch dimension, e.g. input_shape=(3, 224, 224)"
+            )
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if not isinstance(input_shape, (tuple, list)) or not input_shape:
+        raise TypeError(f"input_shape must be a non-empty tuple of ints, got {input_shape!r}")
+    for s in input_shape:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"input_shape must hold positive ints, got {tuple(input_shape)!r}")
+    return tuple(int(s) for s in input_shape)
 
 
-def describe(config: ScorerConfig, graphs_error: str | None = None) -> dict[str, Any]:
-    """The settled configuration as plain values (``repr``, CLI settings line, mask metadata, checkpoint):
-    ``SETTLED_KEYS``, then ``graphs_error`` (why CUDA graphs were switched off after a failed
-    capture, if they were) and ``memory`` (the GPU memory plan's numbers) where they apply."""
-    values = (str(config.device), str(config.dtype).removeprefix("torch."), config.backend, config.micro_batch,
-              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32)
-    out = dict(zip(SETTLED_KEYS, values, strict=True))
-    if graphs_error is not None:
-        out["graphs_error"] = graphs_error
-    if config.memory is not None:
-        out["memory"] = f"usable {_gib(config.memory.usable)}, {_gib(config.memory.per_input)} per input"
-    return out
+def batch_sizes(draws: int, batch_size: int | Sequence[int]) -> list[int]:
+    """Inputs per draw, one entry per draw, from an int or a list of ``draws`` ints."""
+    if isinstance(batch_size, (list, tuple)):
+        sizes = [check_int("batch_size", b) for b in batch_size]
+        if len(sizes) != draws:
+            raise ValueError(f"batch_size has {len(sizes)} entries but draws is {draws}; give one size per draw")
+        return sizes
+    return [check_int("batch_size", batch_size)] * draws
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that points
+    at the first frame outside the package (the user's line, whichever entry point they used)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

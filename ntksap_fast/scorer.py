@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import arguments as args
 from .engine.arena import Arena, ParamSelector
 from .io.checkpoint import load_checkpoint, model_digest, save_checkpoint
 from .engine.distributed import DrawShare
-from .engine.engine import Engine, Forward, preserved_state
+from .engine.engine import Engine, ModelRunner, preserved_state
 from .io.masks import Masks
-from .options import OutputFn, ScorerOptions, describe, resolve, tf32_policy
+from .engine.plan import describe, resolve, tf32_policy
+from .options import (OutputFn, ScorerOptions, check_density, check_float, check_int,
+                      resolve_input_shape)
 from .select.schedule import SCHEDULES, density_schedule, keep_count
 from .select.selection import select_
 from .analysis.stability import RoundStats, round_stats
@@ -46,7 +47,7 @@ class NtkSapScorer:
         process_group, allow_tf32, output: ``ntksap_fast.options.ScorerOptions`` (each one's meaning
             and default is written there once).
 
-    ``repr(scorer)`` shows what was settled (``options.describe``); ``scorer.options`` holds the
+    ``repr(scorer)`` shows what was settled (``engine.plan.describe``); ``scorer.options`` holds the
     checked options and ``scorer.config`` the settled configuration.
     """
 
@@ -62,17 +63,17 @@ class NtkSapScorer:
         self.model = model
         self.draws, self.batch_sizes = self.options.draws, self.options.batch_sizes()
         self.epsilon, self.seed = self.options.epsilon, self.options.seed
-        self.input_shape = args.resolve_input_shape(model, input_shape)
+        self.input_shape = resolve_input_shape(model, input_shape)
         self.arena = Arena(model, self.options.params)
         self.share = DrawShare.current(self.options.process_group)
         self.local_draws = self.share.draws(self.draws)
 
-        def make_forward(device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype) -> Forward:
-            return Forward(model, self.arena, device, dtype, param_dtype, self.options.output)
+        def make_runner(device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype) -> ModelRunner:
+            return ModelRunner(model, self.arena, device, dtype, param_dtype, self.options.output)
 
         with preserved_state(model):
-            self.config, forward = resolve(self.options, model, self.arena, self.input_shape, make_forward)
-        self.engine = Engine(forward, self.input_shape, self.config, self.seed, self.epsilon)
+            self.config, runner = resolve(self.options, model, self.arena, self.input_shape, make_runner)
+        self.engine = Engine(runner, self.input_shape, self.config, self.seed, self.epsilon)
         self.mask = torch.ones(self.arena.numel, dtype=torch.bool, device=self.config.device)
 
     def __repr__(self) -> str:
@@ -86,7 +87,7 @@ class NtkSapScorer:
         return str(sizes[0]) if len(set(sizes)) == 1 else ",".join(map(str, sizes))
 
     def settled(self) -> dict:
-        """How the scorer computes, as plain values (``options.describe`` of the settled configuration)."""
+        """How the scorer computes, as plain values (``engine.plan.describe`` of the settled configuration)."""
         graphs = self.engine.graphs
         return describe(self.config, graphs.error if graphs is not None else None)
 
@@ -126,7 +127,7 @@ class NtkSapScorer:
         sizes = list(self.batch_sizes)
         drawn = self.draws
         with tf32_policy(self.config.allow_tf32), preserved_state(self.model):
-            self.engine.forward.refresh()
+            self.engine.runner.refresh()
             self.engine.mask_gradient(self.mask, round, sizes, self.local_draws, on_draw, stats=stats)
             totals = self._totals(stats)
             info = self._stats(totals, round, drawn, density) if stats else None
@@ -169,11 +170,11 @@ class NtkSapScorer:
         Returns:
             the scores, or ``(scores, RoundStats)`` with ``stats=True``.
         """
-        round = args.check_int("round", round, minimum=0)
+        round = check_int("round", round, minimum=0)
         if stats and density is None:
             raise ValueError("scores(stats=True) needs density=, the kept fraction the split-half overlap is taken at")
         if density is not None:
-            density = args.check_density(density)
+            density = check_density(density)
         flat, info = self._round(self.flat_mask(masks), round, density=density if stats else None)
         out = {n: v.clone() for n, v in self.arena.views(flat).items()}
         return (out, info) if stats else out
@@ -212,8 +213,8 @@ class NtkSapScorer:
             ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
             device, with ``metadata`` saying what made them (written by ``save_masks``).
         """
-        density = args.check_density(density)
-        iterations = args.check_int("iterations", iterations)
+        density = check_density(density)
+        iterations = check_int("iterations", iterations)
         if not isinstance(invert, bool):
             raise TypeError(f"invert must be True or False, got {type(invert).__name__}")
         if schedule not in SCHEDULES:
@@ -222,14 +223,14 @@ class NtkSapScorer:
             raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
         if on_round is not None and not callable(on_round):
             raise TypeError(f"on_round must be callable (round, masks) -> None, got {type(on_round).__name__}")
-        min_layer_density = args.check_float("min_layer_density", min_layer_density)
+        min_layer_density = check_float("min_layer_density", min_layer_density)
         if not 0.0 <= min_layer_density <= 1.0:
             raise ValueError(f"min_layer_density must be in [0, 1], got {min_layer_density}")
         if target_overlap is not None:
-            target_overlap = args.check_float("target_overlap", target_overlap)
+            target_overlap = check_float("target_overlap", target_overlap)
             if not 0.0 < target_overlap <= 1.0:
                 raise ValueError(f"target_overlap must be in (0, 1], got {target_overlap}")
-            max_draws = 4 * self.draws if max_draws is None else args.check_int("max_draws", max_draws)
+            max_draws = 4 * self.draws if max_draws is None else check_int("max_draws", max_draws)
             if max_draws < self.draws:
                 raise ValueError(f"max_draws must be >= draws ({self.draws}), got {max_draws}")
             stats = True

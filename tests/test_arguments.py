@@ -1,5 +1,5 @@
-"""Bad input to ntk_sap_prune / ntk_sap_scores (checks in ntksap_fast.arguments, applied by
-ntksap_fast.options.ScorerOptions and the scorer): a ValueError or TypeError that names the argument,
+"""Bad input to ntk_sap_prune / ntk_sap_scores (the checks in ntksap_fast.options, applied by
+ScorerOptions and the scorer): a ValueError or TypeError that names the argument,
 for every option, params, input_shape, the model and the masks."""
 from __future__ import annotations
 

@@ -1,22 +1,19 @@
-"""ScorerOptions (one list of options, defaults and checks) and resolve (each decision made once)."""
+"""ScorerOptions: one list of options, their defaults and checks (the decisions: tests/engine/test_plan.py)."""
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-import ntksap_fast.options as options_mod
 from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.methods.baselines import _NTKSAP_OPTIONS, _SHARED
 from ntksap_fast.cli.app import build_parser
-from ntksap_fast.options import SETTLED_KEYS, ScorerConfig, ScorerOptions, describe, resolve
+from ntksap_fast.options import ScorerOptions
 
-GIB = 2**30
 
 
 @pytest.mark.parametrize("entry", [NtkSapScorer, ntk_sap_scores, ntk_sap_prune])
@@ -54,78 +51,3 @@ def test_options_normalise_and_are_frozen():
     assert opts.dtype == torch.float32 and opts.draw_batch == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.draws = 4
-
-
-class _Runner:
-    """Stands in for engine.Forward: records what resolve asks of it."""
-
-    def __init__(self):
-        self.calls = []
-
-    def check_input_shape(self, shape):
-        self.calls.append(("check", shape))
-
-    def probe_draw(self, shape, n):
-        self.calls.append(("probe", n))
-
-
-def _resolve(model, monkeypatch=None, usable=None, per_input=None, **kwargs):
-    runners = []
-
-    def make(device, dtype, param_dtype):
-        runners.append((device, dtype, param_dtype, _Runner()))
-        return runners[-1][3]
-
-    if usable is not None:  # a CUDA device with these memory figures (no GPU needed)
-        monkeypatch.setattr(options_mod.memory, "device_usable_bytes", lambda device: usable)
-        monkeypatch.setattr(options_mod.memory, "measure_bytes_per_input", lambda run, device: (run(2), per_input)[1])
-    config, runner = resolve(ScorerOptions(**kwargs), model, Arena(model), (3,), make)
-    assert len(runners) == 1 and runner is runners[0][3]  # one runner, handed on to the engine
-    return config, runner
-
-
-def _mlp():
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-
-
-def test_resolve_on_cpu():
-    config, runner = _resolve(_mlp(), batch_size=8, micro_batch=8, draw_batch=2)
-    assert runner.calls == [("check", (3,))]  # no memory probe off CUDA
-    assert config == ScorerConfig(torch.device("cpu"), torch.float32, torch.float32, "torch", None, 2, False, None, None)
-    config, _ = _resolve(_mlp(), batch_size=8, micro_batch=3, draw_batch=2, dtype=torch.float64)
-    assert (config.micro_batch, config.draw_batch, config.param_dtype) == (3, 1, torch.float64)  # micro: in sequence
-    rnn = nn.Sequential(nn.LSTM(3, 4, batch_first=True))
-    assert _resolve(rnn, draw_batch=4)[0].draw_batch == 1  # vmap has no rule for the fused recurrent ops
-    with warnings.catch_warnings():  # CPUs without native bfloat16 warn (tested in test_scorer.py)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        assert _resolve(_mlp(), dtype=torch.bfloat16)[0].param_dtype == torch.float32
-
-
-def test_resolve_on_cuda_from_the_memory_plan(monkeypatch):
-    kwargs = dict(device="cuda", draws=2, batch_size=[256, 100])
-    # fits easily: whole draws and CUDA graphs
-    config, runner = _resolve(_mlp(), monkeypatch, usable=80 * GIB, per_input=0.01 * GIB, **kwargs)
-    assert ("probe", 2) in runner.calls
-    assert (config.backend, config.micro_batch, config.graphs) == ("triton", None, True)
-    # fits, but not in a graph's share
-    config, _ = _resolve(_mlp(), monkeypatch, usable=80 * GIB, per_input=0.16 * GIB, **kwargs)
-    assert (config.micro_batch, config.graphs) == (None, False)
-    # does not fit: micro-batches of what fits, no graphs, draws in sequence
-    config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.15 * GIB, draw_batch=2, **kwargs)
-    assert (config.micro_batch, config.graphs, config.draw_batch) == (139, False, 1)  # floor(0.7 * 30 / 0.15) - fixed
-    # an explicit micro_batch wins; one >= the largest draw is whole draws
-    config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.15 * GIB, micro_batch=64, **kwargs)
-    assert config.micro_batch == 64
-    config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.15 * GIB, micro_batch=256, **kwargs)
-    assert config.micro_batch is None
-    assert describe(config)["memory"] == "usable 30.0 GiB, 153.6 MiB per input"
-
-
-def test_describe_writes_the_settled_keys():
-    config = ScorerConfig(torch.device("cpu"), torch.bfloat16, torch.float32, "torch", 4, 1, True, False, None)
-    out = describe(config)
-    assert tuple(out) == SETTLED_KEYS
-    assert out == {"device": "cpu", "dtype": "bfloat16", "backend": "torch", "micro_batch": 4, "draw_batch": 1,
-                   "graphs": True, "allow_tf32": False}
-    failed = describe(config, graphs_error="capture failed")
-    assert failed["graphs"] is False and failed["graphs_error"] == "capture failed"

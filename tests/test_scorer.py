@@ -294,8 +294,8 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_draws():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_on_a_cpu_without_native_bfloat16_warns(monkeypatch, native):
-    from ntksap_fast import arguments
-    monkeypatch.setattr(arguments, "cpu_has_bfloat16", lambda: native)
+    from ntksap_fast.engine import plan
+    monkeypatch.setattr(plan, "cpu_has_bfloat16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         NtkSapScorer(_convnet(), (3, 8, 8), draws=1, batch_size=4, dtype=torch.bfloat16, device="cpu")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..engine.arena import Arena, ParamSelector
-from ..arguments import resolve_input_shape
+from ..options import resolve_input_shape
 from ..io.masks import _check_masks
 from .stability import HOW_TO_READ
 

@@ -30,7 +30,8 @@ from .. import __version__
 from ..methods.baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
 from ..io.masks import check_mask_path, save_masks
 from ..models import MODELS
-from ..options import SETTLED_KEYS, ScorerOptions
+from ..engine.plan import SETTLED_KEYS
+from ..options import ScorerOptions
 from ..presets import PAPER_OPTIONS, PRESETS
 from ..analysis.report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
                      plot_layer_density, plot_ntk_spectrum, stability_table)

@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .arena import Arena
-from ..arguments import user_stacklevel
+from ..options import user_stacklevel
 from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream

@@ -34,9 +34,10 @@ from .backend import Backend, DrawStats, make_backend
 from .batchnorm import CleanStatsBatchNorm
 from .conv_guard import ConvGuard
 from .graphs import DrawGraphs
-from ..options import OutputFn, ScorerConfig
+from ..options import OutputFn
+from .plan import ScorerConfig
 
-__all__ = ["Engine", "Forward", "preserved_state"]
+__all__ = ["Engine", "ModelRunner", "preserved_state"]
 
 
 @contextlib.contextmanager
@@ -71,7 +72,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class Forward:
+class ModelRunner:
     """Runs the model with given prunable weights, its other tensors fixed (the one model runner:
     the engine's passes and the baselines' scores).
 
@@ -197,15 +198,15 @@ class Engine:
     """A model's draws on one device: built once per scorer, reused for every round.
 
     Args:
-        forward: the model runner (``Forward``, built for ``config``'s device and precision).
+        runner: the model runner (``ModelRunner``, built for ``config``'s device and precision).
         input_shape: one input's shape.
-        config: the settled configuration (``ntksap_fast.options.resolve``); nothing here re-decides it.
+        config: the settled configuration (``ntksap_fast.engine.plan.resolve``); nothing here re-decides it.
         seed, epsilon: the prune's seed and perturbation size.
     """
 
-    def __init__(self, forward: Forward, input_shape: tuple[int, ...], config: ScorerConfig, seed: int,
+    def __init__(self, runner: ModelRunner, input_shape: tuple[int, ...], config: ScorerConfig, seed: int,
                  epsilon: float) -> None:
-        self.arena, self.input_shape, self.config, self.forward = forward.arena, input_shape, config, forward
+        self.arena, self.input_shape, self.config, self.runner = runner.arena, input_shape, config, runner
         self.backend: Backend = make_backend(config.backend, self.arena, seed, epsilon, config.device,
                                              config.param_dtype, max_group=config.draw_batch)
         self.grad = torch.zeros(self.arena.numel, dtype=config.param_dtype, device=config.device)
@@ -254,7 +255,7 @@ class Engine:
 
     def _one_draw(self, batch_size: int, stats: DrawStats | None) -> None:
         """The staged draw's contribution to ``grad`` (micro-batched when ``micro_batch < batch_size``)."""
-        backend, arena, forward = self.backend, self.arena, self.forward
+        backend, arena, runner = self.backend, self.arena, self.runner
         sampled = backend.sample()
         clean, pert = _leaves(arena, sampled.w_clean[0]), _leaves(arena, sampled.w_pert[0])
         micro = min(self.config.micro_batch or batch_size, batch_size)
@@ -263,17 +264,17 @@ class Engine:
         inputs = backend.inputs(0, self.input_shape, range(batch_size))  # sliced per micro-batch
         stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
         if n_micro > 1:  # the whole draw's statistics first
-            with forward.bound(clean), torch.no_grad():
-                forward.run(inputs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
+            with runner.bound(clean), torch.no_grad():
+                runner.run(inputs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
         leaves = [*clean.values(), *pert.values()]
         g_flat = torch.empty(2, arena.numel, dtype=sampled.w_clean.dtype, device=sampled.w_clean.device)
         for i in range(n_micro):
             x = inputs[i * micro : (i + 1) * micro]
             bn_clean = CleanStatsBatchNorm(stats_bn, "record" if n_micro == 1 else "replay",
                                            stats_fn=backend.batch_stats)
-            out_clean = forward(clean, x, bn_clean)
+            out_clean = runner(clean, x, bn_clean)
             bn_pert = CleanStatsBatchNorm(stats_bn, "replay")
-            out_pert = forward(pert, x, bn_pert)
+            out_pert = runner(pert, x, bn_pert)
             bn_clean.check_replayed()
             bn_pert.check_replayed()
             grads = torch.autograd.grad(backend.loss(out_clean, out_pert), leaves)
@@ -289,7 +290,7 @@ class Engine:
         Inside vmap the backend's statistics see batched tensors (the Triton backend falls back to
         PyTorch ops there); the loss of all ``k`` draws is taken outside vmap.
         """
-        backend, arena, forward = self.backend, self.arena, self.forward
+        backend, arena, runner = self.backend, self.arena, self.runner
         sampled = backend.sample()
         k = sampled.w_clean.shape[0]
         x = torch.stack([backend.inputs(i, self.input_shape, range(batch_size)) for i in range(k)])
@@ -301,9 +302,9 @@ class Engine:
         def draw_outputs(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor],
                          xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
-            out_clean = forward(clean_w, xs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
+            out_clean = runner(clean_w, xs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
             bn_pert = CleanStatsBatchNorm(stats_bn, "replay")
-            out_pert = forward(pert_w, xs, bn_pert)
+            out_pert = runner(pert_w, xs, bn_pert)
             bn_pert.check_replayed()
             return out_clean, out_pert
 

@@ -16,7 +16,7 @@ Rules (``plan``): the whole draw fits one pass when ``per_input * batch_size`` f
 inputs that do (at least 1). CUDA graphs (``ntksap_fast.engine.graphs``), which keep one draw's
 activations allocated for the scorer's life, fit only when whole draws fit in ``GRAPH_SHARE`` of
 the usable memory. The scorer's settings are decided from this plan in
-``ntksap_fast.options.resolve``.
+``ntksap_fast.engine.plan.resolve``.
 """
 from __future__ import annotations
 

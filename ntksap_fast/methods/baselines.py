@@ -36,10 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.arena import Arena, ParamSelector
-from ..arguments import resolve_device, resolve_input_shape
-from ..engine.engine import Forward, preserved_state
+from ..engine.engine import ModelRunner, preserved_state
+from ..engine.plan import resolve_device
 from ..io.masks import Masks
-from ..options import OutputFn, ScorerOptions
+from ..options import OutputFn, ScorerOptions, resolve_input_shape
 from ..select.schedule import SCHEDULES, density_schedule, keep_count
 from ..scorer import NtkSapScorer
 from ..select.selection import select_
@@ -67,7 +67,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Net:
-    """A baseline's view of the model: the model runner (``engine.Forward``) and its prunable weights.
+    """A baseline's view of the model: the model runner (``engine.ModelRunner``) and its prunable weights.
 
     ``weights``: flat copy (length ``arena.numel``, the model's dtype) of the prunable weights
     (masked entries of a model carrying masks are zero); ``absolute=True`` gives SynFlow's float64
@@ -78,13 +78,13 @@ class _Net:
                  output: OutputFn | None = None) -> None:
         dtype = torch.float64 if absolute else arena.values(model)[arena.names[0]].dtype
         self.device = device
-        self.forward = Forward(model, arena, device, dtype, dtype, output, transform=torch.abs if absolute else None)
-        self.weights = self.forward.weights()
+        self.runner = ModelRunner(model, arena, device, dtype, dtype, output, transform=torch.abs if absolute else None)
+        self.weights = self.runner.weights()
         if absolute:
             self.weights.abs_()
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(self.forward.arena.views(flat), x)
+        return self.runner(self.runner.arena.views(flat), x)
 
     def batches(self, data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``data``'s batches on the device; ``ValueError`` when there are none."""

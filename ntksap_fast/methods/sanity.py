@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from ..arguments import check_density, check_seed
+from ..options import check_density, check_seed
 from ..io.masks import Masks, _check_masks
 from ..select.schedule import keep_count
 from ..select.topk import masked_topk_

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ntksap_fast.engine.arena import Arena
-from ntksap_fast.engine.engine import Engine, Forward, _groups, preserved_state
-from ntksap_fast.options import ScorerConfig
+from ntksap_fast.engine.engine import Engine, ModelRunner, _groups, preserved_state
+from ntksap_fast.engine.plan import ScorerConfig
 
 CPU = torch.device("cpu")
 SHAPE = (3, 6, 6)
@@ -22,7 +22,7 @@ def _net() -> nn.Module:
 
 def _engine(model: nn.Module, **config) -> Engine:
     arena = Arena(model)
-    return Engine(Forward(model, arena, CPU), SHAPE, ScorerConfig(device=CPU, **config), 7, 0.01)
+    return Engine(ModelRunner(model, arena, CPU), SHAPE, ScorerConfig(device=CPU, **config), 7, 0.01)
 
 
 def test_preserved_state_runs_in_eval_mode_and_restores_every_mode_also_on_error():

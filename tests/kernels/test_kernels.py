@@ -19,8 +19,8 @@ from torch import nn  # noqa: E402
 from _kernels import DEVICES  # noqa: E402
 from ntksap_fast.engine.arena import Arena  # noqa: E402
 from ntksap_fast.engine.draws import DrawKey, sample_inputs  # noqa: E402
-from ntksap_fast.engine.engine import Engine, Forward  # noqa: E402
-from ntksap_fast.options import ScorerConfig  # noqa: E402
+from ntksap_fast.engine.engine import Engine, ModelRunner  # noqa: E402
+from ntksap_fast.engine.plan import ScorerConfig  # noqa: E402
 from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
 from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
 from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
@@ -69,7 +69,7 @@ def test_kernels_compose_to_the_engine_mask_gradient(device):
     G = torch.zeros(arena.numel, device=device)
     mg.mask_grad_accumulate_into(G, g_c, g_p, table, key, ids, eps, mask)
     cpu = torch.device("cpu")
-    engine = Engine(Forward(model, arena, cpu), (5,), ScorerConfig(device=cpu), seed, eps)
+    engine = Engine(ModelRunner(model, arena, cpu), (5,), ScorerConfig(device=cpu), seed, eps)
     want = engine.mask_gradient(mask.cpu(), rnd, [batch] * len(draws)).clone()
     scale = want.abs().max().item()
     torch.testing.assert_close((G * mask).cpu(), want * mask.cpu(), rtol=1e-4, atol=1e-4 * scale)

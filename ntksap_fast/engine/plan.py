@@ -1,0 +1,166 @@
+"""The settled configuration of a scorer: every decision about how it computes, made once.
+
+``resolve``: options + model + device -> ``ScorerConfig`` (device, precision, backend, micro-batch,
+draw batching, CUDA graphs, memory plan). Each of these is decided here and nowhere else; the engine
+receives only settled values. ``describe`` is the one writer of the settled configuration (the
+scorer's ``repr``, the CLI's settings line, the masks' metadata and the checkpoint). ``precision``
+and ``tf32_policy`` hold the precision rule and the TF32 policy.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..options import ScorerOptions, user_stacklevel
+from . import memory
+from .arena import Arena
+from .backend import resolve_backend
+
+__all__ = ["ScorerConfig", "resolve", "describe", "precision", "tf32_policy", "resolve_device", "SETTLED_KEYS"]
+
+log = logging.getLogger("ntksap_fast")
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The settled configuration of one scorer (made by ``resolve``; nothing downstream re-decides it).
+
+    Attributes:
+        device: where the passes run.
+        dtype: compute precision of the passes (bfloat16 runs under autocast).
+        param_dtype: dtype of the weights, inputs, losses and ``G`` (float64 for float64, else float32).
+        backend: ``"torch"`` or ``"triton"`` (``ntksap_fast.engine.backend``).
+        micro_batch: most inputs per forward; None = whole draws.
+        draw_batch: whole draws run together through ``torch.func.vmap``; 1 = in sequence.
+        graphs: capture each whole draw size in a CUDA graph and replay it.
+        allow_tf32: TF32 policy during the scorer's calls (None: PyTorch's flags).
+        memory: the GPU memory plan's numbers (None off CUDA).
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    param_dtype: torch.dtype = torch.float32
+    backend: str = "torch"
+    micro_batch: int | None = None
+    draw_batch: int = 1
+    graphs: bool = False
+    allow_tf32: bool | None = None
+    memory: memory.MemoryPlan | None = None
+
+
+def precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute dtype, param dtype)``: bfloat16 computes under autocast with float32 weights, inputs,
+    losses and ``G``; float32 and float64 are both.
+
+    A ``RuntimeWarning`` when bfloat16 on this CPU would be slower than float32, not faster: without
+    native bfloat16 (e.g. AVX2-only CPUs) PyTorch's CPU convolutions fall back to slow reference
+    kernels (measured on a 2-core AVX2 EPYC: a ResNet-20 round 10x, a ResNet-50 draw 14x slower).
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bfloat16():
+        warnings.warn("dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
+                      "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
+                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=user_stacklevel())
+    return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@contextlib.contextmanager
+def tf32_policy(allow_tf32: bool | None) -> Iterator[None]:
+    """PyTorch's TF32 flags (cuDNN convolutions and CUDA matmuls) set to ``allow_tf32`` for the block
+    and restored afterwards, also on error; ``None`` leaves them as they are."""
+    if allow_tf32 is None:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape: tuple[int, ...],
+            make_runner: Callable[[torch.device, torch.dtype, torch.dtype], Any]) -> tuple[ScorerConfig, Any]:
+    """The settled configuration of a scorer of ``model`` with ``options``, and its model runner.
+
+    ``make_runner(device, dtype, param_dtype)`` builds the model runner (``engine.ModelRunner``) once
+    the device and precision are known; it checks ``input_shape`` and, on CUDA, runs two probe
+    draws to measure the bytes one input adds (the memory plan, ``ntksap_fast.engine.memory``), which
+    decides the micro-batch (unless given) and CUDA graphs. The runner is returned for the engine.
+    """
+    device = resolve_device(model, options.device)
+    dtype, param_dtype = precision(options.dtype, device)
+    backend = resolve_backend(device, dtype)
+    draw_batch = options.draw_batch
+    if draw_batch > 1 and any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
+    largest = max(options.batch_sizes())
+    micro, graphs, plan, per_input = options.micro_batch, False, None, 0.0
+    with tf32_policy(options.allow_tf32):  # the model runs here: under the scorer's TF32 policy
+        runner = make_runner(device, dtype, param_dtype)
+        runner.check_input_shape(input_shape)
+        if device.type == "cuda":
+            per_input = memory.measure_bytes_per_input(lambda n: runner.probe_draw(input_shape, n), device)
+    if device.type == "cuda":
+        fixed = 8 * arena.numel * torch.finfo(param_dtype).bits // 8  # weights, noise, gradients, G, stats
+        plan = memory.plan(memory.device_usable_bytes(device), per_input, fixed, largest)
+        if micro is None:
+            micro = plan.max_inputs
+        graphs = plan.graphs and draw_batch == 1 and backend == "triton"
+    if micro is not None and micro >= largest:
+        micro = None
+    graphs = graphs and micro is None
+    config = ScorerConfig(device, dtype, param_dtype, backend, micro, draw_batch if micro is None else 1, graphs,
+                          options.allow_tf32, plan)
+    log.info("NTK-SAP scorer settled: %s", ", ".join(f"{k}={v}" for k, v in describe(config).items()))
+    return config, runner
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+#: What ``describe`` reports, in its order (the CLI's settings line prints these keys of the metadata).
+SETTLED_KEYS = ("device", "dtype", "backend", "micro_batch", "draw_batch", "graphs", "allow_tf32")
+
+
+def describe(config: ScorerConfig, graphs_error: str | None = None) -> dict[str, Any]:
+    """The settled configuration as plain values (``repr``, CLI settings line, mask metadata, checkpoint):
+    ``SETTLED_KEYS``, then ``graphs_error`` (why CUDA graphs were switched off after a failed
+    capture, if they were) and ``memory`` (the GPU memory plan's numbers) where they apply."""
+    values = (str(config.device), str(config.dtype).removeprefix("torch."), config.backend, config.micro_batch,
+              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32)
+    out = dict(zip(SETTLED_KEYS, values, strict=True))
+    if graphs_error is not None:
+        out["graphs_error"] = graphs_error
+    if config.memory is not None:
+        out["memory"] = f"usable {_gib(config.memory.usable)}, {_gib(config.memory.per_input)} per input"
+    return out
+
+
+def resolve_device(model: nn.Module, device) -> torch.device:
+    """``device`` as a ``torch.device``; the model's (first parameter's) device when None."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must name a torch device, got {device!r}") from err
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (AVX-512 BF16 or AMX).
+
+    True when PyTorch cannot tell (the probe is private API).
+    """
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:
+        return True
