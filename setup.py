@@ -233,12 +233,15 @@ setup(
     # (2.14.1, 0.29.1; older ones are not tested). README "Install" lists every tested version.
     # safetensors: save_masks/load_masks with .safetensors files (the CLI's default format).
     # torchvision: the model zoo of the presets (--preset imagenet) and the examples.
+    # torch-pruning: the channel groups (DependencyGraph) of granularity="channel" and the surgery of
+    # export_pruned (pure Python; 1.6 is the release tested).
     install_requires=[
         "torch>=2.14",
         "torchvision>=0.29",
         "numpy>=1.24",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "torch-pruning>=1.6",
     ],
     extras_require={
         # triton: the Triton kernels run under its interpreter in CI (no GPU needed).
