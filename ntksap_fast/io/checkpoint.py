@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from ._atomic import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "model_digest"]
 
@@ -70,21 +71,13 @@ def model_digest(model: nn.Module, prunable: Iterable[str]) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, settings: dict[str, Any], round: int, mask: torch.Tensor) -> None:
-    """Atomically writes ``round`` (rounds finished) and the flat bool ``mask`` with ``settings``."""
+    """Atomically writes ``round`` (rounds finished) and the flat bool ``mask`` with ``settings`` (the
+    permissions ``open()`` would give, ``io._atomic``)."""
     buffer = io.BytesIO()
     torch.save({"settings": settings, "round": int(round), "mask": mask.detach().cpu()}, buffer)
     payload = buffer.getvalue()
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load_checkpoint(path: str | os.PathLike, settings: dict[str, Any]) -> tuple[int, torch.Tensor]:

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from ._atomic import atomic_write
+
 __all__ = ["Masks", "apply_masks", "save_masks", "load_masks", "mask_density",
            "check_mask_path", "MASK_EXTENSIONS"]
 
@@ -175,8 +177,9 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
     The metadata written is ``masks.metadata`` (for a :class:`Masks`) updated with ``metadata``,
     plus ``fingerprint`` (of the masks' names and shapes) and ``package_version`` when absent.
-    The file is written to a temporary name and renamed, so an interrupted save leaves no
-    half-written file at ``path``. Raises ``ValueError`` for another extension.
+    The file is written to a temporary name, flushed to disk and renamed (``io._atomic``), so an
+    interrupted save leaves the old file (if any) and no half-written one; it gets the permissions
+    ``open()`` would give (0644 under umask 022). Raises ``ValueError`` for another extension.
     """
     kind = check_mask_path(path)
     _check_masks(masks)
@@ -190,19 +193,14 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
     merged.setdefault("package_version", _package_version())
     text = json.dumps({k: _jsonable(v, k) for k, v in merged.items()})
     tensors = {n: m.detach().cpu().contiguous() for n, m in masks.items()}
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    try:
+    with atomic_write(path) as f:
         if kind == "safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             header = {"format": _FORMAT, "ntksap_fast": text, "order": json.dumps(list(tensors))}
-            save_file(tensors, tmp, metadata=header)
+            f.write(save(tensors, metadata=header))
         else:
-            torch.save({"format": _FORMAT, "masks": tensors, "metadata": text}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            torch.save({"format": _FORMAT, "masks": tensors, "metadata": text}, f)
 
 
 def _read_safetensors(path: str, where: str) -> tuple[dict, str | None]:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ntksap_fast import ntk_sap_prune
-from ntksap_fast.io.checkpoint import CheckpointError, model_digest
+from ntksap_fast.io.checkpoint import CheckpointError, load_checkpoint, model_digest, save_checkpoint
 
+from _files import mode, plain_open_mode, umask
 from _oracle_models import bn_convnet
 
 SHAPE = (3, 8, 8)
@@ -112,6 +113,31 @@ def test_corrupted_checkpoint_is_refused(interrupted, damage):
     interrupted.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted|truncated|not an ntksap_fast checkpoint"):
         _prune(interrupted)
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_has_the_mode_open_gives(tmp_path, mask, expected):
+    path = tmp_path / "ckpt.bin"
+    with umask(mask):
+        save_checkpoint(path, {"seed": 3}, 1, torch.ones(5, dtype=torch.bool))
+        assert mode(path) == expected == plain_open_mode(tmp_path)
+        save_checkpoint(path, {"seed": 3}, 2, torch.ones(5, dtype=torch.bool))  # the next round's write
+    assert mode(path) == expected and load_checkpoint(path, {"seed": 3})[0] == 2
+
+
+@pytest.mark.parametrize("failing", ["os.fsync", "os.replace"])
+def test_interrupted_checkpoint_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, failing):
+    path = tmp_path / "ckpt.bin"
+    save_checkpoint(path, {"seed": 3}, 1, torch.ones(5, dtype=torch.bool))
+    old = path.read_bytes()
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(failing, fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"seed": 3}, 2, torch.zeros(5, dtype=torch.bool))
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
 
 
 def test_checkpoint_argument_type():

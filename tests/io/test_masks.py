@@ -12,6 +12,7 @@ from torch import nn
 
 import ntksap_fast
 from ntksap_fast.io.masks import Masks, apply_masks, check_mask_path, load_masks, save_masks
+from _files import mode, plain_open_mode, umask
 from _tiny_models import CNN_SHAPE, FAST, assert_same_snapshot, default_prunable_names, snapshot, tiny_cnn
 from ntksap_fast import ntk_sap_prune
 
@@ -124,6 +125,11 @@ def test_load_with_model_names_the_first_misfit(tmp_path) -> None:
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 7))
     with pytest.raises(ValueError, match=r"m\.pt.* does not fit the model: masks\['3\.weight'\] has shape \(5, 144\)"):
         load_masks(path, other)
+    # the FIRST mask misfits (a check that skipped it would pass the case above)
+    first_off = nn.Sequential(nn.Conv2d(3, 4, 5, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    with pytest.raises(ValueError, match=r"masks\['0\.weight'\] has shape \(4, 3, 3, 3\), the model's parameter has "
+                                         r"\(4, 3, 5, 5\)"):
+        load_masks(path, first_off)
     renamed = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match=r"no parameter named '3\.weight'"):
         load_masks(path, renamed)
@@ -163,6 +169,53 @@ def test_unstorable_metadata_leaves_no_file(tmp_path) -> None:
     with pytest.raises(TypeError, match=r"metadata\['model'\]"):
         save_masks(small_masks(small_model()), tmp_path / "m.pt", metadata={"model": nn.Linear(1, 1)})
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_saved_file_has_the_mode_open_gives(tmp_path, suffix: str, mask: int, expected: int) -> None:
+    """Others can read the masks where the umask lets them (a temporary file's 0600 used to survive the
+    rename); writing over a file keeps its mode, as open() does."""
+    path = tmp_path / f"m{suffix}"
+    with umask(mask):
+        save_masks(small_masks(small_model()), path)
+        assert mode(path) == expected == plain_open_mode(tmp_path)
+        path.chmod(0o640)
+        save_masks(small_masks(small_model()), path)
+    assert mode(path) == 0o640
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_saved_file_is_on_disk_before_the_rename(tmp_path, monkeypatch, suffix: str) -> None:
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", dst)), replace(src, dst))[1])
+    path = tmp_path / f"m{suffix}"
+    save_masks(small_masks(small_model()), path)
+    assert events[:2] == [("fsync", path.stat().st_size), ("replace", str(path))]  # the whole file, then the rename
+
+
+@pytest.mark.parametrize("failing", ["serializer", "fsync", "rename"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch, suffix: str, failing: str) -> None:
+    """A save that fails while serializing (torch.save after half the file), after writing (the flush to
+    disk) or at the rename leaves the old file as it was and no temporary file."""
+    path = tmp_path / f"m{suffix}"
+    save_masks(small_masks(small_model()), path, metadata={"note": "old"})
+    old = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        if len(args) == 2 and hasattr(args[1], "write"):  # torch.save(obj, file)
+            args[1].write(b"half a file")
+        raise OSError("disk full")
+
+    target = {"serializer": "torch.save" if suffix == ".pt" else "safetensors.torch.save", "fsync": "os.fsync",
+              "rename": "os.replace"}[failing]
+    monkeypatch.setattr(target, fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_masks(small_masks(small_model()), path, metadata={"note": "new"})
+    assert path.read_bytes() == old and os.listdir(tmp_path) == [path.name]  # no temporary file behind
 
 
 def _bad_files(tmp_path) -> dict[str, bytes]:
@@ -283,6 +336,11 @@ def test_apply_masks_bad_masks_leave_model_unchanged():
         assert_same_snapshot(before, model)
     with pytest.raises(TypeError):
         apply_masks(model, [good])
+    assert _pruned_modules(model) == []
+    # the FIRST mask has the wrong shape (every case above misfits at a later one)
+    assert next(iter(good)) == "conv1.weight"
+    with pytest.raises(ValueError, match=r"masks\['conv1\.weight'\] has shape \(4, 3, 5, 5\)"):
+        apply_masks(model, dict(good, **{"conv1.weight": torch.ones(4, 3, 5, 5, dtype=torch.bool)}))
     assert _pruned_modules(model) == []
 
 
