@@ -130,6 +130,11 @@ def test_load_with_model_names_the_first_misfit(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"masks\['0\.weight'\] has shape \(4, 3, 3, 3\), the model's parameter has "
                                          r"\(4, 3, 5, 5\)"):
         load_masks(path, first_off)
+    # the FIRST mask misfits (a check that skipped it would pass the case above)
+    first_off = nn.Sequential(nn.Conv2d(3, 4, 5, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    with pytest.raises(ValueError, match=r"masks\['0\.weight'\] has shape \(4, 3, 3, 3\), the model's parameter has "
+                                         r"\(4, 3, 5, 5\)"):
+        load_masks(path, first_off)
     renamed = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match=r"no parameter named '3\.weight'"):
         load_masks(path, renamed)
@@ -336,6 +341,11 @@ def test_apply_masks_bad_masks_leave_model_unchanged():
         assert_same_snapshot(before, model)
     with pytest.raises(TypeError):
         apply_masks(model, [good])
+    assert _pruned_modules(model) == []
+    # the FIRST mask has the wrong shape (every case above misfits at a later one)
+    assert next(iter(good)) == "conv1.weight"
+    with pytest.raises(ValueError, match=r"masks\['conv1\.weight'\] has shape \(4, 3, 5, 5\)"):
+        apply_masks(model, dict(good, **{"conv1.weight": torch.ones(4, 3, 5, 5, dtype=torch.bool)}))
     assert _pruned_modules(model) == []
     # the FIRST mask has the wrong shape (every case above misfits at a later one)
     assert next(iter(good)) == "conv1.weight"
