@@ -151,13 +151,16 @@ class NMSelector:
         arena: its arena (``ntksap_fast.engine.arena.Arena``).
         granularity: ``"N:M"``.
         density: the prune's final kept fraction; must be ``N/M``.
+        invert: keep the LOWEST scores of each group (the inverted-scores sanity check).
 
     ``eligible`` holds the slots pruned N:M, ``dense`` maps every other prunable tensor's name to
     why it stays dense.
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, granularity: str, density: float) -> None:
+    def __init__(self, model: nn.Module, arena: Arena, granularity: str, density: float, *,
+                 invert: bool = False) -> None:
         self.n, self.m = parse_nm(granularity)
+        self.invert = invert
         if abs(float(density) - self.n / self.m) > _DENSITY_TOLERANCE:
             raise ValueError(f"density must be N/M = {self.n / self.m:g} with granularity={granularity!r} (every "
                              f"eligible tensor keeps {self.n} of each {self.m} entries), got {density}")
@@ -177,9 +180,10 @@ class NMSelector:
         return nm_keep(self.n, self.m, density_t)
 
     def select_(self, scores: torch.Tensor, mask: torch.Tensor, round: int, density_t: float) -> torch.Tensor:
-        """One round: every eligible group keeps its ``keep(density_t)`` best unpruned entries; ``mask``
-        in place (``round`` is unused: the keep count follows the schedule's ``density_t``)."""
-        return select_nm_(scores, mask, self.eligible, self.m, self.keep(density_t))
+        """One round: every eligible group keeps its ``keep(density_t)`` best (with ``invert`` worst)
+        unpruned entries of the flat ``(N,)`` ``scores``; ``mask`` in place (``round`` is unused: the
+        keep count follows the schedule's ``density_t``)."""
+        return select_nm_(scores.neg() if self.invert else scores, mask, self.eligible, self.m, self.keep(density_t))
 
     def metadata(self) -> dict:
         """``{"granularity": "N:M", "nm_dense": {name: reason}}`` for the masks' metadata."""

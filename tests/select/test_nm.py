@@ -164,6 +164,16 @@ def test_selector_round() -> None:
     assert is_nm(arena.views(mask)["1.weight"], 4, 8)
 
 
+def test_selector_invert_keeps_the_lowest() -> None:
+    model = nn.Linear(8, 2)
+    arena = Arena(model)
+    scores = torch.tensor([3.0, 1.0, 2.0, 1.0, 0.0, 5.0, 5.0, 4.0] * 2)
+    mask = torch.ones(16, dtype=torch.bool)
+    NMSelector(model, arena, "2:4", 0.5, invert=True).select_(scores, mask, 0, 0.5)
+    # lowest two of [3, 1, 2, 1]: the 1s (channels 1, 3); of [0, 5, 5, 4]: 0 and 4 (channels 4, 7)
+    assert mask.view(2, 8).tolist() == [[False, True, False, True, True, False, False, True]] * 2
+
+
 @pytest.mark.parametrize("density", [0.25, 0.4999, 1.0])
 def test_selector_density_must_be_n_over_m(density: float) -> None:
     model = nn.Linear(8, 8)
