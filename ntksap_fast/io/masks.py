@@ -33,7 +33,7 @@ from torch.nn.utils import prune
 
 from ._atomic import atomic_write
 
-__all__ = ["Masks", "apply_masks", "save_masks", "load_masks", "mask_density",
+__all__ = ["Masks", "apply_masks", "unmasked_copy", "save_masks", "load_masks", "mask_density",
            "check_mask_path", "MASK_EXTENSIONS"]
 
 #: Extensions ``save_masks`` writes: safetensors, or ``torch.save``.
@@ -124,6 +124,23 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     for module, attr, m in targets:
         prune.custom_from_mask(module, attr, m)
     return model
+
+
+def unmasked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every ``torch.nn.utils.prune`` mask made permanent (``weight = weight_orig *
+    weight_mask``, a parameter again); ``model`` untouched. (``copy.deepcopy`` alone refuses such a
+    model: its computed ``weight`` attributes are not leaves, so the copy gets them detached.)"""
+    computed = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                tensor = getattr(module, hook._tensor_name)
+                computed[id(tensor)] = tensor.detach().clone()
+    out = copy.deepcopy(model, memo=computed)
+    for module in out.modules():
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]:
+            prune.remove(module, hook._tensor_name)
+    return out
 
 
 def _check_against_model(masks: Mapping[str, torch.Tensor], model: nn.Module, argname: str) -> None:

@@ -12,37 +12,18 @@ Not run by the test suite, which has no GPU: only its checks and its refusal on 
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from ..select.nm import is_nm
-from .masks import _check_against_model, _check_masks
+from .masks import _check_against_model, _check_masks, unmasked_copy
 
 __all__ = ["to_semi_structured"]
 
 _log = logging.getLogger("ntksap_fast")
-
-
-def _unmasked_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every ``torch.nn.utils.prune`` mask made permanent (``weight = weight_orig *
-    weight_mask``, a parameter again); ``model`` untouched. (``copy.deepcopy`` alone refuses such a
-    model: its computed ``weight`` attributes are not leaves, so the copy gets them detached.)"""
-    computed = {}
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                tensor = getattr(module, hook._tensor_name)
-                computed[id(tensor)] = tensor.detach().clone()
-    out = copy.deepcopy(model, memo=computed)
-    for module in out.modules():
-        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]:
-            prune.remove(module, hook._tensor_name)
-    return out
 
 
 def _check_cuda(model: nn.Module) -> None:
@@ -82,7 +63,7 @@ def to_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor] | Non
         _check_masks(masks)
         _check_against_model(masks, model, "masks")
     _check_cuda(model)
-    out = _unmasked_copy(model)
+    out = unmasked_copy(model)
     named = dict(out.named_parameters())
     with torch.no_grad():
         for name, mask in (masks or {}).items():

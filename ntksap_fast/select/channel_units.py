@@ -38,12 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import prune
 
-from ..analysis.report import (
-    _copy as copy_model,  # a deepcopy that also copies a model carrying masks
-)
 from ..engine.arena import Arena, Slot
+from ..io.masks import unmasked_copy
 
 __all__ = ["ChannelUnits", "channel_units", "working_copy"]
 
@@ -139,11 +136,7 @@ class ChannelUnits:
 def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy with plain weights (``torch.nn.utils.prune`` reparametrisations made permanent:
     ``weight = weight_orig * weight_mask``) and every parameter requiring grad (for the trace)."""
-    work = copy_model(model)
-    for module in work.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+    work = unmasked_copy(model)
     for p in work.parameters():
         p.requires_grad_(True)
     return work
