@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..engine.arena import Arena, ParamSelector
+from ..engine.engine import preserved_state
+from ..io.export import export_pruned
 from ..options import resolve_input_shape
 from ..io.masks import _check_masks
 from .stability import HOW_TO_READ
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "stability_table",
+    "stability_table", "channel_rows", "model_flops", "channel_table",
     "COLLAPSE_RATIO", "layer_rows", "collapsed_layers", "collapse_warning", "layer_table", "markdown_report",
     "plot_layer_density", "check_ntk_size", "empirical_ntk", "ntk_eigenvalues", "plot_ntk_spectrum",
 ]
@@ -86,13 +88,14 @@ def collapse_warning(masks: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, object],
-                    seconds: float, *, title: str = "NTK-SAP pruning report") -> str:
+                    seconds: float, *, title: str = "NTK-SAP pruning report", channels: str | None = None) -> str:
     """Markdown report: settings, per-layer table, totals, timing and layer-collapse warnings.
 
     Args:
         masks: ``{name: bool tensor}`` (True = kept).
         settings: what produced the masks (model, method, density, ...), shown as a table.
         seconds: wall time of the prune.
+        channels: a ``channel_table`` (channel masks), shown in a section "Channels and FLOPs".
     """
     rows = layer_rows(masks)
     flagged = set(collapsed_layers(masks))
@@ -110,6 +113,8 @@ def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, ob
     warning = collapse_warning(masks)
     out.append(warning if warning else
                f"No layer collapsed (rule: kept == 0 or density < {COLLAPSE_RATIO:g} x global density).")
+    if channels is not None:
+        out += ["", "## Channels and FLOPs", "", "```", channels, "```"]
     rounds = getattr(masks, "metadata", {}).get("rounds")
     if rounds:
         out += ["", "## Stability", "", HOW_TO_READ, "", "| round | density | draws | split-half overlap | relative SE |",
@@ -125,6 +130,47 @@ def stability_table(rounds: Sequence[Mapping[str, object]]) -> str:
     lines += [f"{r['round'] + 1:>5}  {r['density']:>8.4f}  {r['draws']:>5}  {r['split_half_overlap']:>18.3f}  "
               f"{r['relative_se']:>11.3f}" for r in rounds]
     return "\n".join(lines + [HOW_TO_READ])
+
+
+def channel_rows(masks: Mapping[str, torch.Tensor]) -> list[tuple[str, int, int, int, int]]:
+    """``(name, kept outputs, outputs, kept inputs, inputs)`` per mask: a channel is kept while any of
+    its entries is (output ``j``: ``mask[j]``; input ``i``: ``mask[:, i]``)."""
+    rows = []
+    for name, _, _, _ in layer_rows(masks):
+        m = masks[name]
+        inputs = m.transpose(0, 1).reshape(m.shape[1], -1).any(1) if m.dim() > 1 else m.new_ones(1)
+        rows.append((name, int(m.reshape(m.shape[0], -1).any(1).sum()), m.shape[0], int(inputs.sum()), len(inputs)))
+    return rows
+
+
+def model_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> int:
+    """FLOPs of one forward of one input ``(1, *input_shape)`` in eval mode, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add of convolutions and
+    matrix products; element-wise work is not counted). ``model`` is not modified."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = resolve_input_shape(model, input_shape)
+    first = next(model.parameters())
+    counter = FlopCounterMode(display=False)
+    with preserved_state(model), torch.no_grad(), counter:
+        model(torch.zeros(1, *shape, device=first.device, dtype=first.dtype))
+    return counter.get_total_flops()
+
+
+def channel_table(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Sequence[int] | None = None,
+                  *, output=None) -> str:
+    """Each layer's kept output and input channels, then the model's FLOPs per input before and after
+    (``model_flops`` of ``model`` and of ``export_pruned(model, masks)``, channel masks only)."""
+    if input_shape is None and getattr(masks, "metadata", {}).get("input_shape") is not None:
+        input_shape = tuple(masks.metadata["input_shape"])
+    rows = channel_rows(masks)
+    width = max(len("layer"), *(len(r[0]) for r in rows))
+    lines = [f"{'layer':<{width}}  {'out kept':>9}  {'out':>6}  {'in kept':>9}  {'in':>6}"]
+    lines += [f"{n:<{width}}  {ko:>9}  {o:>6}  {ki:>9}  {i:>6}" for n, ko, o, ki, i in rows]
+    before = model_flops(model, input_shape)
+    after = model_flops(export_pruned(model, masks, input_shape, output=output), input_shape)
+    lines.append(f"FLOPs per input: {before:,} dense, {after:,} exported ({after / before:.3f} of dense)")
+    return "\n".join(lines)
 
 
 def _figure(figsize: tuple[float, float]) -> "Figure":

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from ntksap_fast.analysis.report import (check_ntk_size, collapsed_layers, empirical_ntk, layer_table, markdown_report,
-                                ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum)
+from ntksap_fast.analysis.report import (channel_table, check_ntk_size, collapsed_layers, empirical_ntk, layer_table,
+                                markdown_report, model_flops, ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum)
+from ntksap_fast.io.masks import Masks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,3 +186,29 @@ def test_ntk_of_a_model_carrying_masks_equals_the_ntk_with_those_masks():
     weight = model[0].weight
     torch.testing.assert_close(ntk_eigenvalues(model, input_shape=(4,)), want)
     assert model[0].weight is weight  # the model's own attribute is back
+
+
+def _channel_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+
+def test_channel_table_counts_kept_channels_and_the_flops_before_and_after():
+    """Written out: 2 FLOPs per multiply-add; conv 3->4 (3x3) and conv 4->6 (1x1) on 8x8, Linear 6->2.
+    Removing channel 1 of the first conv leaves 3 of its outputs and 3 of the second conv's inputs."""
+    model = _channel_net()
+    masks = {"0.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool), "3.weight": torch.ones(6, 4, 1, 1, dtype=torch.bool),
+             "6.weight": torch.ones(2, 6, dtype=torch.bool)}
+    masks["0.weight"][1] = False
+    masks["3.weight"][:, 1] = False
+    dense = 2 * (4 * 3 * 9 * 64 + 6 * 4 * 64 + 6 * 2)
+    assert model_flops(model, (3, 8, 8)) == dense
+    text = channel_table(model, Masks(masks, metadata={"input_shape": [3, 8, 8]}))
+    assert text.splitlines()[1].split() == ["0.weight", "3", "4", "3", "3"]
+    assert text.splitlines()[2].split() == ["3.weight", "6", "6", "3", "4"]
+    after = 2 * (3 * 3 * 9 * 64 + 6 * 3 * 64 + 6 * 2)
+    assert f"FLOPs per input: {dense:,} dense, {after:,} exported ({after / dense:.3f} of dense)" in text
+    report = markdown_report(masks, {"model": "toy"}, 1.0, channels=text)
+    assert "## Channels and FLOPs" in report and text in report
+
