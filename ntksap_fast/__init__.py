@@ -7,6 +7,7 @@
 from .engine.arena import register_layer
 from .methods.baselines import prune
 from .io.masks import apply_masks, load_masks, mask_density, save_masks
+from .io.export import export_pruned
 from .presets import PRESETS, Preset
 from .select.schedule import density_schedule, keep_count
 from .options import ScorerOptions
@@ -14,6 +15,6 @@ from .scorer import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 
 __all__ = [
     "NtkSapScorer", "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
-    "density_schedule", "keep_count", "PRESETS", "Preset", "ScorerOptions", "register_layer",
+    "density_schedule", "keep_count", "PRESETS", "Preset", "ScorerOptions", "register_layer", "export_pruned",
 ]
 __version__ = "0.1.0"
