@@ -25,7 +25,7 @@ from torch import nn
 
 from .engine.arena import ParamSelector
 
-__all__ = ["ScorerOptions", "DTYPES", "OutputFn", "parse_sizes", "check_int", "check_float", "check_epsilon",
+__all__ = ["ScorerOptions", "DTYPES", "OutputFn", "changes_masks", "parse_sizes", "check_int", "check_float", "check_epsilon",
            "check_seed", "check_density", "resolve_input_shape", "batch_sizes", "user_stacklevel"]
 
 #: Picks the tensor to compare from what the model returns (e.g. ``lambda out: out.logits``).
@@ -45,33 +45,44 @@ def parse_sizes(text: str) -> int | tuple[int, ...]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _option(default: Any, help: str, cli: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None):
-    """A ``ScorerOptions`` field: its default, its help text, and how the CLI parses it (None: not a flag)."""
-    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+def _option(default: Any, help: str, cli: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None,
+            masks: bool = False):
+    """A ``ScorerOptions`` field: its default, its help text, how the CLI parses it (None: not a flag),
+    and whether its value changes the masks (``changes_masks``)."""
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices, "changes_masks": masks})
+
+
+def changes_masks(f: dataclasses.Field) -> bool:
+    """Whether an option (a field of ``ScorerOptions`` or of the prune loop's ``PruneOptions``) changes
+    the masks: a checkpoint written with another value is refused, naming it. Options whose value
+    cannot be compared (``params`` as a predicate, ``output``) are not: the checkpoint records the
+    prunable tensors and a digest of the model instead."""
+    return bool(f.metadata.get("changes_masks", False))
 
 
 @dataclass(frozen=True)
 class ScorerOptions:
     """Every option of ``NtkSapScorer``, checked when made (``TypeError``/``ValueError`` naming the option)."""
 
-    draws: int = _option(5, "weight/input draws per round", int)
-    batch_size: int | tuple[int, ...] = _option(100, "inputs per draw: N, or one per draw N1,N2,...", parse_sizes)
-    epsilon: float = _option(0.01, "perturbation size of the finite difference", float)
-    seed: int = _option(0, "seed of every random number (with the round and the draw)", int)
+    draws: int = _option(5, "weight/input draws per round", int, masks=True)
+    batch_size: int | tuple[int, ...] = _option(100, "inputs per draw: N, or one per draw N1,N2,...", parse_sizes,
+                                                masks=True)
+    epsilon: float = _option(0.01, "perturbation size of the finite difference", float, masks=True)
+    seed: int = _option(0, "seed of every random number (with the round and the draw)", int, masks=True)
     params: ParamSelector | None = _option(None, "prunable tensors: names or a predicate (name, module, param) -> "
                                                  "bool; default every Conv/Linear weight, attention input "
                                                  "projection, recurrent weight and registered layer type")
     device: torch.device | str | None = _option(None, "where to compute (default the model's device)")
     dtype: torch.dtype = _option(torch.float32, "compute precision: float32, bfloat16 (faster on GPUs and on CPUs "
                                                 "with native bfloat16) or float64 (for checking)",
-                                 DTYPES.__getitem__, tuple(DTYPES))
+                                 DTYPES.__getitem__, tuple(DTYPES), masks=True)
     micro_batch: int | None = _option(None, "most inputs per forward (exact; default from the memory plan on a "
                                             "GPU: whole draws when they fit)", int)
     draw_batch: int = _option(1, "draws run together through torch.func.vmap (1: in sequence)", int)
     process_group: Any = _option(None, "share the draws over this torch.distributed group (default: the "
                                        "default group when initialised)")
     allow_tf32: bool | None = _option(None, "TF32 for cuDNN convolutions and CUDA matmuls during the scorer's "
-                                            "calls (None: PyTorch's global flags)")
+                                            "calls (None: PyTorch's global flags)", masks=True)
     output: OutputFn | None = _option(None, "picks the tensor to compare from what the model returns, e.g. "
                                             "lambda out: out.logits")
 
@@ -122,6 +133,14 @@ class ScorerOptions:
     def batch_sizes(self) -> list[int]:
         """Inputs of each draw, one entry per draw."""
         return batch_sizes(self.draws, self.batch_size)
+
+    def mask_settings(self) -> dict[str, Any]:
+        """``{name: plain value}`` of the options that change the masks (``changes_masks``), as a
+        checkpoint records them: ``batch_size`` as one size per draw, a dtype by its name."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if changes_masks(f)}
+        if "batch_size" in values:
+            values["batch_size"] = self.batch_sizes()
+        return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in values.items()}
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

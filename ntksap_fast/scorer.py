@@ -9,28 +9,28 @@ keeps one scorer: the second call costs only the draws.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .engine.arena import Arena, ParamSelector
-from .io.checkpoint import load_checkpoint, model_digest, save_checkpoint
+from .io.checkpoint import model_digest
 from .engine.distributed import DrawShare
 from .engine.engine import Engine, ModelRunner, preserved_state
 from .io.masks import Masks
 from .engine.plan import describe, resolve, tf32_policy
 from .options import (OutputFn, ScorerOptions, check_density, check_float, check_int,
                       resolve_input_shape)
-from .select.schedule import SCHEDULES, density_schedule, keep_count
-from .select.selection import select_
+from .select.loop import PruneOptions
+from .select.loop import run as run_prune
+from .select.schedule import keep_count
 from .analysis.stability import RoundStats, round_stats
 
 __all__ = ["NtkSapScorer", "ntk_sap_scores", "ntk_sap_prune"]
 
 _D = ScorerOptions  # defaults come from ScorerOptions (written once there)
+_P = PruneOptions  # and the prune loop's from PruneOptions
 
 
 class NtkSapScorer:
@@ -179,104 +179,83 @@ class NtkSapScorer:
         out = {n: v.clone() for n, v in self.arena.views(flat).items()}
         return (out, info) if stats else out
 
-    def prune(self, density: float, iterations: int = 20, *, schedule: str = "exponential",
-              checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
-              on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
-              target_overlap: float | None = None, max_draws: int | None = None, invert: bool = False) -> Masks:
-        """Iterative NTK-SAP: ``iterations`` scoring rounds, global top-k after each.
+    # The prune loop's view of the scorer (``select.loop.Scoring``) ---------------------------------
+    name = "ntksap"
+    has_stats = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.share.is_main
+
+    @property
+    def ticks_per_round(self) -> int:
+        return len(self.local_draws)
+
+    def check(self, options: PruneOptions) -> None:
+        if options.max_draws is not None and options.max_draws < self.draws:
+            raise ValueError(f"max_draws must be >= draws ({self.draws}), got {options.max_draws}")
+
+    def start_mask(self) -> torch.Tensor:
+        """The scorer's device mask set to the masks the model carries (all True if none)."""
+        return self.mask.copy_(self.arena.start_mask(self.model, self.config.device))
+
+    def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
+                     tick: Callable[[], None]) -> tuple[torch.Tensor, RoundStats | None]:
+        max_draws = options.max_draws
+        if options.target_overlap is not None and max_draws is None:
+            max_draws = 4 * self.draws
+        return self._round(mask, round, tick, density if options.stats else None, options.target_overlap, max_draws)
+
+    def mask_settings(self) -> dict:
+        """The options that change the masks (``ScorerOptions.mask_settings``) and the input shape."""
+        return {**self.options.mask_settings(), "input_shape": list(self.input_shape)}
+
+    def metadata(self) -> dict:
+        return self.settings()
+
+    def digest(self) -> str:
+        """The model tensors NTK-SAP reads but does not resample (``model_digest``)."""
+        return model_digest(self.model, self.arena.params)
+
+    def prune(self, density: float, iterations: int = _P.iterations, *, schedule: str = _P.schedule,
+              scope: str = _P.scope, min_layer_density: float = _P.min_layer_density, invert: bool = _P.invert,
+              target_overlap: float | None = _P.target_overlap, max_draws: int | None = _P.max_draws,
+              stats: bool = _P.stats, checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
+              on_round: Callable[..., None] | None = None) -> Masks:
+        """Iterative NTK-SAP: ``iterations`` scoring rounds, a top-k after each (``select.loop.run``).
 
         After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
         ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
         ties to the lower flat index; pruned entries never come back.
 
         Args:
-            schedule: ``"exponential"`` or ``"linear"``.
-            checkpoint: a file path; after each round the mask and the round counter are written to
-                it atomically (by rank 0), and a call with the same settings and model resumes after
-                the last finished round, giving the identical final masks. A checkpoint written with
-                other settings or another model's non-prunable tensors, or a corrupted one, raises
-                ``ValueError`` (``ntksap_fast.io.checkpoint.CheckpointError``).
-            progress: a bar over draws (None: only on a terminal; rank 0 only).
-            on_round: called after each round as ``on_round(t, masks)``, or ``on_round(t, masks,
-                round_stats)`` when ``stats`` or ``target_overlap`` is given.
+            schedule: ``"exponential"`` or ``"linear"``; scope: ``"global"`` (one top-k over all
+                tensors) or ``"layer"`` (each tensor keeps that fraction of its own entries).
             min_layer_density: each prunable tensor keeps at least this fraction of its entries (its
                 highest-scoring unpruned ones; ``ntksap_fast.select.selection``), the rest is chosen
                 globally; the total stays exactly ``n_keep``. 0 (default): plain global top-k.
-            stats: compute each round's ``RoundStats`` (split-half overlap at the round's density,
-                relative standard error); they go to ``on_round`` and to ``masks.metadata["rounds"]``.
+            invert: keep the LOWEST scores among the unpruned entries each round (the inverted-scores
+                sanity check, Frankle et al. 2021; ``ntksap_fast.methods.sanity``); counts and ties as
+                usual, the floors keep each tensor's lowest.
             target_overlap: add draws to a round (in the counter generator's order, each of the first
                 draw's batch size) until its split-half overlap reaches this value or the round has
                 ``max_draws`` draws (default ``4 * draws``). Implies ``stats``.
-            invert: keep the LOWEST scores among the unpruned entries each round (the inverted-scores
-                sanity check, Frankle et al. 2021; ``ntksap_fast.methods.sanity``); counts and ties as usual.
+            stats: compute each round's ``RoundStats`` (split-half overlap at the round's density,
+                relative standard error); they go to ``on_round`` and to ``masks.metadata["rounds"]``.
+            checkpoint, progress, on_round: as for ``ntksap_fast.select.loop.run`` (a checkpoint
+                resumes after its last finished round with the identical final masks; other settings
+                or another model's non-prunable tensors are refused, naming what differs).
+            Which of these combine: ``ntksap_fast.select.loop.PruneOptions``.
         Returns:
             ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
             device, with ``metadata`` saying what made them (written by ``save_masks``).
         """
-        density = check_density(density)
-        iterations = check_int("iterations", iterations)
-        if not isinstance(invert, bool):
-            raise TypeError(f"invert must be True or False, got {type(invert).__name__}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
-        if on_round is not None and not callable(on_round):
-            raise TypeError(f"on_round must be callable (round, masks) -> None, got {type(on_round).__name__}")
-        min_layer_density = check_float("min_layer_density", min_layer_density)
-        if not 0.0 <= min_layer_density <= 1.0:
-            raise ValueError(f"min_layer_density must be in [0, 1], got {min_layer_density}")
-        if target_overlap is not None:
-            target_overlap = check_float("target_overlap", target_overlap)
-            if not 0.0 < target_overlap <= 1.0:
-                raise ValueError(f"target_overlap must be in (0, 1], got {target_overlap}")
-            max_draws = 4 * self.draws if max_draws is None else check_int("max_draws", max_draws)
-            if max_draws < self.draws:
-                raise ValueError(f"max_draws must be >= draws ({self.draws}), got {max_draws}")
-            stats = True
-        elif max_draws is not None:
-            raise ValueError("max_draws applies with target_overlap only")
-        n_total = self.arena.numel
-        mask = self.mask
-        mask.copy_(self.arena.start_mask(self.model, self.config.device))
-        done = 0
-        settings = {
-            "tensors": [(s.name, tuple(s.shape)) for s in self.arena.slots], "density": density,
-            "iterations": iterations, "schedule": schedule, "batch_sizes": tuple(self.batch_sizes),
-            "epsilon": self.epsilon, "seed": self.seed, "input_shape": self.input_shape,
-            "dtype": self.settled()["dtype"], "min_layer_density": min_layer_density,
-            "target_overlap": target_overlap, "max_draws": max_draws, "invert": invert,
-            "model_digest": model_digest(self.model, self.arena.params),
-        }
-        if checkpoint is not None and Path(checkpoint).exists():
-            done, saved = load_checkpoint(checkpoint, settings)
-            mask.copy_(saved)
-        densities = density_schedule(density, iterations, schedule)
-        rounds: list[dict] = []
-        show = self.share.is_main and (progress is None or progress)
-        with tqdm(total=(iterations - done) * len(self.local_draws), desc="NTK-SAP", unit="draw",
-                  disable=None if progress is None and show else not show) as bar:
-            for t in range(done, iterations):
-                bar.set_postfix(round=f"{t + 1}/{iterations}", density=f"{densities[t]:.4f}")
-                scores, info = self._round(mask, t, lambda: bar.update(1), densities[t] if stats else None,
-                                           target_overlap, max_draws)
-                # a model that already carries masks may hold fewer than n_keep: then nothing more goes
-                n_keep = min(keep_count(n_total, densities[t]), int(mask.sum()))
-                select_(scores.neg_() if invert else scores, mask, n_keep, self.arena.slots, min_layer_density)
-                if checkpoint is not None and self.share.is_main:
-                    save_checkpoint(checkpoint, settings, t + 1, mask)
-                if info is not None:
-                    rounds.append(info.as_dict())
-                if on_round is not None:
-                    masks_now = {n: v.clone() for n, v in self.arena.views(mask).items()}
-                    on_round(t + 1, masks_now, info) if stats else on_round(t + 1, masks_now)
-        metadata = {"method": "ntksap", "density": density, "iterations": iterations, "schedule": schedule,
-                    "min_layer_density": min_layer_density, **self.settings()}
-        if stats:
-            metadata["rounds"] = rounds
-        if invert:
-            metadata["inverted"] = True
-        return Masks({n: v.clone() for n, v in self.arena.views(mask).items()}, metadata=metadata)
+        options = PruneOptions(**{k: v for k, v in locals().items() if k in PruneOptions.names()})
+        return run_prune(self, options, checkpoint=checkpoint, progress=progress, on_round=on_round)
 
 
 def ntk_sap_scores(
@@ -306,15 +285,16 @@ def ntk_sap_scores(
 
 
 def ntk_sap_prune(
-    model: nn.Module, density: float, input_shape: Sequence[int] | None = None, *, iterations: int = 20,
-    schedule: str = "exponential", draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
+    model: nn.Module, density: float, input_shape: Sequence[int] | None = None, *, iterations: int = _P.iterations,
+    schedule: str = _P.schedule, scope: str = _P.scope, min_layer_density: float = _P.min_layer_density,
+    invert: bool = _P.invert, target_overlap: float | None = _P.target_overlap, max_draws: int | None = _P.max_draws,
+    stats: bool = _P.stats, draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
     epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
     device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
     micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
     allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
     checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
-    on_round: Callable[..., None] | None = None, min_layer_density: float = 0.0, stats: bool = False,
-    target_overlap: float | None = None, max_draws: int | None = None, invert: bool = False,
+    on_round: Callable[..., None] | None = None,
 ) -> Masks:
     """Iterative NTK-SAP: ``NtkSapScorer(model, input_shape, ...).prune(density, iterations, ...)``.
 
@@ -322,14 +302,14 @@ def ntk_sap_prune(
     ``N - floor((1 - d_t) * N)`` entries stay, the highest-scoring among those still unpruned,
     ties to the lower flat index; pruned entries never come back. A model that already carries
     masks starts from them. The scorer's options as for ``NtkSapScorer`` (``ScorerOptions``);
-    ``iterations``, ``schedule``, ``checkpoint``, ``progress``, ``on_round``, ``min_layer_density``,
-    ``stats``, ``target_overlap``, ``max_draws`` and ``invert`` as for ``NtkSapScorer.prune``.
+    the prune loop's arguments (``PruneOptions``: ``iterations``, ``schedule``, ``scope``,
+    ``min_layer_density``, ``invert``, ``target_overlap``, ``max_draws``, ``stats``) and ``checkpoint``,
+    ``progress``, ``on_round`` as for ``NtkSapScorer.prune``.
 
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =
         kept), on the compute device, with ``metadata`` saying what made them.
     """
     scorer = NtkSapScorer(model, input_shape, **ScorerOptions.arguments(locals()))
-    return scorer.prune(density, iterations, schedule=schedule, checkpoint=checkpoint, progress=progress,
-                        on_round=on_round, min_layer_density=min_layer_density, stats=stats,
-                        target_overlap=target_overlap, max_draws=max_draws, invert=invert)
+    options = PruneOptions(**{k: v for k, v in locals().items() if k in PruneOptions.names()})
+    return run_prune(scorer, options, checkpoint=checkpoint, progress=progress, on_round=on_round)

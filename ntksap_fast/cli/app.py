@@ -61,12 +61,8 @@ apply to --method ntksap; other iterative methods use their own defaults unless 
 """
 #: The scorer's options the CLI takes as flags (``ScorerOptions.cli_fields``; ``--seed`` also seeds the model).
 _SCORER_FLAGS = tuple(f for f in ScorerOptions.cli_fields() if f.name != "seed")
-#: Options of ``NtkSapScorer.prune`` the CLI takes as flags.
+#: Arguments of the prune loop (``PruneOptions``) the CLI takes as flags beyond the common ones.
 _PRUNE_FLAGS = ("target_overlap", "max_draws")
-_NTKSAP_ONLY = (*(f.name for f in _SCORER_FLAGS), *_PRUNE_FLAGS)
-#: Flags that ``--invert`` (which keeps the lowest scores after every round) does not combine with: the
-#: floors and the stability figures are taken on the highest scores.
-_NOT_INVERTED = ("min_layer_density", "target_overlap", "max_draws")
 #: Errors of the run itself (no GPU driver, out of memory, a file that cannot be written): exit code 1.
 _RUNTIME_ERRORS = (RuntimeError, OSError, MemoryError)
 
@@ -108,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=device, help=f"torch device, e.g. cpu or cuda:1 (default: cuda when "
                    f"available, else cpu; here {device})")
-    p.add_argument("--invert", action="store_true", help="sanity check: keep the LOWEST NTK-SAP scores after every "
-                   "round (ntksap_fast.methods.sanity.keep_lowest)")
+    p.add_argument("--invert", action="store_true", help="sanity check: keep the LOWEST scores after every round "
+                   "(the prune loop's invert=True)")
     p.add_argument("--shuffle", action="store_true", help="sanity check: shuffle the final masks within each "
                    "tensor, keeping its count, seeded with --seed (ntksap_fast.methods.sanity.shuffle_masks)")
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
@@ -170,18 +166,12 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict]:
     """Resolves flags against the preset: (model settings, ``prune`` keyword arguments)."""
     preset = PRESETS[args.preset] if args.preset else None
-    given = {k for k in _NTKSAP_ONLY if getattr(args, k) is not None}
+    given = {f.name for f in _SCORER_FLAGS if getattr(args, f.name) is not None}
     if args.method in DATA_METHODS:
         parser.error(f"--method {args.method} needs training data, which the CLI does not take; use "
                      f"ntksap_fast.methods.baselines.prune(model, method={args.method!r}, density=..., data=loader)")
     if args.method != "ntksap" and given:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} apply to --method ntksap only")
-    if args.invert:
-        clashing = [k for k in _NOT_INVERTED if getattr(args, k)] + (["scope"] if args.scope != "global" else [])
-        if args.method != "ntksap" or clashing:
-            parser.error("--invert applies to --method ntksap with the global top-k, without "
-                         f"{', '.join('--' + k.replace('_', '-') for k in (*_NOT_INVERTED, 'scope'))}; from Python, "
-                         "ntksap_fast.methods.sanity.keep_lowest inverts any scores")
     try:
         torch.device(args.device)
     except RuntimeError as err:
@@ -207,13 +197,13 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             value = getattr(args, f.name) if f.name in given else defaults.get(f.name)
             if value is not None:
                 kwargs[f.name] = f.metadata["cli"](value) if f.metadata["choices"] is not None else value
-        if args.invert:
-            kwargs["invert"] = True
-        elif args.scope == "global":  # per-round stability figures (of the highest scores), table and report
+        if not args.invert and args.scope == "global":  # per-round stability figures, table and report
             kwargs["stats"] = True
-        for k in ("target_overlap", "max_draws"):
-            if getattr(args, k) is not None:
-                kwargs[k] = getattr(args, k)
+    if args.invert:
+        kwargs["invert"] = True
+    for k in _PRUNE_FLAGS:  # the library says which combinations it refuses (PruneOptions)
+        if getattr(args, k) is not None:
+            kwargs[k] = getattr(args, k)
     sanity = {k: True for k in ("invert", "shuffle") if getattr(args, k)}
     return {"model": model_name, "num_classes": num_classes, **sanity}, kwargs
 

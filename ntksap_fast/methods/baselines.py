@@ -1,9 +1,9 @@
 """Pruning-at-initialization baselines on NTK-SAP's machinery: one ``prune`` for every method.
 
-Every method scores the arena's flat vector of prunable weights (``ntksap_fast.engine.arena``), then keeps
-exactly ``keep_count`` entries with ``ntksap_fast.select.topk.masked_topk_`` (largest scores win, ties to
-the lower flat index, pruned entries never come back), globally or per layer, after each round of
-the schedule (``density_schedule``). Scores, "higher = kept" (``w`` prunable weights, ``m`` mask,
+Every method scores the arena's flat vector of prunable weights (``ntksap_fast.engine.arena``); the
+one prune loop (``ntksap_fast.select.loop``) keeps exactly ``keep_count`` entries after each round
+of the schedule (largest scores win, ties to the lower flat index, pruned entries never come back),
+globally or per layer, with the same checkpoints, callbacks and metadata for every method. Scores, "higher = kept" (``w`` prunable weights, ``m`` mask,
 ``g = sum over batches of dL/dw`` at the masked weights ``m * w``):
 
 * ``ntksap``: NTK-SAP through one ``NtkSapScorer`` (set up once for all rounds, either scope).
@@ -27,23 +27,21 @@ run it through ``torch.func.functional_call`` with detached copies of its tensor
 """
 from __future__ import annotations
 
-import inspect
-import numbers
-from typing import Callable, Iterable, Iterator, Sequence
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..engine.arena import Arena, ParamSelector
 from ..engine.engine import ModelRunner, preserved_state
 from ..engine.plan import resolve_device
+from ..io.checkpoint import model_digest
 from ..io.masks import Masks
 from ..options import OutputFn, ScorerOptions, resolve_input_shape
-from ..select.schedule import SCHEDULES, density_schedule, keep_count
 from ..scorer import NtkSapScorer
-from ..select.selection import select_
-from ..select.topk import masked_topk_
+from ..select.loop import SCOPES, PruneOptions
+from ..select.loop import run as run_prune
 
 __all__ = ["prune", "METHODS", "DATA_METHODS", "DEFAULT_ITERATIONS", "SCOPES"]
 
@@ -51,16 +49,11 @@ METHODS = ("ntksap", "random", "magnitude", "snip", "grasp", "synflow", "iter_sn
 #: Methods that need ``data``.
 DATA_METHODS = ("snip", "iter_snip", "grasp")
 #: Rounds of the iterative methods when ``iterations`` is None; the others are one shot.
-DEFAULT_ITERATIONS = {"ntksap": inspect.signature(NtkSapScorer.prune).parameters["iterations"].default,
-                      "synflow": 100, "iter_snip": 100}
-SCOPES = ("global", "layer")
+DEFAULT_ITERATIONS = {"ntksap": PruneOptions.iterations, "synflow": 100, "iter_snip": 100}
 #: Options ``prune`` takes itself and passes on to the NTK-SAP scorer.
 _SHARED = ("seed", "params", "device", "output")
 #: ``NtkSapScorer`` options that ``prune`` passes through as ``**ntksap_options``.
 _NTKSAP_OPTIONS = tuple(n for n in ScorerOptions.names() if n not in _SHARED)
-#: Options of ``NtkSapScorer.prune`` (method ntksap, global scope) that ``prune`` passes through.
-_NTKSAP_PRUNE_OPTIONS = tuple(n for n, p in inspect.signature(NtkSapScorer.prune).parameters.items()
-                              if p.kind is p.KEYWORD_ONLY and n not in ("schedule", "progress", "min_layer_density"))
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,37 +132,45 @@ def _synflow(net: _Net, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor,
     return score
 
 
-def _select(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, scope: str, method: str,
-            min_layer_density: float) -> None:
-    """Updates ``mask`` in place: keep ``keep_count`` of the highest scores, globally (each tensor at
-    least ``min_layer_density`` of its entries) or per tensor."""
-    nan = torch.isnan(scores) & mask
-    if nan.any():
-        bad = [n for n, v in arena.views(nan).items() if v.any()]
-        raise ValueError(f"NaN in the {method} scores of {bad}: the model's output or gradient is not finite")
-    if scope == "global":
-        n_keep = min(keep_count(arena.numel, density), int(mask.sum()))
-        select_(scores, mask, n_keep, arena.slots, min_layer_density)
-        return
-    for s in arena.slots:
-        part = mask[s.offset : s.stop]
-        masked_topk_(scores[s.offset : s.stop], part, min(keep_count(s.numel, density), int(part.sum())))
+class _BaselineScoring:
+    """A baseline method as the prune loop sees it (``select.loop.Scoring``): scores from ``score_fn``."""
+
+    is_main = True
+    ticks_per_round = 0  # the loop counts rounds
+    has_stats = False
+
+    def __init__(self, name: str, model: nn.Module, arena: Arena, device: torch.device,
+                 score_fn: Callable[[torch.Tensor, int], torch.Tensor], settings: dict[str, Any]) -> None:
+        self.name, self.model, self.arena, self.device = name, model, arena, device
+        self.score_fn, self.settings = score_fn, settings
+
+    def check(self, options: PruneOptions) -> None:
+        pass
+
+    def start_mask(self) -> torch.Tensor:
+        return self.arena.start_mask(self.model, self.device)  # a model carrying masks starts from them
+
+    def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
+                     tick: Callable[[], None]) -> tuple[torch.Tensor, None]:
+        return self.score_fn(mask, round), None
+
+    def mask_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def digest(self) -> str:
+        """Every tensor of the model: the baselines read the prunable weights' values too."""
+        return model_digest(self.model, ())
 
 
-def _check_args(method, density, scope, schedule, iterations, data, loss_fn, options) -> int:
-    """Validates ``prune``'s arguments; returns the number of rounds."""
+def _check_method(method, iterations, data, loss_fn, ntksap_options) -> int:
+    """Validates what ``prune`` adds to the loop's arguments; returns the number of rounds."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if iterations is None:
         iterations = DEFAULT_ITERATIONS.get(method, 1)
-    elif isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     elif method not in DEFAULT_ITERATIONS and iterations != 1:
         raise ValueError(f"iterations: method {method!r} is one shot (iterations=1); iterative methods are "
                          f"{tuple(DEFAULT_ITERATIONS)}")
@@ -177,12 +178,34 @@ def _check_args(method, density, scope, schedule, iterations, data, loss_fn, opt
         raise ValueError(f"method {method!r} needs data: an iterable of (inputs, targets) batches, e.g. a DataLoader")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
-    unknown = sorted(set(options) - set(_NTKSAP_OPTIONS) - set(_NTKSAP_PRUNE_OPTIONS))
+    unknown = sorted(set(ntksap_options) - set(_NTKSAP_OPTIONS))
     if unknown:
         raise TypeError(f"prune() got unexpected keyword arguments {unknown}")
-    if options and method != "ntksap":
-        raise TypeError(f"{sorted(options)} apply to method 'ntksap' only, not {method!r}")
+    if ntksap_options and method != "ntksap":
+        raise TypeError(f"{sorted(ntksap_options)} apply to method 'ntksap' only, not {method!r}")
     return iterations
+
+
+def _baseline(method: str, model: nn.Module, arena: Arena, device: torch.device, seed: int,
+              input_shape: Sequence[int] | None, data: Batches | None, loss_fn: LossFn,
+              output: OutputFn | None) -> _BaselineScoring:
+    """The scoring of a method other than NTK-SAP, with what its masks depend on (``settings``)."""
+    settings: dict[str, Any] = {}
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        score_fn = _fixed(torch.rand(arena.numel, generator=gen, dtype=torch.float64).to(device))
+        settings["seed"] = seed
+    elif method == "magnitude":
+        score_fn = _fixed(_Net(model, arena, device, output=output).weights.abs())
+    elif method == "synflow":
+        shape = resolve_input_shape(model, input_shape)
+        score_fn = _synflow(_Net(model, arena, device, absolute=True, output=output), shape)
+        settings["input_shape"] = list(shape)
+    elif method == "grasp":
+        score_fn = _grasp(_Net(model, arena, device, output=output), data, loss_fn)
+    else:
+        score_fn = _snip(_Net(model, arena, device, output=output), data, loss_fn)
+    return _BaselineScoring(method, model, arena, device, score_fn, settings)
 
 
 def prune(
@@ -191,20 +214,31 @@ def prune(
     *,
     density: float,
     iterations: int | None = None,
-    schedule: str = "exponential",
-    scope: str = "global",
+    schedule: str = PruneOptions.schedule,
+    scope: str = PruneOptions.scope,
+    min_layer_density: float = PruneOptions.min_layer_density,
+    invert: bool = PruneOptions.invert,
+    target_overlap: float | None = PruneOptions.target_overlap,
+    max_draws: int | None = PruneOptions.max_draws,
+    stats: bool = PruneOptions.stats,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    on_round: Callable[..., None] | None = None,
     data: Batches | None = None,
     loss_fn: LossFn = nn.functional.cross_entropy,
     input_shape: Sequence[int] | None = None,
     seed: int = ScorerOptions.seed,
     params: ParamSelector | None = ScorerOptions.params,
     device: torch.device | str | None = ScorerOptions.device,
-    progress: bool | None = None,
-    min_layer_density: float = 0.0,
     output: OutputFn | None = ScorerOptions.output,
     **ntksap_options,
 ) -> Masks:
     """Prune ``model`` at initialization with ``method`` (see the module docstring for the scores).
+
+    Every method runs through the one prune loop (``ntksap_fast.select.loop.run``), so each gets the
+    schedule, both scopes, ``min_layer_density``, ``invert``, checkpoint/resume, ``on_round``,
+    progress and the metadata; ``stats``/``target_overlap``/``max_draws`` where the method defines
+    round statistics (ntksap).
 
     Args:
         model: any ``nn.Module``; it is not modified.
@@ -212,66 +246,36 @@ def prune(
         density: final kept fraction in (0, 1].
         iterations: rounds (default ``DEFAULT_ITERATIONS``; one-shot methods take only 1);
             after round ``t`` the kept fraction is ``density_schedule(density, T, schedule)[t-1]``.
-        scope: ``"global"`` (one top-k over all tensors) or ``"layer"`` (each tensor keeps
-            ``keep_count(numel, d_t)`` of its own entries).
+        schedule, scope, min_layer_density, invert, target_overlap, max_draws, stats: the loop's
+            arguments (``ntksap_fast.select.loop.PruneOptions``: meaning and which combine).
+        checkpoint, progress, on_round: as for ``ntksap_fast.select.loop.run``. A checkpoint of
+            snip, iter_snip or grasp cannot tell other ``data`` or ``loss_fn`` apart: resume with the
+            same ones.
         data, loss_fn: batches of ``(inputs, targets)`` and the loss, for snip / iter_snip / grasp
             (ignored by the other methods).
         input_shape: one input's shape, for ntksap and synflow (default ``model.input_shape``).
         seed: seed of ``random`` and ``ntksap``; params: prunable tensors (default every
-            Conv/Linear weight); device: where to compute (default the model's);
-            progress: bar over rounds (None: only on a terminal).
-        min_layer_density: with ``scope="global"``, each tensor keeps at least this fraction of its
-            entries (``ntksap_fast.select.selection``); 0 (default): plain global top-k.
+            Conv/Linear weight); device: where to compute (default the model's).
         output: picks the tensor from what the model returns (tuple, dict, dataclass), e.g.
             ``output=lambda out: out.logits``.
         ntksap_options: method ``ntksap`` only: the other ``ScorerOptions`` (``draws``,
-            ``batch_size``, ``epsilon``, ``dtype``, ...), and the keyword options of
-            ``NtkSapScorer.prune`` (``stats``, ``target_overlap``, ``max_draws``, ``checkpoint``,
-            ``on_round``; global scope).
+            ``batch_size``, ``epsilon``, ``dtype``, ...).
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` (True = kept) on the compute
         device, with ``metadata`` saying what made them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    iterations = _check_args(method, density, scope, schedule, iterations, data, loss_fn, ntksap_options)
+    iterations = _check_method(method, iterations, data, loss_fn, ntksap_options)
     if output is not None and not callable(output):
         raise TypeError(f"output must be a callable picking the output tensor, got {type(output).__name__}")
-    if scope == "layer" and min_layer_density != 0.0:
-        raise ValueError("min_layer_density applies to scope='global'; scope='layer' already keeps the same "
-                         "fraction of every tensor")
+    options = PruneOptions(**{k: v for k, v in locals().items() if k in PruneOptions.names()})
     if method == "ntksap":
-        prune_options = {k: ntksap_options.pop(k) for k in _NTKSAP_PRUNE_OPTIONS if k in ntksap_options}
-        if prune_options and scope != "global":
-            raise ValueError(f"{sorted(prune_options)} apply to scope='global' only")
-        ntksap = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, output=output,
-                              **ntksap_options)
-        if scope == "global":
-            return ntksap.prune(density, iterations, schedule=schedule, progress=progress,
-                                min_layer_density=min_layer_density, **prune_options)
+        scoring = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, output=output,
+                               **ntksap_options)
+        return run_prune(scoring, options, checkpoint=checkpoint, progress=progress, on_round=on_round)
     arena = Arena(model, params)
-    device = resolve_device(model, device)
     with preserved_state(model):
-        if method == "ntksap":
-            score_fn = ntksap.flat_scores
-        elif method == "random":
-            gen = torch.Generator().manual_seed(seed)
-            score_fn = _fixed(torch.rand(arena.numel, generator=gen, dtype=torch.float64).to(device))
-        elif method == "magnitude":
-            score_fn = _fixed(_Net(model, arena, device, output=output).weights.abs())
-        elif method == "synflow":
-            score_fn = _synflow(_Net(model, arena, device, absolute=True, output=output), resolve_input_shape(model, input_shape))
-        elif method == "grasp":
-            score_fn = _grasp(_Net(model, arena, device, output=output), data, loss_fn)
-        else:
-            score_fn = _snip(_Net(model, arena, device, output=output), data, loss_fn)
-        mask = arena.start_mask(model, device)  # a model carrying masks starts from them
-        densities = density_schedule(float(density), iterations, schedule)
-        for t, d_t in enumerate(tqdm(densities, desc=method, unit="round",
-                                     disable=None if progress is None else not progress)):
-            _select(arena, score_fn(mask, t), mask, d_t, scope, method, min_layer_density)
-    metadata = {"method": method, "density": float(density), "iterations": iterations, "schedule": schedule,
-                "scope": scope, "seed": seed, "min_layer_density": min_layer_density}
-    if method == "ntksap":
-        metadata.update(ntksap.settings())
-    return Masks({n: v.clone() for n, v in arena.views(mask).items()}, metadata=metadata)
+        scoring = _baseline(method, model, arena, resolve_device(model, device), seed, input_shape, data, loss_fn,
+                            output)
+        return run_prune(scoring, options, checkpoint=checkpoint, progress=progress, on_round=on_round)

@@ -57,7 +57,7 @@ def keep_lowest(scores: Mapping[str, torch.Tensor], density: float,
         :class:`Masks` with exactly ``keep_count(N, density) = N - floor((1 - density) N)`` True
         entries over all tensors (``N`` their total size), the lowest scores among the unpruned
         entries, globally; ties to the lower flat index (tensors in the dict's order, each
-        row-major), ``-0.0 == 0.0``, as the library's top-k. ``metadata``: ``{"inverted": True}``.
+        row-major), ``-0.0 == 0.0``, as the library's top-k. ``metadata``: ``{"invert": True}`` (the key the prune loop writes).
     Raises:
         ValueError: ``density`` outside (0, 1]; names or shapes of ``masks`` other than ``scores``';
             fewer unpruned entries than the count; a NaN score at an unpruned entry.
@@ -87,4 +87,4 @@ def keep_lowest(scores: Mapping[str, torch.Tensor], density: float,
     for name, s in scores.items():
         out[name] = keep[start : start + s.numel()].reshape(s.shape)
         start += s.numel()
-    return Masks(out, metadata={"inverted": True})
+    return Masks(out, metadata={"invert": True})

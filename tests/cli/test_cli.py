@@ -79,7 +79,7 @@ def test_demo_wrapper(capsys):
     (["prune", "resnet20", "--input-shape", "3,x"], "comma-separated positive ints"),
     (["prune", "resnet20", "--num-classes", "0"], "--num-classes must be >= 1"),
     (["prune", "resnet20", "--draws", "0"], "draws must be >= 1"),
-    (["prune", "resnet20", "--density", "1.5"], "density must be a number in (0, 1]"),
+    (["prune", "resnet20", "--density", "1.5"], "density must be in (0, 1]"),
     (["prune", "resnet20", "--plot", "out.jpg"], "expected a .png path"),
     (["prune", "resnet20", "--out", "/no/such/folder/m.pt"], "does not exist"),
     (["prune", "resnet20", "--out", "masks.bin"], "--out: path 'masks.bin': unknown mask file extension '.bin'"),
@@ -92,9 +92,11 @@ def test_demo_wrapper(capsys):
     (["prune", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
     (["prune", ":make"], "expected NAME, torchvision:NAME, timm:NAME or package.module:callable"),
     (["prune", "os.path:sep"], "'sep' is a str, expected a callable"),
-    (["prune", "resnet20", "--invert", "--method", "magnitude"], "--invert applies to --method ntksap"),
-    (["prune", "resnet20", "--invert", "--target-overlap", "0.5"], "--invert applies to --method ntksap"),
-    (["prune", "resnet20", "--invert", "--scope", "layer"], "--invert applies to --method ntksap"),
+    # the library's rules of which arguments combine (PruneOptions), reported as they are
+    (["prune", "resnet20", "--invert", "--target-overlap", "0.5"], "invert does not combine with stats or target_overlap"),
+    (["prune", "resnet20", "--scope", "layer", "--min-layer-density", "0.1"], "min_layer_density applies to scope='global'"),
+    (["prune", "resnet20", "--max-draws", "9"], "max_draws applies with target_overlap only"),
+    (["prune", "resnet20", "--method", "magnitude", "--target-overlap", "0.5"], "apply to method 'ntksap'"),
 ])
 def test_bad_arguments_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
@@ -137,6 +139,7 @@ def test_build_model_is_seeded_and_restores_the_global_rng():
 
 @pytest.mark.parametrize("extra", [["--method", "magnitude"], ["--draws", "1", "--batch-size", "2", "--iterations", "3"]],
                          ids=["magnitude", "ntksap"])
+@pytest.mark.slow
 def test_two_processes_give_identical_masks(tmp_path, extra):
     """Same command, same seed, two processes: the same mask file, bit for bit (issue 14.7)."""
     outs = [tmp_path / f"run{i}.safetensors" for i in range(2)]
@@ -312,7 +315,7 @@ def test_invert_keeps_the_lowest_scores_each_round(tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert ", invert True," in first and f"device {'cuda' if torch.cuda.is_available() else 'cpu'}" in first
     masks = load_masks(out)
-    assert masks.metadata["inverted"] is True
+    assert masks.metadata["invert"] is True
     scorer, want = NtkSapScorer(build_model("resnet20", seed=0), (3, 16, 16), draws=1, batch_size=2,
                                 device=masks.metadata["device"]), None
     for t, d in enumerate(density_schedule(0.1, 2)):

@@ -6,11 +6,15 @@ Every setting the masks depend on is stored; a resume that changes any one of th
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import ntk_sap_prune
+from ntksap_fast import ScorerOptions, ntk_sap_prune
+from ntksap_fast.options import changes_masks
+from ntksap_fast.select.loop import PruneOptions
 from ntksap_fast.io.checkpoint import CheckpointError, load_checkpoint, model_digest, save_checkpoint
 
 from _files import mode, plain_open_mode, umask
@@ -72,8 +76,8 @@ CHANGES = {
     "density": (dict(density=0.2), "density"),
     "iterations": (dict(iterations=5), "iterations"),
     "schedule": (dict(schedule="linear"), "schedule"),
-    "draws": (dict(draws=3), "batch_sizes"),
-    "batch_size": (dict(batch_size=[4, 5]), "batch_sizes"),
+    "draws": (dict(draws=3), "draws"),
+    "batch_size": (dict(batch_size=[4, 5]), "batch_size"),
     "epsilon": (dict(epsilon=0.02), "epsilon"),
     "seed": (dict(seed=4), "seed"),
     "input_shape": (dict(input_shape=(3, 10, 10)), "input_shape"),
@@ -89,6 +93,30 @@ def test_resume_with_another_setting_is_refused(interrupted, setting):
     with pytest.raises(CheckpointError, match=word):
         _prune(interrupted, **change)
     _prune(interrupted)  # the checkpoint itself is still good for the same settings
+
+
+#: A value other than BASE's for every option that changes the masks (``changes_masks``). An option
+#: marked so without an entry here fails the test below, so a new option is covered when it is added.
+OTHER_VALUES = {
+    "draws": 3, "batch_size": 5, "epsilon": 0.02, "seed": 4, "dtype": torch.float64, "allow_tf32": False,
+    "density": 0.2, "iterations": 5, "schedule": "linear", "scope": "layer", "min_layer_density": 0.05,
+    "invert": True, "target_overlap": 0.9, "max_draws": 6,
+}
+
+
+def test_every_option_that_changes_the_masks_is_in_the_checkpoint(interrupted):
+    """Derived, not listed: each field of ScorerOptions and PruneOptions that says it changes the masks
+    is refused, by name, when a resume gives it another value."""
+    names = [f.name for cls in (ScorerOptions, PruneOptions) for f in dataclasses.fields(cls) if changes_masks(f)]
+    assert not set(names) - set(OTHER_VALUES), f"give OTHER_VALUES a changed value of {set(names) - set(OTHER_VALUES)}"
+    assert set(OTHER_VALUES) <= set(names), f"no longer said to change the masks: {set(OTHER_VALUES) - set(names)}"
+    for name in names:
+        change = {name: OTHER_VALUES[name]}
+        if name == "max_draws":
+            change["target_overlap"] = 0.9  # max_draws applies with target_overlap only
+        with pytest.raises(CheckpointError, match=rf"\b{name}\b"):
+            _prune(interrupted, **change)
+    _prune(interrupted)  # and the checkpoint still resumes with its own settings
 
 
 def test_resume_with_other_biases_is_refused(interrupted):

@@ -92,7 +92,7 @@ def test_keep_lowest_matches_sorting_with_ties(density: float, with_masks: bool)
         assert sum(int(m.sum()) for m in masks.values()) >= keep_n(70, 0.5)  # 64 of 70 unpruned
     kept = keep_lowest(scores, density, masks)
     want = lowest_by_sorting(scores, density, masks)
-    assert list(kept) == list(scores) and kept.metadata == {"inverted": True}
+    assert list(kept) == list(scores) and kept.metadata == {"invert": True}
     assert all(torch.equal(kept[n], want[n]) for n in scores)
     if masks is not None:
         assert not any((kept[n] & ~masks[n]).any() for n in scores)  # pruned entries stay pruned
@@ -150,7 +150,7 @@ def test_prune_with_invert_is_keep_lowest_after_every_round() -> None:
     for t, d in enumerate(density_schedule(0.2, 3)):
         want = keep_lowest(scorer.scores(want, round=t), d, want)
     got = scorer.prune(0.2, 3, invert=True, progress=False)
-    assert got.metadata["inverted"] is True
+    assert got.metadata["invert"] is True
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
     with pytest.raises(TypeError, match="invert"):
         scorer.prune(0.2, 3, invert=1)
