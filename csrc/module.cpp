@@ -1,7 +1,8 @@
 // Python module stub: `import ntksap_fast._C` loads this shared library, whose static
-// initialisers register the ntksap_fast ops (TORCH_LIBRARY in masked_topk.cpp, and the CUDA
-// kernels when built with CUDA). The module itself defines nothing; the ops live under
-// torch.ops.ntksap_fast. Only setup.py / the JIT build compile this file (CMake does not).
+// initialisers register the ntksap_fast ops (TORCH_LIBRARY in masked_topk.cpp, the fragment in
+// philox.cpp, and the CUDA kernels when built with CUDA). The module itself defines nothing; the
+// ops live under torch.ops.ntksap_fast. Only setup.py compiles this file: the just-in-time build
+// and CMake make a plain shared library (torch.ops.load_library) without it.
 #include <Python.h>
 
 extern "C" {

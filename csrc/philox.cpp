@@ -1,4 +1,4 @@
-// Philox-4x32-10 standard normals on the CPU: the compiled twin of ntksap_fast/rng.py.
+// Philox-4x32-10 standard normals on the CPU: the compiled twin of ntksap_fast/engine/rng.py.
 //
 // Same counters and the same Box-Muller as the PyTorch twin (key = two 32-bit words of the seed,
 // counter = (block lo, block hi, round, tag), block = element / 4, lane = element % 4); the
@@ -6,13 +6,14 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/enum_tag.h>
 
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-// The constants of ntksap_fast/rng.py (PHILOX_*; tests/test_rng.py checks that they agree).
+// The constants of ntksap_fast/engine/rng.py (PHILOX_*; tests/engine/test_rng.py checks that they agree).
 constexpr int kRounds = 10;
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // round multipliers
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // key increments (Weyl sequence)
@@ -104,6 +105,21 @@ at::Tensor philox_normal_at(int64_t key0, int64_t key1, int64_t round, int64_t t
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ntksap_fast, m) {
-  m.def("philox_normal(int key0, int key1, int round, int tag, int offset, int numel) -> Tensor", &philox_normal);
-  m.def("philox_normal_at(int key0, int key1, int round, int tag, Tensor index) -> Tensor", &philox_normal_at);
+  // Fake (meta) implementations live in ntksap_fast/engine/rng.py; torch imports it when needed.
+  m.set_python_module("ntksap_fast.engine.rng");
+  m.def("philox_normal(int key0, int key1, int round, int tag, int offset, int numel) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("philox_normal_at(int key0, int key1, int round, int tag, Tensor index) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
+// philox_normal has no tensor argument to dispatch on: one kernel for every key (and for a call
+// without tensors), which makes a CPU tensor, as a factory op with device="cpu" does.
+TORCH_LIBRARY_IMPL(ntksap_fast, CompositeExplicitAutograd, m) {
+  m.impl("philox_normal", &philox_normal);
+}
+
+// The index must be a CPU tensor (another device has no kernel: NotImplementedError).
+TORCH_LIBRARY_IMPL(ntksap_fast, CPU, m) {
+  m.impl("philox_normal_at", &philox_normal_at);
 }

@@ -17,4 +17,16 @@ __all__ = [
     "NtkSapScorer", "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
     "density_schedule", "keep_count", "PRESETS", "Preset", "ScorerOptions", "register_layer", "export_pruned",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version (written once, in pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ntksap_fast")
+    except PackageNotFoundError:  # a source tree used without installing it
+        return "0+unknown"
+
+
+__version__ = _version()

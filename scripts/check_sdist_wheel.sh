@@ -46,15 +46,16 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 lic = [n for n in names if n.endswith("LICENSE")]
 so = [n for n in names if n.startswith("ntksap_fast/_C") and n.endswith(".so")]
-assert lic and so, f"license {lic}, compiled module {so}"
-print(f"   wheel ships {lic[0]} and {so[0]}")
+typed = [n for n in names if n == "ntksap_fast/py.typed"]
+assert lic and so and typed, f"license {lic}, compiled module {so}, py.typed {typed}"
+print(f"   wheel ships {lic[0]}, {so[0]} and {typed[0]}")
 PY
 
 echo "== install the wheel in a fresh venv, use it from outside the checkout"
 SITE="$(fresh_venv "$WORK/venv")"
 "$PY" -m pip install -q --no-deps --target "$SITE" "$WHEEL"
 (cd "$WORK" && "$WORK/venv/bin/python" - "$SITE" <<'PY'
-import os, sys, warnings
+import importlib.metadata, os, sys, warnings
 site = sys.argv[1]
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to PyTorch would be an error here
 import torch
@@ -63,6 +64,7 @@ from ntksap_fast._build import loader as _ext
 from ntksap_fast.select import topk
 from ntksap_fast.models import resnet20
 assert ntksap_fast.__file__.startswith(site), ntksap_fast.__file__
+assert ntksap_fast.__version__ == importlib.metadata.version("ntksap_fast") != "0+unknown", ntksap_fast.__version__
 assert topk.extension_available(), topk.extension_error()
 assert _ext._state["lib"].startswith(site), _ext._state["lib"]
 masks = ntksap_fast.ntk_sap_prune(resnet20(), density=0.1, input_shape=(3, 32, 32), iterations=2,

@@ -5,11 +5,11 @@ asked for on purpose) turns those failures into skips that say so.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
-EXT_OPTIONAL = os.environ.get("NTKSAP_FAST_ALLOW_NO_EXT", "0") not in ("", "0")
+from ntksap_fast._build.config import env_flag
+
+EXT_OPTIONAL = env_flag("NTKSAP_FAST_ALLOW_NO_EXT")
 
 
 def ext_missing(why: str) -> None:

@@ -3,21 +3,23 @@ and which GPUs a build has code for.
 
 * setup.py loads this file by path (the package is not importable in the middle of a build),
 * the just-in-time build in ``loader.py`` imports it,
-* CMakeLists.txt runs it (``python ntksap_fast/_build/config.py --cmake FILE [--nvcc NVCC]``) and includes
-  the CMake file it writes.
+* CMakeLists.txt runs it (``python ntksap_fast/_build/config.py --cuda-home``, then ``--cmake FILE
+  [--nvcc NVCC]``) and includes the CMake file it writes.
 
 It holds the sources (found in ``csrc/``), the compile flags, and the CUDA architectures: by
 default SASS for every compute-capability family PyTorch's own build covers plus PTX of the
 newest (:data:`DEFAULT_CUDA_ARCH_LIST`), or ``$TORCH_CUDA_ARCH_LIST`` when set. Every CUDA build
 passes :func:`targets_define` to nvcc, so the library records what it holds; ``loader.py`` reads
 that back (C function ``ntksap_fast_cuda_targets``, csrc/cuda/build_targets.cu) and uses the
-CUDA ops only on a device :func:`runs_on` accepts.
+CUDA ops only on a device :func:`runs_on` accepts. The nvcc of a CUDA build is found by one rule,
+:func:`find_nvcc`, for all three build paths.
 
 Standard library only (CMake may run it with any Python 3).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import subprocess
@@ -39,8 +41,12 @@ INCLUDE_DIR = "csrc"
 MODULE_SOURCE = "csrc/module.cpp"
 # The C++ test of the ops, built by CMake only.
 TEST_SOURCE = "csrc/test_masked_topk.cpp"
-# The macro through which a CUDA build records its targets (csrc/cuda/build_targets.cu).
+# The macro through which a CUDA build records its targets (csrc/cuda/build_targets.cu), and the C
+# function that returns them from the built library.
 TARGETS_MACRO = "NTKSAP_FAST_CUDA_TARGETS"
+TARGETS_FUNCTION = "ntksap_fast_cuda_targets"
+# The CUDA toolkit when neither $CUDA_HOME nor $CUDA_PATH names one.
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
 
 _ARCH_RE = re.compile(r"^(\d+)\.(\d)(\+PTX)?$")
 _TARGET_RE = re.compile(r"^(sm|compute)_(\d+)(\d)$")
@@ -76,6 +82,44 @@ def sources(root: str | os.PathLike) -> Sources:
     cpp = sorted(p.relative_to(base).as_posix() for p in (base / "csrc").glob("*.cpp"))
     cuda = sorted(p.relative_to(base).as_posix() for p in (base / "csrc" / "cuda").glob("*.cu"))
     return Sources(tuple(p for p in cpp if p not in special), tuple(cuda), MODULE_SOURCE, TEST_SOURCE)
+
+
+def env_flag(name: str, environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the environment variable ``name`` is set to anything but ``""``, ``0``, ``false`` or
+    ``no`` (any case, surrounding spaces ignored): the rule of every ``NTKSAP_FAST_*`` switch."""
+    value = (os.environ if environ is None else environ).get(name, "0")
+    return value.strip().lower() not in ("", "0", "false", "no")
+
+
+def nvcc_candidates(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Where nvcc is looked for, in order: ``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc``,
+    ``/usr/local/cuda/bin/nvcc`` (not the nvcc on ``$PATH``, which may be a wrapper outside the
+    toolkit that torch's and CMake's configuration then cannot use)."""
+    env = os.environ if environ is None else environ
+    homes = (env.get("CUDA_HOME"), env.get("CUDA_PATH"), DEFAULT_CUDA_HOME)
+    return list(dict.fromkeys(os.path.join(home, "bin", "nvcc") for home in homes if home))
+
+
+def find_nvcc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The first of :func:`nvcc_candidates` that is an executable file, or None. Its toolkit is
+    ``dirname(dirname(nvcc))``, which the build passes on as ``CUDA_HOME``."""
+    return next((p for p in nvcc_candidates(environ) if os.path.isfile(p) and os.access(p, os.X_OK)), None)
+
+
+def cuda_compiler(torch_cuda: Optional[str], environ: Optional[Mapping[str, str]] = None) -> tuple[
+    Optional[str], str
+]:
+    """``(nvcc, "")`` for a CUDA build against a torch whose ``torch.version.cuda`` is ``torch_cuda``,
+    or ``(None, why not)``: ``NTKSAP_FAST_NO_CUDA`` is set, torch has no CUDA, or no nvcc is found
+    (:func:`find_nvcc`)."""
+    if env_flag("NTKSAP_FAST_NO_CUDA", environ):
+        return None, "NTKSAP_FAST_NO_CUDA is set"
+    if not torch_cuda:
+        return None, "torch is a build without CUDA"
+    nvcc = find_nvcc(environ)
+    if nvcc is None:
+        return None, f"nvcc not found (looked for {' and '.join(nvcc_candidates(environ))}; set CUDA_HOME)"
+    return nvcc, ""
 
 
 def cuda_arch_list(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -115,6 +159,18 @@ def parse_targets(recorded: str) -> tuple[CudaTarget, ...]:
             raise ValueError(f"recorded CUDA target {name!r} is not sm_XY or compute_XY")
         targets.append(CudaTarget(int(match.group(2)), int(match.group(3)), match.group(1) == "compute"))
     return tuple(sorted(set(targets)))
+
+
+def recorded_targets(lib: str) -> str:
+    """What the compiled library ``lib`` recorded about its GPU code (:data:`TARGETS_FUNCTION`, e.g.
+    ``"sm_90/compute_90"``; :func:`parse_targets` reads it); ``""`` for a build without CUDA. Opens
+    the library (so registers its ops): only for a library that is loaded or being checked."""
+    try:
+        record = getattr(ctypes.CDLL(lib), TARGETS_FUNCTION)
+    except (AttributeError, OSError):  # no such symbol; a library that cannot be opened
+        return ""
+    record.restype = ctypes.c_char_p
+    return record().decode()
 
 
 def runs_on(targets: Iterable[CudaTarget], capability: tuple[int, int]) -> bool:
@@ -241,9 +297,17 @@ def cmake_script(root: str | os.PathLike, nvcc: Optional[str] = None,
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cmake", required=True, help="write the CMake file here")
+    parser.add_argument("--cmake", help="write the CMake file here")
     parser.add_argument("--nvcc", help="the nvcc of a CUDA build (fits the targets to it)")
+    parser.add_argument("--cuda-home", action="store_true",
+                        help="print the CUDA toolkit of find_nvcc (nothing when there is none) and exit")
     args = parser.parse_args(argv)
+    if args.cuda_home:
+        nvcc = find_nvcc()
+        print(os.path.dirname(os.path.dirname(nvcc)) if nvcc else "")
+        return
+    if not args.cmake:
+        parser.error("--cmake FILE or --cuda-home is required")
     text = cmake_script(Path(__file__).resolve().parents[2], args.nvcc)
     out = Path(args.cmake)
     if not out.is_file() or out.read_text() != text:  # unchanged: CMake need not rebuild

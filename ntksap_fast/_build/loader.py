@@ -1,9 +1,9 @@
 """Loading the compiled extension ``ntksap_fast._C`` (the ops under ``torch.ops.ntksap_fast``).
 
 A compiled library is trusted only after it passed a check in a separate process
-(:func:`verify`, in ``check``): its ops have the schemas this package expects, give the
-right answers on small cases, report data errors in their status and raise an ordinary Python
-exception on a bad argument. A library built with a C++ toolchain whose runtime does not match
+(:func:`verify`, in ``check``): every op the package calls has the schema this package expects,
+gives the right answers on small cases, reports data errors in its status and raises an ordinary
+Python exception on a bad argument. A library built with a C++ toolchain whose runtime does not match
 torch's dies right there (seen with a custom GCC in ``$CXX``: SIGSEGV in libstdc++ while
 formatting the error message), so the check must run in another process; its verdict is cached
 per library file.
@@ -13,24 +13,26 @@ per library file.
 * :func:`load` does the same, and otherwise builds the extension just in time with ninja
   (``NTKSAP_FAST_NO_JIT=1`` skips that), checked the same way; if the check fails and
   ``$CXX``/``$CC`` name a compiler other than the system's, it builds once more with the system
-  compiler (:func:`build_checked`, also used by setup.py). If nothing loads, :func:`error` says
+  compiler (``check.build_checked``, also used by setup.py). If nothing loads, :func:`error` says
   why and the callers use their PyTorch implementations, warning once each
   (:func:`use_compiled`).
+* :func:`on_load` runs what must follow a load (the Python modules' fake implementations of the
+  ops), whenever the library loads.
 * ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch implementations; ``NTKSAP_FAST_REQUIRE_EXT=1``
   makes them an error instead (:func:`use_compiled` and :func:`cuda_code_for` raise).
 * CUDA code is used only on devices the build holds code for (:func:`cuda_code_for`: the
-  targets the library recorded, :func:`recorded_targets`, by ``_build_config.runs_on``);
+  targets the library recorded, ``config.recorded_targets``, by ``config.runs_on``);
   elsewhere the PyTorch implementation runs, with one warning per device capability.
+
+Always imported as part of the package (setup.py loads only ``config`` and ``check``, by path).
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,22 +43,9 @@ from typing import Callable, Optional
 
 import torch
 
+from . import check as _ext_check
+from . import config as _build_config
 
-def _sibling(name: str):
-    """The package's module ``name``; by path when this file was loaded by path (setup.py, in the
-    middle of a build, when the package is not importable)."""
-    if __package__:
-        return importlib.import_module(f"{__package__}.{name}")
-    spec = importlib.util.spec_from_file_location(
-        f"_ntksap_fast{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_build_config = _sibling("config")
-_ext_check = _sibling("check")
 SCHEMAS, verify, cache_dir = _ext_check.SCHEMAS, _ext_check.verify, _ext_check.cache_dir
 
 __all__ = [
@@ -68,11 +57,9 @@ __all__ = [
     "use_compiled",
     "cuda_targets",
     "cuda_code_for",
-    "recorded_targets",
     "require_ext",
+    "on_load",
     "verify",
-    "build_checked",
-    "system_compilers",
     "cache_dir",
     "SCHEMAS",
 ]
@@ -82,54 +69,30 @@ _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "warned": set(), "auto": None, "lib": None}
 
 _REQUIRE_HINT = "NTKSAP_FAST_REQUIRE_EXT=1 makes this an error"
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+# Called once the ops are registered (on_load).
+_on_load: list[Callable[[], None]] = []
 
 
 def require_ext() -> bool:
     """Whether the compiled ops are mandatory (``NTKSAP_FAST_REQUIRE_EXT=1``): a build without
     them fails, and so does a call that would fall back to PyTorch."""
-    return _flag("NTKSAP_FAST_REQUIRE_EXT")
+    return _build_config.env_flag("NTKSAP_FAST_REQUIRE_EXT")
 
 
-def system_compilers() -> Optional[tuple[str, str]]:
-    """``(cc, cxx)`` of the system C/C++ compiler when ``$CC``/``$CXX`` name another one, else
-    None (nothing overridden, or no other compiler found)."""
-    chosen = [os.environ.get(v) for v in ("CXX", "CC")]
-    if not any(chosen):
-        return None
-    current = {os.path.realpath(shutil.which(c) or c) for c in chosen if c}
-    pairs = [("/usr/bin/cc", "/usr/bin/c++"), ("/usr/bin/gcc", "/usr/bin/g++"),
-             (shutil.which("cc"), shutil.which("c++")), (shutil.which("gcc"), shutil.which("g++"))]
-    for cc, cxx in pairs:
-        if cc and cxx and os.access(cc, os.X_OK) and os.access(cxx, os.X_OK):
-            if os.path.realpath(cxx) not in current and os.path.realpath(cc) not in current:
-                return cc, cxx
-    return None
+def on_load(register: Callable[[], None]) -> None:
+    """Calls ``register()`` once the compiled ops are registered: now if they are, else right after
+    they load (the built module at import, or a just-in-time build later). For what must accompany
+    the ops in Python, such as their fake implementations (``torch.library.register_fake``)."""
+    _on_load.append(register)
+    if _state["lib"] is not None:
+        register()
 
 
-def build_checked(build: Callable[[dict], str]) -> tuple[Optional[str], str]:
-    """Builds with ``build(env)`` (env: compiler variables to set, ``{}`` first; returns the
-    library path) and verifies the result. If the check fails and ``$CC``/``$CXX`` name a
-    compiler other than the system's, builds once more with ``{"CC": cc, "CXX": cxx}`` of the
-    system compiler. Returns ``(library, "")`` or ``(None, why)``."""
-    compiler = os.environ.get("CXX") or "c++"
-    lib = build({})
-    ok, why = verify(lib)
-    if ok:
-        return lib, ""
-    why = f"built with {compiler}, {why}"
-    alt = system_compilers()
-    if alt is None:
-        return None, why
-    cc, cxx = alt
-    lib = build({"CC": cc, "CXX": cxx})
-    ok, why2 = verify(lib)
-    if ok:
-        return lib, ""
-    return None, f"{why}; rebuilt with {cxx}, {why2}"
+def _loaded(lib: str) -> None:
+    """Records that ``lib``'s ops are registered and runs the :func:`on_load` callbacks."""
+    _state["lib"] = lib
+    for register in _on_load:
+        register()
 
 
 # Run as `python -c _JIT_SCRIPT <build dir> <flags json> <sources...>`: builds (and loads, in
@@ -147,20 +110,23 @@ cpp_extension.load(
 
 
 def _jit_build(env: dict) -> str:
-    """Builds the extension just in time (CPU ops, plus CUDA when a GPU and nvcc are present) in
-    a separate process, with the sources and flags of ``_build_config``; returns the library
-    path."""
+    """Builds the extension just in time (CPU ops, plus CUDA when a GPU and an nvcc are present:
+    ``config.cuda_compiler``, the rule of setup.py) in a separate process, with the sources and
+    flags of ``_build_config``; returns the library path."""
     root_dir = Path(__file__).resolve().parents[2]
     src = _build_config.sources(root_dir)
     if not src.cpp:
-        raise RuntimeError("csrc/ sources not found next to the package (the just-in-time build needs a source checkout)")
-    from torch.utils import cpp_extension  # (imported only now: it warns where CUDA is missing)
-    with_cuda = bool(src.cuda and torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME)
+        raise RuntimeError(
+            "csrc/ sources not found next to the package (the just-in-time build needs a source checkout)"
+        )
+    nvcc, _ = _build_config.cuda_compiler(torch.version.cuda)
+    with_cuda = bool(src.cuda and nvcc and torch.cuda.is_available())
     nvcc_flags = None
     if with_cuda:
-        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
         targets, _ = _build_config.build_targets(nvcc)
         nvcc_flags = _build_config.nvcc_flags(targets)
+        # torch's cpp_extension compiles with $CUDA_HOME/bin/nvcc: the toolkit of the nvcc found.
+        env = {**env, "CUDA_HOME": os.path.dirname(os.path.dirname(nvcc))}
     flags = {
         "cxx": list(_build_config.CXX_FLAGS), "link": list(_build_config.LINK_FLAGS), "nvcc": nvcc_flags,
         "include": str(root_dir / _build_config.INCLUDE_DIR),
@@ -207,13 +173,15 @@ def _load_prebuilt(errors: list[str]) -> bool:
     except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
         errors.append(f"import ntksap_fast._C failed ({type(exc).__name__}: {exc})")
         return False
-    _state["lib"] = lib
+    _loaded(lib)
     return True
 
 
 def autoload() -> None:
     """Registers the ops if the built module is present and verified (never builds)."""
-    if _state["tried"] or _state["auto"] is not None or _flag("NTKSAP_FAST_NO_EXT") or _flag("NTKSAP_FAST_IN_CHECK"):
+    if _state["tried"] or _state["auto"] is not None:
+        return
+    if _build_config.env_flag("NTKSAP_FAST_NO_EXT") or _build_config.env_flag("NTKSAP_FAST_IN_CHECK"):
         return
     with _lock:
         errors: list[str] = []
@@ -232,18 +200,18 @@ def load() -> bool:
         # (autoload already tried the built module when it left its errors)
         errors: list[str] = list(_state["auto"] or [])
         ok = _state["auto"] is None and _load_prebuilt(errors)
-        if not ok and _flag("NTKSAP_FAST_IN_CHECK"):
+        if not ok and _build_config.env_flag("NTKSAP_FAST_IN_CHECK"):
             errors.append("not loaded inside a check or build process")
-        elif not ok and _flag("NTKSAP_FAST_NO_JIT"):
+        elif not ok and _build_config.env_flag("NTKSAP_FAST_NO_JIT"):
             errors.append("just-in-time build disabled by NTKSAP_FAST_NO_JIT")
         elif not ok:
             try:
-                lib, why = build_checked(_jit_build)
+                lib, why = _ext_check.build_checked(_jit_build)
                 if lib is None:
                     errors.append(f"just-in-time build refused: {why}")
                 else:
                     torch.ops.load_library(lib)
-                    _state["lib"] = lib
+                    _loaded(lib)
                     ok = True
             except Exception as exc:
                 errors.append(f"just-in-time build failed ({type(exc).__name__}: {exc})")
@@ -258,7 +226,7 @@ def error() -> str | None:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether op ``"ntksap_fast::name"`` has a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``)."""
+    """Whether op ``"ntksap_fast::<name>"`` has a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``)."""
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
     except RuntimeError:
@@ -277,7 +245,7 @@ def has_op(name: str) -> bool:
 def use_compiled(what: str) -> bool:
     """Whether to use the compiled ops for ``what`` (e.g. "the top-k"); False if they did not
     load, with one warning per process (``RuntimeError`` under ``NTKSAP_FAST_REQUIRE_EXT=1``)."""
-    if _flag("NTKSAP_FAST_NO_EXT"):
+    if _build_config.env_flag("NTKSAP_FAST_NO_EXT"):
         return False
     if load():
         return True
@@ -294,18 +262,6 @@ def use_compiled(what: str) -> bool:
     return False
 
 
-def recorded_targets(lib: str) -> str:
-    """What the library ``lib`` recorded about its GPU code (C function
-    ``ntksap_fast_cuda_targets``, csrc/cuda/build_targets.cu), e.g. ``"sm_90/compute_90"``;
-    ``""`` for a build without CUDA."""
-    try:
-        record = ctypes.CDLL(lib).ntksap_fast_cuda_targets
-    except (AttributeError, OSError):  # no such symbol; a library that cannot be opened
-        return ""
-    record.restype = ctypes.c_char_p
-    return record().decode()
-
-
 def cuda_targets() -> tuple:
     """The GPU code the loaded ops hold (``_build_config.CudaTarget`` tuple), as their build
     recorded it; empty when no library is loaded or it was built without CUDA."""
@@ -314,7 +270,7 @@ def cuda_targets() -> tuple:
         return ()
     cached = _state.get("targets")  # (library, its targets): read once per library
     if cached is None or cached[0] != lib:
-        cached = _state["targets"] = (lib, _build_config.parse_targets(recorded_targets(lib)))
+        cached = _state["targets"] = (lib, _build_config.parse_targets(_build_config.recorded_targets(lib)))
     return cached[1]
 
 

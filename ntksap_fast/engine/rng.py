@@ -16,7 +16,9 @@ on every backend; the 32x32 -> 64 bit product is split in 16-bit halves so it ne
 
 ``normal`` and ``normal_at`` run the compiled op ``torch.ops.ntksap_fast.philox_normal(_at)``
 (csrc/philox.cpp: the same words, normals within a few float32 ulps, many times faster) when the
-extension is loaded, and these PyTorch ops otherwise (or with ``NTKSAP_FAST_NO_EXT=1``).
+extension is loaded, and these PyTorch ops otherwise (or with ``NTKSAP_FAST_NO_EXT=1``). The fake
+(meta) implementations of those ops live here (the C++ library names this module as their home),
+so they trace under torch.compile / FakeTensor.
 """
 from __future__ import annotations
 
@@ -104,6 +106,21 @@ def _compiled() -> bool:
     return _ext.use_compiled("random number generator") and _ext.has_op("philox_normal")
 
 
+def _register_fakes() -> None:
+    """Fake implementations of the compiled ops: the shapes, dtype and device of their outputs."""
+
+    def philox_normal_fake(key0: int, key1: int, round: int, tag: int, offset: int, numel: int) -> torch.Tensor:
+        torch._check(numel >= 0, lambda: f"numel must be >= 0, got {numel}")
+        return torch.empty(numel, dtype=torch.float32, device="cpu")
+
+    def philox_normal_at_fake(key0: int, key1: int, round: int, tag: int, index: torch.Tensor) -> torch.Tensor:
+        torch._check(index.dtype == torch.int64, lambda: f"index must be int64, got {index.dtype}")
+        return torch.empty(index.shape, dtype=torch.float32, device=index.device)
+
+    torch.library.register_fake("ntksap_fast::philox_normal", philox_normal_fake)
+    torch.library.register_fake("ntksap_fast::philox_normal_at", philox_normal_at_fake)
+
+
 def _box_muller(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(blocks,) x 4 words -> (blocks, 4) float32 standard normals."""
     shift, scale = BOX_MULLER_SHIFT, BOX_MULLER_SCALE
@@ -174,3 +191,6 @@ def normal_at(seed: int, round: int, draw: int, stream: Stream, index: torch.Ten
         values = _box_muller(philox4x32((block & MASK32, block >> 32, round, tag), key))
         out[start : start + idx.numel()] = values.gather(1, (idx & 3).unsqueeze(1)).squeeze(1)
     return out.reshape(index.shape)
+
+
+_ext.on_load(_register_fakes)

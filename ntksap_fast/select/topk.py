@@ -50,35 +50,22 @@ __all__ = [
 _SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("ntksap_fast::masked_topk", "ntksap_fast::masked_topk_")
 
-_state: dict = {"fakes": False}
-
 
 def _register_fakes() -> None:
     """Fake (meta) implementations so the ops trace under torch.compile / FakeTensor."""
-    if _state.get("fakes"):
-        return
-    _state["fakes"] = True
+
     @torch.library.register_fake("ntksap_fast::masked_topk")
-    def _masked_topk_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
+    def _masked_topk_fake(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
         torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
         out = torch.empty_like(mask, memory_format=torch.contiguous_format)
         return out, torch.empty(2, dtype=torch.int64, device="cpu")
 
     @torch.library.register_fake("ntksap_fast::masked_topk_")
-    def _masked_topk_inplace_fake(scores, mask, n_keep):  # noqa: ANN001, ANN202
+    def _masked_topk_inplace_fake(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
         torch._check(scores.dim() == 1 and mask.dim() == 1, lambda: "scores and mask must be 1-D")
         torch._check(scores.shape[0] == mask.shape[0], lambda: "scores and mask differ in length")
         return torch.empty(2, dtype=torch.int64, device="cpu")
-
-
-
-def _register_fakes_once() -> None:
-    try:
-        _register_fakes()
-    except Exception as exc:  # already registered (e.g. module reloaded)
-        if "already" not in str(exc):
-            raise
 
 
 def extension_available() -> bool:
@@ -87,10 +74,7 @@ def extension_available() -> bool:
     Tries to import (or build just in time) the extension on first call. Independent of
     ``NTKSAP_FAST_NO_EXT``, which only affects which path :func:`masked_topk` takes.
     """
-    ok = _ext.load() and all(_ext.has_kernel(op, "CPU") for op in _OPS)
-    if ok:
-        _register_fakes_once()
-    return ok
+    return _ext.load() and all(_ext.has_kernel(op, "CPU") for op in _OPS)
 
 
 def extension_error() -> Optional[str]:
@@ -233,8 +217,6 @@ def masked_topk_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch
 
 # Importing ntksap_fast registers the compiled ops when the built module is there and passed its
 # check (no build here). The C++ library names this module as the home of its fake
-# implementations (``m.set_python_module``): whenever the ops are registered, importing it
-# registers those.
+# implementations (``m.set_python_module``): they are registered whenever the ops are (on_load).
+_ext.on_load(_register_fakes)
 _ext.autoload()
-if all(_ext.has_kernel(op, "CPU") for op in _OPS):
-    _register_fakes_once()

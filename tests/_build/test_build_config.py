@@ -4,6 +4,7 @@ devices a build has code for, one home for the sources and flags of the three bu
 include. No compiler or GPU needed: the builds are observed, not run."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 import setuptools
 import torch
 
+import ntksap_fast
 from ntksap_fast._build import config
 from ntksap_fast._build import loader as _ext
 
@@ -140,6 +142,52 @@ def test_gencode_flags_equal_torchs_for_the_same_list(monkeypatch):
     assert cpp_extension._get_cuda_arch_flags(config.nvcc_flags(targets)) == []
 
 
+def test_env_flag():
+    for value, on in (("1", True), ("yes", True), (" TRUE ", True), ("0", False), ("", False), ("false", False),
+                      (" No", False)):
+        assert config.env_flag("X", {"X": value}) is on, value
+    assert config.env_flag("X", {}) is False
+
+
+def _fake_nvcc(home: Path) -> str:
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\nexit 1\n")
+    nvcc.chmod(0o755)
+    return str(nvcc)
+
+
+def test_find_nvcc_one_rule(tmp_path, monkeypatch):
+    """$CUDA_HOME, then $CUDA_PATH, then /usr/local/cuda: the first with an executable bin/nvcc (never
+    the nvcc on $PATH)."""
+    monkeypatch.setattr(config, "DEFAULT_CUDA_HOME", str(tmp_path / "default"))
+    home, path = tmp_path / "home", tmp_path / "path"
+    on_path = Path(_fake_nvcc(tmp_path / "on_path")).parent
+    env = {"CUDA_HOME": str(home), "CUDA_PATH": str(path), "PATH": str(on_path)}
+    assert config.nvcc_candidates(env) == [str(d / "bin" / "nvcc") for d in (home, path, tmp_path / "default")]
+    assert config.find_nvcc(env) is None
+    default = _fake_nvcc(tmp_path / "default")
+    assert config.find_nvcc(env) == default == config.find_nvcc({})
+    on_cuda_path = _fake_nvcc(path)
+    assert config.find_nvcc(env) == on_cuda_path
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("not executable")
+    assert config.find_nvcc(env) == str(path / "bin" / "nvcc")
+    (home / "bin" / "nvcc").chmod(0o755)
+    assert config.find_nvcc(env) == str(home / "bin" / "nvcc")
+
+
+def test_cuda_compiler_says_why_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CUDA_HOME", str(tmp_path / "none"))
+    nvcc = _fake_nvcc(tmp_path / "cuda")
+    assert config.cuda_compiler("13.0", {"CUDA_HOME": str(tmp_path / "cuda")}) == (nvcc, "")
+    assert config.cuda_compiler("13.0", {"CUDA_HOME": str(tmp_path / "cuda"), "NTKSAP_FAST_NO_CUDA": "1"}) == (
+        None, "NTKSAP_FAST_NO_CUDA is set")
+    assert config.cuda_compiler(None, {"CUDA_HOME": str(tmp_path / "cuda")}) == (None, "torch is a build without CUDA")
+    none, why = config.cuda_compiler("13.0", {})
+    assert none is None and why == f"nvcc not found (looked for {tmp_path / 'none' / 'bin' / 'nvcc'}; set CUDA_HOME)"
+
+
 def test_sources_cover_every_compiled_file():
     src = config.sources(ROOT)
     on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu")}
@@ -213,12 +261,45 @@ def test_jit_build_uses_the_configured_sources_and_flags(monkeypatch, tmp_path):
                      "include": str(ROOT / config.INCLUDE_DIR)}
 
 
+def test_jit_build_with_a_gpu_takes_the_nvcc_of_the_one_rule(monkeypatch, tmp_path):
+    """With a GPU (faked) the just-in-time build compiles the CUDA sources with config.find_nvcc's
+    nvcc, whose toolkit it hands to torch's cpp_extension as CUDA_HOME."""
+    if not torch.version.cuda:
+        pytest.skip(f"torch {torch.__version__} is a build without CUDA (the JIT builds C++ only)")
+    monkeypatch.setenv("NTKSAP_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config, "DEFAULT_CUDA_HOME", str(tmp_path / "none"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("NTKSAP_FAST_NO_CUDA", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    _fake_nvcc(tmp_path / "toolkit")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs["env"]))
+        raise RuntimeError("observed")
+
+    monkeypatch.setattr(_ext.subprocess, "run", fake_run)
+    monkeypatch.setattr(_ext.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="observed"):
+        _ext._jit_build({})
+    ((cmd, env),) = calls
+    src = config.sources(ROOT)
+    assert cmd[5:] == [str(ROOT / p) for p in (*src.cpp, *src.cuda)]
+    assert json.loads(cmd[4])["nvcc"] == config.nvcc_flags([T(8, 6, False)])
+    assert env["CUDA_HOME"] == str(tmp_path / "toolkit")
+
+
 def test_cmake_reads_the_configuration(tmp_path):
     """CMakeLists.txt lists no source or flag of its own, and the file it includes holds the
     configured ones (with nvcc: the targets and the record)."""
     text = (ROOT / "CMakeLists.txt").read_text()
     code = "\n".join(line.split("#")[0] for line in text.splitlines())
-    assert not re.search(r"csrc/\w+\.(cpp|cu)|-O3|-gencode|\b90\b", code)
+    assert not re.search(r"csrc/\w+\.(cpp|cu)|-O3|-gencode|\b90\b|/usr/local/cuda|CUDA_HOME|CUDA_PATH", code)
+    home = subprocess.run([sys.executable, str(ROOT / "ntksap_fast" / "_build" / "config.py"), "--cuda-home"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    nvcc = config.find_nvcc()
+    assert home == (os.path.dirname(os.path.dirname(nvcc)) if nvcc else "")
     out = tmp_path / "config.cmake"
     cmd = [sys.executable, str(ROOT / "ntksap_fast" / "_build" / "config.py"), "--cmake", str(out)]
     nvcc = "/usr/local/cuda/bin/nvcc"
@@ -259,8 +340,9 @@ def test_sdist_carries_every_source_and_what_it_includes(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     src = config.sources(ROOT)
-    needed = {*src.cpp, *src.cuda, src.module, src.test, "LICENSE", "README.md", "setup.py",
-              "pyproject.toml", "CMakeLists.txt", "ntksap_fast/_build/config.py", "ntksap_fast/_build/loader.py", "ntksap_fast/_build/check.py"}
+    needed = {*src.cpp, *src.cuda, src.module, src.test, "LICENSE", "README.md", "setup.py", "pyproject.toml",
+              "CMakeLists.txt", "ntksap_fast/_build/config.py", "ntksap_fast/_build/loader.py",
+              "ntksap_fast/_build/check.py", "ntksap_fast/py.typed"}
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "triton_kernels").glob("*.py")}
     for path in [*src.cpp, *src.cuda, src.module, src.test]:
         todo = [ROOT / path]
@@ -275,3 +357,28 @@ def test_sdist_carries_every_source_and_what_it_includes(tmp_path):
                     todo.append(hits[0].resolve())
     assert sorted(needed - names) == []
     assert not [n for n in names if n.endswith(".so")]
+
+
+# ------------------------------------------------------------------------------------------
+# Metadata and tooling
+# ------------------------------------------------------------------------------------------
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml holds the version; the installed metadata and ntksap_fast.__version__ (so
+    `ntksap --version` and the masks' package_version) read it back. (After a change of version,
+    `make install` reinstalls: the Makefile's install depends on pyproject.toml.)"""
+    declared = _pyproject()["project"]["version"]
+    assert importlib.metadata.version("ntksap_fast") == declared == ntksap_fast.__version__
+    written = re.compile(r"""\bversion\s*=\s*["']\d|__version__\s*=\s*["']""")
+    sources = [ROOT / "setup.py", *(ROOT / "ntksap_fast").rglob("*.py")]
+    assert [p.name for p in sources if written.search(p.read_text())] == []
+
+
+def test_the_ruff_of_make_lint_is_the_ruff_of_pre_commit():
+    (pinned,) = [r for r in _pyproject()["project"]["optional-dependencies"]["test"] if r.startswith("ruff")]
+    hooks = (ROOT / ".pre-commit-config.yaml").read_text()
+    assert re.findall(r'"(ruff[^"]*)"', hooks) == [pinned, pinned]

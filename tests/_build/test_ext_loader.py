@@ -28,8 +28,9 @@ from ntksap_fast.select import topk
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A tiny library with the ops' schemas that dies (SIGSEGV) where it should raise n_keep < 0,
-# as a library built with a mismatched C++ toolchain does while formatting the error message.
+# A tiny library with the ops' schemas (SCHEMAS: the top-k ops implemented, the others only
+# declared) that dies (SIGSEGV) where it should raise n_keep < 0, as a library built with a
+# mismatched C++ toolchain does while formatting the error message.
 BROKEN_SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -44,14 +45,13 @@ static at::Tensor topk_(const at::Tensor& s, at::Tensor& m, int64_t k) {
   return at::zeros({2}, at::kLong);
 }
 TORCH_LIBRARY(ntksap_fast, lib) {
-  lib.def("masked_topk(Tensor scores, Tensor mask, int n_keep) -> (Tensor, Tensor)");
-  lib.def("masked_topk_(Tensor scores, Tensor(a!) mask, int n_keep) -> Tensor");
+DEFS
 }
 TORCH_LIBRARY_IMPL(ntksap_fast, CPU, lib) {
   lib.impl("masked_topk", &topk);
   lib.impl("masked_topk_", &topk_);
 }
-"""
+""".replace("DEFS", "\n".join(f'  lib.def("{schema.split("::", 1)[1]}");' for schema in _ext_check.SCHEMAS.values()))
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def built_module() -> str:
     return lib
 
 
+@pytest.mark.ext
 def test_the_compiled_ops_are_there():
     """CI must not pass with the compiled ops missing or refused (their tests would fall back)."""
     if not topk.extension_available():
@@ -89,17 +90,20 @@ def test_the_compiled_ops_are_there():
     assert _ext.verify(built_module()) == (True, "")
 
 
+@pytest.mark.ext
 def test_verify_accepts_the_built_module(cache):
     assert _ext.verify(built_module()) == (True, "")
     assert len(list((cache / "verdicts").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_module_that_crashes_on_its_error_path(broken_lib, cache):
     ok, why = _ext.verify(broken_lib)
     assert not ok
     assert "crashed (SIGSEGV)" in why
 
 
+@pytest.mark.slow
 def test_verdicts_are_cached_per_file(broken_lib, cache, monkeypatch):
     first = _ext.verify(broken_lib)
 
@@ -113,15 +117,17 @@ def test_verdicts_are_cached_per_file(broken_lib, cache, monkeypatch):
         _ext.verify(broken_lib)
 
 
+@pytest.mark.slow
 def test_loader_refuses_a_crashing_module_and_falls_back(broken_lib, tmp_path):
     """In a fresh process: the loader is pointed at the crashing library as "the built module";
     it must not load it, say why, and fall back to PyTorch with one warning."""
     script = textwrap.dedent(
         f"""
-        import importlib.util, warnings, torch
-        spec = importlib.util.spec_from_file_location("ext_under_test", {str(ROOT / "ntksap_fast" / "_build" / "loader.py")!r})
-        ext = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ext)
+        import os, warnings, torch
+        os.environ["NTKSAP_FAST_NO_EXT"] = "1"  # the import of the package loads nothing
+        from ntksap_fast._build import loader as ext
+        del os.environ["NTKSAP_FAST_NO_EXT"]
+        assert ext._state["auto"] is None and ext._state["lib"] is None
         ext._prebuilt = lambda: {broken_lib!r}
         ext.autoload()
         assert not ext.load()
@@ -141,6 +147,8 @@ def test_loader_refuses_a_crashing_module_and_falls_back(broken_lib, tmp_path):
     assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.ext
 def test_build_checked_rebuilds_with_the_system_compiler(broken_lib, cache, tmp_path, monkeypatch):
     """A build whose library crashes is redone with the system compiler when $CXX/$CC name
     another one; without an override there is nothing to retry and the reason is returned."""
@@ -156,26 +164,27 @@ def test_build_checked_rebuilds_with_the_system_compiler(broken_lib, cache, tmp_
 
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("CC", str(fake))
-    alt = _ext.system_compilers()
+    alt = _ext_check.system_compilers()
     assert alt is not None and str(fake) not in alt
-    assert _ext.build_checked(build) == (good, "")
+    assert _ext_check.build_checked(build) == (good, "")
     assert builds == [{}, {"CC": alt[0], "CXX": alt[1]}]
 
     monkeypatch.delenv("CXX")
     monkeypatch.delenv("CC")
-    assert _ext.system_compilers() is None
+    assert _ext_check.system_compilers() is None
     builds.clear()
-    lib, why = _ext.build_checked(build)
+    lib, why = _ext_check.build_checked(build)
     assert lib is None and "SIGSEGV" in why and builds == [{}]
 
 
+@pytest.mark.ext
 def test_import_registers_the_ops(tmp_path):
     """`import ntksap_fast` alone registers torch.ops.ntksap_fast.* (no top-k call needed)."""
     built_module()
     script = (
         "import torch, ntksap_fast\n"
         "assert torch._C._dispatch_has_kernel_for_dispatch_key('ntksap_fast::masked_topk', 'CPU')\n"
-        "out, status = torch.ops.ntksap_fast.masked_topk(torch.tensor([1.0, 3.0, 2.0]), torch.ones(3, dtype=torch.bool), 1)\n"
+        "out, status = torch.ops.ntksap_fast.masked_topk(torch.tensor([1.0, 3.0, 2.0]), torch.ones(3).bool(), 1)\n"
         "assert out.tolist() == [False, True, False] and status.tolist() == [3, 0]\n"
         "print('registered')\n"
     )
@@ -194,7 +203,8 @@ def test_no_ext_env_skips_loading(tmp_path):
 
 def test_require_ext_makes_the_fallback_an_error(monkeypatch):
     monkeypatch.delenv("NTKSAP_FAST_NO_EXT", raising=False)
-    monkeypatch.setattr(_ext, "_state", {"tried": True, "ok": False, "error": "no compiler", "warned": set(), "auto": None})
+    state = {"tried": True, "ok": False, "error": "no compiler", "warned": set(), "auto": None, "lib": None}
+    monkeypatch.setattr(_ext, "_state", state)
     monkeypatch.setenv("NTKSAP_FAST_REQUIRE_EXT", "1")
     with pytest.raises(RuntimeError, match="no compiler.*NTKSAP_FAST_REQUIRE_EXT=1 is set"):
         _ext.use_compiled("the top-k")
@@ -279,6 +289,7 @@ def _cuobjdump():
     return next((c for c in candidates if os.access(c, os.X_OK)), None)
 
 
+@pytest.mark.ext
 def test_built_module_records_the_code_it_holds():
     """What the module says it holds (ntksap_fast_cuda_targets) is what cuobjdump finds in it:
     every SASS and PTX target, no more and no less. A build without CUDA records nothing."""
@@ -301,6 +312,8 @@ def test_built_module_records_the_code_it_holds():
     assert recorded == listed
 
 
+@pytest.mark.slow
+@pytest.mark.ext
 def test_check_skips_a_gpu_the_build_does_not_cover(tmp_path, monkeypatch):
     """The build's check runs the CUDA ops only on a visible GPU the library holds code for, so an
     install never fails because of the GPU at hand. Faked in the check process (sitecustomize):
@@ -312,7 +325,10 @@ def test_check_skips_a_gpu_the_build_does_not_cover(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a real GPU is visible: the faked one would not be the only one")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    fake = "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.get_device_capability = lambda device=None: {cap}\n"
+    fake = (
+        "import torch\ntorch.cuda.is_available = lambda: True\n"
+        "torch.cuda.get_device_capability = lambda device=None: {cap}\n"
+    )
     (tmp_path / "sitecustomize.py").write_text(fake.format(cap=(7, 0)))
     assert _ext_check._run_check(lib, timeout=600) == (True, "")
     (tmp_path / "sitecustomize.py").write_text(fake.format(cap=(9, 0)))

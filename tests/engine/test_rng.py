@@ -65,11 +65,16 @@ def test_normals_have_unit_moments():
     assert torch.isfinite(x).all()
 
 
-def test_compiled_normals_match_the_pytorch_twin(monkeypatch):
+def _require_philox_ops() -> None:
     from ntksap_fast._build import loader as _ext
 
     if not (_ext.load() and _ext.has_op("philox_normal")):
         ext_missing(f"compiled philox_normal unavailable: {_ext.error()}")
+
+
+@pytest.mark.ext
+def test_compiled_normals_match_the_pytorch_twin(monkeypatch):
+    _require_philox_ops()
     seed = (5 << 32) + 123
     idx = torch.tensor([0, 3, 4, 2**33 + 5, 10**12])
     compiled = normal(seed, 3, 7, Stream.PERTURBATION, 10007, offset=5), normal_at(seed, 3, 7, Stream.WEIGHTS, idx)
@@ -79,6 +84,29 @@ def test_compiled_normals_match_the_pytorch_twin(monkeypatch):
     # values of magnitude up to ~6: 2e-6 absolute.
     for c, t in zip(compiled, twin):
         torch.testing.assert_close(c, t, rtol=0, atol=2e-6)
+
+
+@pytest.mark.ext
+def test_opcheck_philox_ops():
+    """Schema, fake implementation and the compiled kernels agree (torch.library.opcheck)."""
+    _require_philox_ops()
+    ops = torch.ops.ntksap_fast
+    for offset, numel in ((0, 0), (5, 1), (3, 1001)):
+        torch.library.opcheck(ops.philox_normal.default, (123, 5, 3, 29, offset, numel))
+    for index in (torch.tensor([0, 3, 2**33 + 5, 10**12]), torch.arange(12).view(3, 4), torch.zeros(0).long()):
+        torch.library.opcheck(ops.philox_normal_at.default, (123, 5, 3, 28, index))
+
+
+@pytest.mark.ext
+def test_philox_fakes_give_the_outputs_shape_dtype_and_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _require_philox_ops()
+    with FakeTensorMode():
+        out = torch.ops.ntksap_fast.philox_normal(1, 2, 3, 4, 5, 17)
+        assert out.shape == (17,) and out.dtype == torch.float32 and out.device.type == "cpu"
+        out = torch.ops.ntksap_fast.philox_normal_at(1, 2, 3, 4, torch.empty(3, 5, dtype=torch.int64))
+        assert out.shape == (3, 5) and out.dtype == torch.float32 and out.device.type == "cpu"
 
 
 def _cpp_constant(text: str, name: str) -> str:
