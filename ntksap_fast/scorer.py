@@ -114,8 +114,9 @@ class NtkSapScorer:
 
     def _round(self, mask: torch.Tensor, round: int, on_draw: Callable[[], None] | None = None,
                density: float | None = None, target_overlap: float | None = None,
-               max_draws: int | None = None) -> tuple[torch.Tensor, RoundStats | None]:
+               max_draws: int | None = None, signed: bool = False) -> tuple[torch.Tensor, RoundStats | None]:
         """Scores of one round and, when ``density`` is given, its ``RoundStats`` at that density.
+        ``signed``: ``G * mask`` instead of ``|G| * mask`` (the channel score sums ``G`` first).
 
         With ``target_overlap``, draws ``D, D+1, ...`` (the counter generator's order; each of the
         first draw's batch size) are added until the split-half overlap reaches it or ``max_draws``
@@ -140,7 +141,8 @@ class NtkSapScorer:
                 drawn = new[-1] + 1
                 totals = self._totals(True)
                 info = self._stats(totals, round, drawn, density)
-        return totals[0].abs().mul_(self.mask).to(torch.float32), info
+        scores = totals[0] * self.mask if signed else totals[0].abs().mul_(self.mask)
+        return scores.to(torch.float32), info
 
     def _totals(self, stats: bool) -> list[torch.Tensor]:
         """``[G]`` or ``[G, G_odd, sum c**2]`` summed over ranks (copies; the engine's sums stay)."""
@@ -182,6 +184,11 @@ class NtkSapScorer:
     # The prune loop's view of the scorer (``select.loop.Scoring``) ---------------------------------
     name = "ntksap"
     has_stats = True
+    unit_seed = None
+
+    @property
+    def output(self) -> OutputFn | None:
+        return self.options.output
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +215,8 @@ class NtkSapScorer:
         max_draws = options.max_draws
         if options.target_overlap is not None and max_draws is None:
             max_draws = 4 * self.draws
-        return self._round(mask, round, tick, density if options.stats else None, options.target_overlap, max_draws)
+        return self._round(mask, round, tick, density if options.stats else None, options.target_overlap, max_draws,
+                           signed=options.granularity == "channel")
 
     def mask_settings(self) -> dict:
         """The options that change the masks (``ScorerOptions.mask_settings``) and the input shape."""
@@ -222,10 +230,10 @@ class NtkSapScorer:
         return model_digest(self.model, self.arena.params)
 
     def prune(self, density: float, iterations: int = _P.iterations, *, schedule: str = _P.schedule,
-              scope: str = _P.scope, min_layer_density: float = _P.min_layer_density, invert: bool = _P.invert,
-              target_overlap: float | None = _P.target_overlap, max_draws: int | None = _P.max_draws,
-              stats: bool = _P.stats, checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
-              on_round: Callable[..., None] | None = None) -> Masks:
+              scope: str = _P.scope, granularity: str = _P.granularity, min_layer_density: float = _P.min_layer_density,
+              invert: bool = _P.invert, target_overlap: float | None = _P.target_overlap,
+              max_draws: int | None = _P.max_draws, stats: bool = _P.stats, checkpoint: str | os.PathLike | None = None,
+              progress: bool | None = None, on_round: Callable[..., None] | None = None) -> Masks:
         """Iterative NTK-SAP: ``iterations`` scoring rounds, a top-k after each (``select.loop.run``).
 
         After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
@@ -235,6 +243,11 @@ class NtkSapScorer:
         Args:
             schedule: ``"exponential"`` or ``"linear"``; scope: ``"global"`` (one top-k over all
                 tensors) or ``"layer"`` (each tensor keeps that fraction of its own entries).
+            granularity: ``"weight"`` (entries, the paper), ``"channel"`` (whole channels: a channel's
+                score is ``|sum over draws and its entries of dL/dm|`` per unpruned weight, and at most
+                ``keep_count(N, d_t)`` entries stay; ``ntksap_fast.select.structured``; the masks
+                export to a smaller model with ``export_pruned``) or ``"N:M"`` such as ``"2:4"`` (N of
+                every M along the input dim, ``density`` = N/M; ``ntksap_fast.select.nm``).
             min_layer_density: each prunable tensor keeps at least this fraction of its entries (its
                 highest-scoring unpruned ones; ``ntksap_fast.select.selection``), the rest is chosen
                 globally; the total stays exactly ``n_keep``. 0 (default): plain global top-k.
@@ -286,7 +299,8 @@ def ntk_sap_scores(
 
 def ntk_sap_prune(
     model: nn.Module, density: float, input_shape: Sequence[int] | None = None, *, iterations: int = _P.iterations,
-    schedule: str = _P.schedule, scope: str = _P.scope, min_layer_density: float = _P.min_layer_density,
+    schedule: str = _P.schedule, scope: str = _P.scope, granularity: str = _P.granularity,
+    min_layer_density: float = _P.min_layer_density,
     invert: bool = _P.invert, target_overlap: float | None = _P.target_overlap, max_draws: int | None = _P.max_draws,
     stats: bool = _P.stats, draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
     epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
@@ -303,8 +317,8 @@ def ntk_sap_prune(
     ties to the lower flat index; pruned entries never come back. A model that already carries
     masks starts from them. The scorer's options as for ``NtkSapScorer`` (``ScorerOptions``);
     the prune loop's arguments (``PruneOptions``: ``iterations``, ``schedule``, ``scope``,
-    ``min_layer_density``, ``invert``, ``target_overlap``, ``max_draws``, ``stats``) and ``checkpoint``,
-    ``progress``, ``on_round`` as for ``NtkSapScorer.prune``.
+    ``granularity``, ``min_layer_density``, ``invert``, ``target_overlap``, ``max_draws``, ``stats``) and
+    ``checkpoint``, ``progress``, ``on_round`` as for ``NtkSapScorer.prune``.
 
     Returns:
         ``Masks``: ``{name: bool tensor of the parameter's shape}`` for every prunable tensor (True =

@@ -20,6 +20,13 @@ globally or per layer, with the same checkpoints, callbacks and metadata for eve
   eval mode, input all ones ``(1, *input_shape)``, ``R = sum(f(1; m * |w|))``, score
   ``|dR/dw * w|``, iterative.
 
+**Channels** (``granularity="channel"``, ``ntksap_fast.select.structured``): a channel's score is
+``|sum over its unpruned entries of c|`` per unpruned weight, with the per-entry contribution ``c``
+whose absolute value is the weight score above: ``G`` (ntksap), ``g * w`` (snip, iter_snip: the
+exact channel-mask gradient of the loss), ``dR/dw * w`` (synflow, all >= 0), ``|w|`` (magnitude:
+the channel's L1 norm per weight); ``random`` draws one uniform score per channel from ``seed``.
+GraSP has no channel form here.
+
 SNIP, iter_snip and GraSP run the model in eval mode (dropout off, BatchNorm with its running
 statistics) on ``data``, batches of ``(inputs, targets)``, summing ``loss_fn`` gradients over all
 batches (pass only as many batches as you want scored). The model is never modified: the methods
@@ -105,8 +112,8 @@ def _fixed(scores: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
 
 
 def _snip(net: _Net, data: Batches, loss_fn: LossFn) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    def score(mask: torch.Tensor, round: int) -> torch.Tensor:
-        return (net.loss_grad(net.weights * mask, data, loss_fn) * net.weights).abs_() * mask
+    def score(mask: torch.Tensor, round: int) -> torch.Tensor:  # signed g * w: |.| is the weight score
+        return net.loss_grad(net.weights * mask, data, loss_fn) * net.weights * mask
     return score
 
 
@@ -128,7 +135,7 @@ def _synflow(net: _Net, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor,
     def score(mask: torch.Tensor, round: int) -> torch.Tensor:
         w = (net.weights * mask).requires_grad_(True)
         (grad,) = torch.autograd.grad(net(w, ones).sum(), w)
-        return (grad * w).detach().abs_()
+        return (grad * w).detach()  # >= 0: |.| is the weight score
     return score
 
 
@@ -140,9 +147,12 @@ class _BaselineScoring:
     has_stats = False
 
     def __init__(self, name: str, model: nn.Module, arena: Arena, device: torch.device,
-                 score_fn: Callable[[torch.Tensor, int], torch.Tensor], settings: dict[str, Any]) -> None:
+                 score_fn: Callable[[torch.Tensor, int], torch.Tensor], settings: dict[str, Any],
+                 input_shape: Sequence[int] | None, output: OutputFn | None) -> None:
         self.name, self.model, self.arena, self.device = name, model, arena, device
         self.score_fn, self.settings = score_fn, settings
+        self.input_shape, self.output = input_shape, output
+        self.unit_seed = settings.get("seed") if name == "random" else None
 
     def check(self, options: PruneOptions) -> None:
         pass
@@ -152,7 +162,11 @@ class _BaselineScoring:
 
     def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
                      tick: Callable[[], None]) -> tuple[torch.Tensor, None]:
-        return self.score_fn(mask, round), None
+        """``score_fn``'s per-entry contributions: signed for channels, their absolute value for the
+        weight score (GraSP's is signed: its kept score is ``w * Hg`` itself)."""
+        contributions = self.score_fn(mask, round)
+        signed = options.granularity == "channel" or self.name == "grasp"
+        return (contributions if signed else contributions.abs()), None
 
     def mask_settings(self) -> dict[str, Any]:
         return dict(self.settings)
@@ -205,7 +219,7 @@ def _baseline(method: str, model: nn.Module, arena: Arena, device: torch.device,
         score_fn = _grasp(_Net(model, arena, device, output=output), data, loss_fn)
     else:
         score_fn = _snip(_Net(model, arena, device, output=output), data, loss_fn)
-    return _BaselineScoring(method, model, arena, device, score_fn, settings)
+    return _BaselineScoring(method, model, arena, device, score_fn, settings, input_shape, output)
 
 
 def prune(
@@ -216,6 +230,7 @@ def prune(
     iterations: int | None = None,
     schedule: str = PruneOptions.schedule,
     scope: str = PruneOptions.scope,
+    granularity: str = PruneOptions.granularity,
     min_layer_density: float = PruneOptions.min_layer_density,
     invert: bool = PruneOptions.invert,
     target_overlap: float | None = PruneOptions.target_overlap,
@@ -246,14 +261,16 @@ def prune(
         density: final kept fraction in (0, 1].
         iterations: rounds (default ``DEFAULT_ITERATIONS``; one-shot methods take only 1);
             after round ``t`` the kept fraction is ``density_schedule(density, T, schedule)[t-1]``.
-        schedule, scope, min_layer_density, invert, target_overlap, max_draws, stats: the loop's
-            arguments (``ntksap_fast.select.loop.PruneOptions``: meaning and which combine).
+        schedule, scope, granularity, min_layer_density, invert, target_overlap, max_draws, stats: the
+            loop's arguments (``ntksap_fast.select.loop.PruneOptions``: meaning and which combine).
+            ``granularity="channel"`` (methods ``select.loop.CHANNEL_METHODS``; channel scores in the
+            module docstring) needs ``input_shape`` (or ``model.input_shape``) to trace the model.
         checkpoint, progress, on_round: as for ``ntksap_fast.select.loop.run``. A checkpoint of
             snip, iter_snip or grasp cannot tell other ``data`` or ``loss_fn`` apart: resume with the
             same ones.
         data, loss_fn: batches of ``(inputs, targets)`` and the loss, for snip / iter_snip / grasp
             (ignored by the other methods).
-        input_shape: one input's shape, for ntksap and synflow (default ``model.input_shape``).
+        input_shape: one input's shape, for ntksap, synflow and channels (default ``model.input_shape``).
         seed: seed of ``random`` and ``ntksap``; params: prunable tensors (default every
             Conv/Linear weight); device: where to compute (default the model's).
         output: picks the tensor from what the model returns (tuple, dict, dataclass), e.g.

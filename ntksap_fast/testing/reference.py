@@ -132,6 +132,7 @@ def reference_scores(
     round: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    signed: bool = False,
 ) -> torch.Tensor:
     """One scoring round: flat float32 scores ``|G| * (mask != 0)`` (CPU), layout as the module docstring.
 
@@ -145,6 +146,7 @@ def reference_scores(
         epsilon, seed, round: perturbation size and the counters.
         dtype: precision of every pass after sampling (float64 for the oracle).
         device: where the passes run; the random numbers are generated on the CPU and moved.
+        signed: return ``G * (mask != 0)`` in ``dtype`` instead (the channel score sums ``G`` first).
     """
     device = torch.device(device)
     layout = reference_prunable(model, prunable)
@@ -187,6 +189,8 @@ def reference_scores(
         for name, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
             grad[name] += g
     flat_grad = torch.cat([grad[n].reshape(-1).cpu() for n, _ in layout])
+    if signed:
+        return flat_grad * flat_mask.to(flat_grad.dtype)
     return (flat_grad.abs() * flat_mask).to(torch.float32)
 
 
