@@ -33,8 +33,8 @@ from ..models import MODELS
 from ..engine.plan import SETTLED_KEYS
 from ..options import ScorerOptions
 from ..presets import PAPER_OPTIONS, PRESETS
-from ..analysis.report import (check_ntk_size, collapse_warning, layer_table, markdown_report, ntk_eigenvalues,
-                     plot_layer_density, plot_ntk_spectrum, stability_table)
+from ..analysis.report import (channel_table, check_ntk_size, collapse_warning, layer_table, markdown_report,
+                               ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum, stability_table)
 from ..methods.sanity import shuffle_masks
 from .sources import build_model, default_input_shape
 
@@ -49,6 +49,7 @@ example:
   ntksap prune timm:resnet18 --input-shape 3,64,64 --draws 2 --batch-size 8 --out masks.pt
   ntksap prune mymodels:tiny_cnn --input-shape 3,16,16 --out masks.pt   # mymodels.py: def tiny_cnn(): ...
   ntksap prune resnet20 --invert --shuffle --out sanity.pt                # sanity checks
+  ntksap prune resnet20 --granularity channel --density 0.3 --report report.md   # whole channels, FLOPs
 
 methods needing data (snip, iter_snip, grasp) are available from Python only:
   ntksap_fast.methods.baselines.prune(model, method="snip", density=0.05, data=loader)
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("exponential", "linear"), default="exponential",
                    help="kept fraction after round t: d**(t/T) or 1-(1-d)t/T (default exponential)")
     p.add_argument("--scope", choices=SCOPES, default="global", help="top-k over all layers or per layer")
+    p.add_argument("--granularity", default="weight", help="what is kept or removed together: weight (entries, the "
+                   "paper), channel (whole channels: the masks export to a smaller, faster model; the kept channels "
+                   "and FLOPs are reported) or N:M such as 2:4 (default weight)")
     p.add_argument("--min-layer-density", type=float, default=0.0,
                    help="collapse guard: each tensor keeps at least this fraction of its entries, the rest is "
                    "chosen globally (default 0: plain global top-k)")
@@ -183,8 +187,11 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     if num_classes is not None and num_classes < 1:
         parser.error(f"--num-classes must be >= 1, got {num_classes}")
     input_shape = args.input_shape or (preset.input_shape if preset else None)
+    if args.shuffle and args.granularity != "weight":
+        parser.error(f"--shuffle shuffles entries within each tensor, which breaks --granularity {args.granularity}")
     kwargs = {"density": args.density, "schedule": args.schedule, "scope": args.scope, "seed": args.seed,
-              "device": args.device, "input_shape": input_shape, "progress": not args.no_progress}
+              "device": args.device, "input_shape": input_shape, "progress": not args.no_progress,
+              "granularity": args.granularity}
     if args.min_layer_density:
         kwargs["min_layer_density"] = args.min_layer_density
     if args.iterations is not None:
@@ -197,7 +204,7 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             value = getattr(args, f.name) if f.name in given else defaults.get(f.name)
             if value is not None:
                 kwargs[f.name] = f.metadata["cli"](value) if f.metadata["choices"] is not None else value
-        if not args.invert and args.scope == "global":  # per-round stability figures, table and report
+        if not args.invert and args.scope == "global" and args.granularity == "weight":  # per-round stability
             kwargs["stats"] = True
     if args.invert:
         kwargs["invert"] = True
@@ -215,7 +222,7 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     classes = spec["num_classes"] if spec["num_classes"] is not None else "model default"
     out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"],
            "iterations": rounds, "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
-           "min_layer_density": kwargs.get("min_layer_density", 0.0)}
+           "granularity": kwargs["granularity"], "min_layer_density": kwargs.get("min_layer_density", 0.0)}
     if method == "ntksap":
         out |= {k: kwargs.get(k, ScorerOptions.default(k)) for k in PAPER_OPTIONS}
     out |= {k: True for k in ("invert", "shuffle") if spec.get(k)}
@@ -254,6 +261,10 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.method == "ntksap":  # what the scorer decided
         print("scorer: " + ", ".join(f"{k} {meta.get(k)}" for k in SETTLED_KEYS))
     print(layer_table(masks))
+    channels = None
+    if meta.get("granularity") == "channel":  # kept channels, and the FLOPs of the exported model
+        channels = channel_table(model, masks, kwargs["input_shape"])
+        print(channels)
     if meta.get("rounds"):
         print(stability_table(meta["rounds"]))
     print(f"time: {seconds:.2f} s ({seconds / settings['iterations']:.3f} s per round)")
@@ -268,7 +279,8 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"masks: {args.out}")
     if args.report:
         with open(args.report, "w") as f:
-            f.write(markdown_report(masks, settings, seconds, title=f"{args.method} pruning report: {spec['model']}"))
+            f.write(markdown_report(masks, settings, seconds, title=f"{args.method} pruning report: {spec['model']}",
+                                    channels=channels))
         print(f"report: {args.report}")
     if args.plot:
         plot_layer_density(masks, args.plot, title=f"{spec['model']}, {args.method}, density {args.density}")

@@ -13,6 +13,7 @@ import ntksap_fast
 from ntksap_fast import NtkSapScorer, density_schedule, load_masks
 from ntksap_fast.cli import app as cli
 from ntksap_fast.cli.app import build_parser, main
+from ntksap_fast.analysis.report import model_flops
 from ntksap_fast.cli.sources import build_model, default_input_shape
 from ntksap_fast.cli.demo import main as demo_main
 from ntksap_fast.methods.sanity import keep_lowest
@@ -336,3 +337,37 @@ def test_shuffle_keeps_each_layers_count(tmp_path):
     assert b.metadata["shuffle_seed"] == 2 and b.metadata["shuffle"] is True
     assert all(int(a[n].sum()) == int(b[n].sum()) for n in a)
     assert not torch.equal(a["fc.weight"], b["fc.weight"])
+
+
+# Granularity
+# ----------------------------------------------------------------------------------------------
+def test_channel_granularity_reports_kept_channels_and_flops(tmp_path, capsys):
+    out, report = tmp_path / "masks.safetensors", tmp_path / "report.md"
+    code = main(["prune", "resnet20", "--method", "magnitude", "--granularity", "channel", "--density", "0.3",
+                 "--input-shape", "3,16,16", "--no-progress", "--out", str(out), "--report", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert ", granularity channel," in printed.splitlines()[0]
+    masks = load_masks(out)
+    assert masks.metadata["granularity"] == "channel"
+    exported = ntksap_fast.export_pruned(build_model("resnet20", seed=0), masks)  # the saved plan rebuilds it
+    assert "fc.weight                          10      10" in printed  # the classifier's outputs stay
+    kept = exported.fc.in_features
+    assert f"fc.weight                          10      10         {kept:>2}      64" in printed
+    flops = (model_flops(build_model("resnet20", seed=0), (3, 16, 16)), model_flops(exported, (3, 16, 16)))
+    assert f"FLOPs per input: {flops[0]:,} dense, {flops[1]:,} exported" in printed
+    assert "## Channels and FLOPs" in report.read_text()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--granularity", "blocks"], "granularity must be one of ('weight', 'channel') or 'N:M'"),
+    (["--granularity", "channel", "--scope", "layer"], "granularity='channel' applies to scope='global'"),
+    (["--granularity", "channel", "--shuffle"], "--shuffle shuffles entries within each tensor"),
+    (["--granularity", "2:4", "--density", "0.3"], "density must be N/M = 0.5"),
+])
+def test_bad_granularity_exits_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "resnet20", "--method", "magnitude", *argv, "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
