@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ntksap_fast import apply_masks, load_masks, ntk_sap_prune, ntk_sap_scores, prune, save_masks
 from ntksap_fast.engine.arena import Arena, register_layer
+from ntksap_fast.methods.baselines import DEFAULT_ITERATIONS, METHODS
 from ntksap_fast.select.nm import NMSelector, is_nm, nm_groups, nm_keep, parse_nm, select_nm_
 from ntksap_fast.select.schedule import density_schedule
 
@@ -185,3 +187,125 @@ def test_selector_density_must_be_n_over_m(density: float) -> None:
 def _slot(name: str, shape: tuple[int, ...], offset: int = 0):
     from ntksap_fast.engine.arena import Slot
     return Slot(name, torch.Size(shape), offset, math.prod(shape), 1, 1.0, name, None)
+
+
+# ---- granularity="2:4" through the prune loop, every method (the issue's acceptance tests) ----------------------------
+
+class NMNet(nn.Module):
+    """Input (3, 6, 6). Stays dense under 2:4: conv1 (3 input channels), the depthwise conv (1), fc1
+    (6 inputs). Pruned 2:4: conv2 (8 inputs at each of 9 kernel positions), fc0 (8), fc2 (12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc0 = nn.Linear(8, 6)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.relu(self.depthwise(x)).mean(dim=(2, 3))
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.fc0(x)))))
+
+
+NM_SHAPE = (3, 6, 6)
+NM_DENSE = {"conv1.weight": "input dimension 3 is not a multiple of M=4",
+            "depthwise.weight": "input dimension 1 is not a multiple of M=4",
+            "fc1.weight": "input dimension 6 is not a multiple of M=4"}
+NM_FAST = dict(draws=1, batch_size=4, progress=False)
+
+
+def _nm_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return NMNet()
+
+
+def _group_counts(masks: dict[str, torch.Tensor], m: int = 4) -> dict[str, torch.Tensor]:
+    return {n: nm_groups(v, v.shape, m).sum(dim=1) for n, v in masks.items() if n not in NM_DENSE}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_exact_2_of_4(method: str) -> None:
+    model = _nm_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, *NM_SHAPE, generator=gen), torch.randint(0, 4, (8,), generator=gen))]
+    extra = dict(draws=1, batch_size=4) if method == "ntksap" else {}
+    iterations = 3 if method in DEFAULT_ITERATIONS else 1
+    masks = prune(model, method, density=0.5, granularity="2:4", iterations=iterations, input_shape=NM_SHAPE,
+                  data=data, progress=False, **extra)
+    assert all(torch.equal(c, torch.full_like(c, 2)) for c in _group_counts(masks).values())
+    assert all(masks[n].all() for n in NM_DENSE)
+    assert masks.metadata["granularity"] == "2:4" and masks.metadata["nm_dense"] == NM_DENSE
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_one_round_keeps_each_groups_two_highest_ntksap_scores() -> None:
+    model = _nm_net(1)
+    masks = ntk_sap_prune(model, 0.5, NM_SHAPE, granularity="2:4", iterations=1, seed=7, **NM_FAST)
+    scores = ntk_sap_scores(model, NM_SHAPE, round=0, seed=7, draws=1, batch_size=4)
+    for name, mask in masks.items():
+        full = torch.ones(mask.numel(), dtype=torch.bool)
+        want = full if name in NM_DENSE else reference_nm(scores[name].reshape(-1), full, tuple(mask.shape), 4, 2)
+        assert torch.equal(mask.reshape(-1), want), name
+
+
+def test_rounds_follow_the_keep_count_and_never_revive() -> None:
+    seen = []
+    ntk_sap_prune(_nm_net(2), 0.5, NM_SHAPE, granularity="2:4", iterations=5, schedule="linear",
+                  on_round=lambda t, masks: seen.append(masks), **NM_FAST)
+    keeps = [nm_keep(2, 4, d) for d in density_schedule(0.5, 5, "linear")]
+    assert keeps == [4, 3, 3, 2, 2]  # (M - N) * progress = 0.4, 0.8, 1.2, 1.6, 2 rounds to 0, 1, 1, 2, 2
+    previous = None
+    for masks, keep in zip(seen, keeps):
+        assert all(torch.equal(c, torch.full_like(c, keep)) for c in _group_counts(masks).values())
+        if previous is not None:
+            assert all(not (masks[n] & ~previous[n]).any() for n in masks)
+        previous = masks
+
+
+def test_a_masked_model_keeps_its_pruned_entries() -> None:
+    model = _nm_net(3)
+    gen = torch.Generator().manual_seed(3)
+    start = {n: torch.rand(p.shape, generator=gen) > 0.4 for n, p in model.named_parameters() if n.endswith("weight")}
+    apply_masks(model, start)
+    masks = prune(model, "magnitude", density=0.5, granularity="2:4", progress=False)
+    for name, mask in masks.items():
+        assert not (mask & ~start[name]).any()
+        if name in NM_DENSE:
+            assert torch.equal(mask, start[name])
+        else:
+            unpruned = nm_groups(start[name], mask.shape, 4).sum(dim=1)
+            assert torch.equal(_group_counts({name: mask})[name], unpruned.clamp(max=2))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_checkpoint_resumes_and_records_the_granularity(tmp_path) -> None:
+    path = tmp_path / "nm.ckpt"
+    options = dict(granularity="2:4", iterations=3, seed=5, checkpoint=path, **NM_FAST)
+    whole = ntk_sap_prune(_nm_net(4), 0.5, NM_SHAPE, **{**options, "checkpoint": None})
+
+    def stop_after_one(t, masks):
+        if t == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        ntk_sap_prune(_nm_net(4), 0.5, NM_SHAPE, on_round=stop_after_one, **options)
+    with pytest.raises(ValueError, match="granularity"):  # another granularity never resumes this run
+        ntk_sap_prune(_nm_net(4), 0.5, NM_SHAPE, **{**options, "granularity": "weight"})
+    resumed = ntk_sap_prune(_nm_net(4), 0.5, NM_SHAPE, **options)
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+    save_masks(resumed, tmp_path / "nm.safetensors")
+    metadata = load_masks(tmp_path / "nm.safetensors").metadata
+    assert metadata["granularity"] == "2:4" and metadata["nm_dense"] == NM_DENSE
+
+
+def test_2_of_4_needs_density_one_half() -> None:
+    """(The other combinations, scope and min_layer_density, are PruneOptions' rules: tests/select/test_loop_granularity.py.)"""
+    with pytest.raises(ValueError, match=r"density must be N/M = 0.5 with granularity='2:4'"):
+        prune(_nm_net(), "magnitude", density=0.3, granularity="2:4", progress=False)
