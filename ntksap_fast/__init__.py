@@ -8,6 +8,7 @@ from .engine.arena import register_layer
 from .methods.baselines import prune
 from .io.masks import apply_masks, load_masks, mask_density, save_masks
 from .io.export import export_pruned
+from .io.semi_structured import to_semi_structured
 from .presets import PRESETS, Preset
 from .select.schedule import density_schedule, keep_count
 from .options import ScorerOptions
@@ -16,6 +17,7 @@ from .scorer import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
 __all__ = [
     "NtkSapScorer", "ntk_sap_prune", "ntk_sap_scores", "prune", "apply_masks", "save_masks", "load_masks", "mask_density",
     "density_schedule", "keep_count", "PRESETS", "Preset", "ScorerOptions", "register_layer", "export_pruned",
+    "to_semi_structured",
 ]
 
 
