@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# For development: `make test-fast` (the edit loop, under 2 minutes) and `make lint` (ruff).
 #
 # CPU-only machine: `make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # NTKSAP_FAST_NO_CUDA=1` takes the CPU wheel of torch (no CUDA libraries to download) and builds
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX_URL ?=
 PIP := $(PY) -m pip install --progress-bar off
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -31,11 +32,24 @@ $(STAMP): setup.py pyproject.toml ntksap_fast/_build/config.py $(wildcard csrc/*
 demo: install
 	$(PY) -m ntksap_fast.cli.demo
 
+# ruff's lint rules and its formatting, as configured in pyproject.toml ([tool.ruff]); `make test`
+# (so CI) runs it first. `ruff check --fix .` and `ruff format .` make the changes it asks for.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # The compiled ops must be there: the build fails without them (NTKSAP_FAST_REQUIRE_EXT, which
 # make passes on to the install and ctest steps as well) and their tests fail (not skip).
 test: export NTKSAP_FAST_REQUIRE_EXT = 1
-test: install ctest
+test: lint ctest
 	$(PY) -m pytest -q tests
+
+# The edit loop: the suite less the tests marked slow (end-to-end runs, the oracle on real
+# architectures, the README blocks, subprocesses; pyproject.toml registers the markers) and cuda,
+# on two workers (pytest-xdist). `make test` still runs everything.
+test-fast: export NTKSAP_FAST_REQUIRE_EXT = 1
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow and not cuda" tests
 
 # The C++ ops against libtorch with CMake, and their C++ test under ctest (CPU; see CMakeLists.txt).
 .PHONY: ctest

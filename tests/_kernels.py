@@ -15,7 +15,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (not set: a CUDA device is present)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 #: One bfloat16 ulp, relative.
 BF16_RTOL = 2.0**-7

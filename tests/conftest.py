@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Two threads, as on CI; tests compare numbers, never timings.
@@ -15,3 +16,13 @@ torch.backends.cudnn.allow_tf32 = False
 # this when a kernel is decorated, so it is set here, before any test module imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (pyproject.toml registers the markers) skip where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

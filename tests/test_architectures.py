@@ -228,7 +228,7 @@ def test_recurrent_layers_run_in_training_mode_without_dropout_and_are_restored(
     assert model.rnn.dropout == 0.25 and not model.rnn.training and not model.training
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's RNN kernels need a CUDA device")
+@pytest.mark.cuda  # cuDNN's RNN kernels need a CUDA device
 @pytest.mark.parametrize("family", ["lstm_bidirectional", "gru"])
 def test_recurrent_families_on_cuda(family: str) -> None:
     build, input_shape, _ = FAMILIES[family]
@@ -247,6 +247,7 @@ TIMM_MODELS = {  # name: (create_model keyword arguments, input shape), small en
 
 
 @pytest.mark.parametrize("name", list(TIMM_MODELS))
+@pytest.mark.slow
 def test_timm_models(name: str) -> None:
     import timm  # the test extra installs it
     kwargs, input_shape = TIMM_MODELS[name]
@@ -263,6 +264,7 @@ def test_timm_models(name: str) -> None:
     assert all(torch.equal(t, before[n]) for n, t in snapshot(model).items())
 
 
+@pytest.mark.slow
 def test_transformers_vit_with_output() -> None:
     import transformers  # the test extra installs it
     torch.manual_seed(0)

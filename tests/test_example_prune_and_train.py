@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_prune_and_train_example_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "prune_and_train.py"), "--iterations", "2", "--draws", "1",

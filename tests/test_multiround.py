@@ -52,6 +52,7 @@ PARAMS = {
 
 @pytest.mark.parametrize("schedule", ["exponential", "linear"])
 @pytest.mark.parametrize("name", ["bn_convnet", "tiny_resnet"])
+@pytest.mark.slow
 def test_ntk_sap_prune_equals_reference_loop(name, schedule):
     build, shape = MODELS[name]
     model = build()
@@ -110,7 +111,7 @@ def _bias_free_relu_net() -> nn.Module:
                          nn.Linear(10, 3, bias=False))
 
 
-@pytest.mark.parametrize("topk_path", ["compiled", "pytorch"])
+@pytest.mark.parametrize("topk_path", [pytest.param("compiled", marks=pytest.mark.ext), "pytorch"])
 def test_zero_score_ties_at_the_cut_never_revive_pruned_entries(monkeypatch, topk_path):
     """Twelve rounds on a bias-free ReLU net: from round 10 on fewer unpruned entries score above 0
     than the round keeps, so the cut falls among exact zeros, where pruned entries (score 0, many at

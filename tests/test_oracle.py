@@ -143,6 +143,7 @@ LARGE = {
 
 
 @pytest.mark.parametrize("name", list(LARGE))
+@pytest.mark.slow
 def test_engine_matches_oracle_on_real_architectures(name):
     build, shape, batches = LARGE[name]
     model = build()
@@ -160,6 +161,7 @@ FLOAT32_CASES = {  # ResNet-20 at 32x32 with draws of 8: fewer inputs per BatchN
 
 
 @pytest.mark.parametrize("name", list(FLOAT32_CASES))
+@pytest.mark.slow
 def test_float32_engine_matches_float64_oracle(name):
     build, shape, batches = FLOAT32_CASES[name]
     model = build()

@@ -56,6 +56,7 @@ def test_preset_kwargs_fit_prune_signature(key):
     assert kw["draws"] == PAPER[key][3] and kw["iterations"] == PAPER[key][5]
 
 
+@pytest.mark.slow
 def test_cifar10_preset_runs():
     kw = PRESETS["cifar10"].prune_kwargs()
     kw.update(draws=1, batch_size=2, iterations=2)

@@ -33,6 +33,7 @@ def test_the_readme_has_python_blocks() -> None:
 
 
 @pytest.mark.parametrize("code", [code for _, code in BLOCKS], ids=[name for name, _ in BLOCKS])
+@pytest.mark.slow
 def test_readme_block_runs(code: str, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -27,6 +27,7 @@ def _convnet() -> nn.Module:
     )
 
 
+@pytest.mark.slow
 def test_reused_scorer_equals_fresh_ones_bit_for_bit():
     model = _convnet()
     scorer = NtkSapScorer(model, (3, 8, 8), draws=2, batch_size=6, seed=3)
@@ -70,6 +71,7 @@ def _conv_samples(model: nn.Module) -> tuple[list[int], list]:
 
 
 @pytest.mark.parametrize("micro_batch", [4, 5, 16])
+@pytest.mark.slow
 def test_micro_batches_equal_the_whole_draw_with_one_extra_forward(micro_batch):
     model = CifarResNet(depth=8)
     model.eval()
@@ -212,7 +214,7 @@ def test_model_is_unchanged_after_a_micro_batched_call():
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda  # CUDA graphs need a CUDA device
 def test_cuda_graph_replays_equal_eager_draws():
     model = CifarResNet(depth=8).cuda()
     kwargs = dict(input_shape=(3, 16, 16), draws=4, batch_size=[8, 8, 8, 5], seed=2, allow_tf32=False)
@@ -245,6 +247,7 @@ torch.save({n: v.cpu() for n, v in scores.items()}, sys.argv[3])
 '''
 
 
+@pytest.mark.slow
 def test_width4_resnet_runs_and_both_paths_agree(tmp_path):
     """oneDNN issue 6035 (strided 1x1 convolutions with < 16 input channels, channels-last) crashed,
     hung or gave wrong shortcut gradients on this ResNet; the engine guards those convolutions.
@@ -268,7 +271,7 @@ def test_width4_resnet_runs_and_both_paths_agree(tmp_path):
             assert close.float().mean().item() >= 0.999, (key, name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda  # CUDA graphs need a CUDA device
 def test_cuda_graph_capture_failure_falls_back_to_eager_draws():
     class HostSync(nn.Module):
         def __init__(self):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,6 +181,7 @@ def _run_grid(cases: list[list], threads: int, timeout: float = 120.0, malloc_de
     return results
 
 
+@pytest.mark.slow
 def test_guarded_grid_one_thread() -> None:
     """One thread: where the unguarded bug shows as double free / SIGSEGV."""
     cases = _grid()
@@ -189,6 +191,7 @@ def test_guarded_grid_one_thread() -> None:
     assert len(results) == len(cases)
 
 
+@pytest.mark.slow
 def test_guarded_grid_two_threads() -> None:
     """Two threads: where the unguarded bug shows as wrong weight gradients (measured here: 41-93%
     relative error for 2-6 input channels) or a hang. The strided 1x1 cases only."""
@@ -239,6 +242,7 @@ def _resnet_worker() -> None:
     print(json.dumps({n: float((got[n].double() - want[n]).abs().max() / want[n].abs().max()) for n in want}))
 
 
+@pytest.mark.slow
 def test_width4_resnet_scores_guarded() -> None:
     """Unguarded, this crashes (one thread) or hangs (two) on an AVX2 CPU; guarded, its scores
     equal float64 ones to float32 rounding (measured: <= 7e-6; bound 1e-4)."""

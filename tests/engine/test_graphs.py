@@ -7,7 +7,7 @@ import torch
 
 from ntksap_fast.engine.graphs import DrawGraphs
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_cuda = pytest.mark.cuda
 
 
 def test_after_a_capture_failure_every_draw_runs_eagerly():

@@ -8,6 +8,7 @@ import sys
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -22,6 +23,7 @@ from _tolerances import assert_float32_close
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "dist.pt"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -88,6 +90,7 @@ def test_live_tensor_bytes_counts_allocations_and_frees():
     del b, c
 
 
+@pytest.mark.slow
 def test_micro_batches_bound_memory_and_match():
     torch.manual_seed(0)
     model = resnet20()  # few weights, large activations: the memory a micro-batch bounds

@@ -80,9 +80,9 @@ def _near_kink(model, shape, masks=None, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("resnet8", dict(draws=2, batch_size=4)),
+    pytest.param("resnet8", dict(draws=2, batch_size=4), marks=pytest.mark.slow),
     ("mlp", dict(draws=2, batch_size=[6, 5])),
-    ("convnet", dict(draws=2, batch_size=5, micro_batch=2)),
+    pytest.param("convnet", dict(draws=2, batch_size=5, micro_batch=2), marks=pytest.mark.slow),
     ("mlp", dict(draws=3, batch_size=6, draw_batch=2)),
 ])
 def test_triton_scores_match_torch(monkeypatch, name, kwargs):

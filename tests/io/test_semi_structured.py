@@ -94,7 +94,7 @@ def test_nothing_convertible(cpu_converter, monkeypatch) -> None:
         to_semi_structured(_model(), {"2.weight": _two_of_four((8, 8))})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse tensors are CUDA only")
+@pytest.mark.cuda  # semi-structured sparse tensors are CUDA only
 def test_cuda_linear_matches_dense() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).half().cuda()

@@ -65,11 +65,12 @@ def test_clean_stats_match_float64(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,channels_last,loc,spread", GPU_CASES, ids=[
     f"{'x'.join(map(str, c[0]))}{'-cl' if c[1] else ''}" for c in GPU_CASES])
+@pytest.mark.slow
 def test_clean_stats_at_gpu_batch_shapes(device, shape, channels_last, loc, spread):
     _check_against_float64(_input(shape, channels_last, loc, spread, 11, device))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (~80 s under the interpreter)")
+@pytest.mark.cuda  # ~80 s under the interpreter
 def test_clean_stats_at_a_256_batch_with_a_short_last_chunk():
     shape, channels_last, loc, spread = CUDA_ONLY
     _check_against_float64(_input(shape, channels_last, loc, spread, 11, "cuda"))

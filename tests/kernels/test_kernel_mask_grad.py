@@ -66,6 +66,7 @@ def test_mask_grad_matches_twin(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_one_draw_per_launch_with_statistics_at_gpu_layer_sizes(device):
     """The backend's default launch: one draw per launch (each at position 0 of the staged draw-id
     buffer), odd and even draw numbers, statistics on, a mask, a conv layer of 64 channels and a Linear head."""

@@ -68,6 +68,7 @@ def test_sample_draws_on_an_arena_equal_the_engine_draws(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_one_draw_per_launch_at_gpu_layer_sizes(device):
     """The backend's default launch: one draw per launch from a staged draw-id buffer, odd draw numbers,
     over a conv layer of 64 channels and a Linear head (24256 entries, not a multiple of a block), with a mask."""

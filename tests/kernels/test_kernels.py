@@ -117,6 +117,7 @@ print("compiled", len(cases))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the CUDA cases compile and run")
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The compiled (non-interpreter) path type-checks, lowers and assembles for sm_90, no GPU needed."""
     ptxas = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin", "ptxas")

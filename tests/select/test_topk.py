@@ -25,10 +25,7 @@ from ntksap_fast.select import topk
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = [
     "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    ),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 HAVE_EXT = topk.extension_available()
 
@@ -97,7 +94,7 @@ IMPLS = {
 }
 
 
-@pytest.fixture(params=list(IMPLS))
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.ext) if name in ("op", "op_") else name for name in IMPLS])
 def impl(request):
     if request.param in ("op", "op_"):
         require_ext()
@@ -542,6 +539,7 @@ def test_cuda_tensors_use_the_compiled_op_only_where_it_has_code(monkeypatch):
     assert topk._use_extension(torch.device("cpu"))
 
 
+@pytest.mark.ext
 def test_extension_registered(ext):
     assert topk.extension_error() is None
     for op in ("ntksap_fast::masked_topk", "ntksap_fast::masked_topk_"):
@@ -551,6 +549,7 @@ def test_extension_registered(ext):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.ext
 def test_opcheck(ext, device, dtype):
     g = gen(11)
     for n in [0, 5, 3000, 70_000]:
@@ -563,6 +562,7 @@ def test_opcheck(ext, device, dtype):
         )
 
 
+@pytest.mark.ext
 def test_fake_tensor_shapes(ext):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -594,6 +594,8 @@ def _available_gib() -> float:
     return info["MemAvailable"] / 2**20
 
 
+@pytest.mark.slow
+@pytest.mark.ext
 def test_beyond_int32_indexing(ext, device):
     n = 2**31 + 2**16
     if _available_gib() < 4:
