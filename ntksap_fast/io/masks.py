@@ -47,11 +47,13 @@ class Masks(dict):
 
     Behaves as a plain dict in every other way (``dict(masks)`` drops the metadata; ``copy`` and
     ``copy.deepcopy`` keep it; pickling, hence ``torch.save(masks)``, stores a plain
-    ``OrderedDict`` that ``torch.load`` reads with ``weights_only=True``). The metadata
-    keys written by the library: ``method``, ``density``, ``iterations``, ``schedule``, ``draws``,
-    ``batch_sizes``, ``epsilon``, ``seed``, ``dtype``, ``package_version``, ``fingerprint`` (a hash
-    of the masks' names and shapes, ``"sha256:"`` and 16 hex digits of ``"name:AxB;..."`` sorted by
-    name) and whatever else the caller adds.
+    ``OrderedDict`` that ``torch.load`` reads with ``weights_only=True``). The metadata the
+    library writes is defined where the masks are made, ``ntksap_fast.select.loop.run``: ``method``,
+    the loop's options that change the masks (``PruneOptions.metadata``), the method's own settings
+    (``Scoring.metadata``), the structured selector's for channel or N:M granularity, and ``rounds``
+    when statistics were taken; :func:`save_masks` adds ``fingerprint`` (a hash of the masks' names
+    and shapes, ``"sha256:"`` and 16 hex digits of ``"name:AxB;..."`` sorted by name) and
+    ``package_version``. Callers may add their own keys.
     """
 
     def __init__(self, *args: Any, metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
