@@ -138,7 +138,6 @@ class Backend:
         where and in which dtype (the engine's ``param_dtype``) weights, inputs and ``G`` live.
     """
 
-    name = ""
     #: Whether everything between ``set_draws`` calls can be captured in a CUDA graph.
     capturable = False
 
@@ -186,8 +185,6 @@ class Backend:
 
 class TorchBackend(Backend):
     """The PyTorch path: random numbers from ``ntksap_fast.engine.rng`` on the CPU, float64 statistics."""
-
-    name = "torch"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -237,7 +234,6 @@ class TorchBackend(Backend):
 class TritonBackend(Backend):
     """The Triton path (``ntksap_fast.kernels``); float32 weights, inputs and ``G``; capturable."""
 
-    name = "triton"
     capturable = True
 
     def __init__(self, *args, max_group: int = 1, **kwargs) -> None:
