@@ -79,25 +79,25 @@ def _fail(what: str) -> None:
     raise SystemExit(f"wrong result: {what}")
 
 
+def _must_raise(error: type[Exception], call: Callable[[], object], what: str, word: str = "") -> None:
+    """``call()`` (an op given a bad argument) must raise the Python ``error`` naming ``word``: a C++
+    exception with a formatted message must come out as a Python one."""
+    try:
+        call()
+    except error as e:
+        if word not in str(e):
+            _fail(f"{what}: message {e}")
+    else:
+        _fail(f"{what} accepted")
+
+
 def _check_topk(ops, dev: str) -> None:
     """The top-k ops on ``dev``: an argument error, the status of the data errors, small and random cases."""
     T, F = True, False
     s = torch.tensor([0.5, -1.0, 3.0, 2.0, float("nan"), 1.0], device=dev)
     m = torch.tensor([T, T, T, T, F, T], device=dev)
-    # The error path: a C++ exception with a formatted message must come out as a Python one.
-    try:
-        ops.masked_topk(s, m, -1)
-    except ValueError as e:
-        if "n_keep" not in str(e):
-            _fail(f"message {e}")
-    else:
-        _fail("n_keep = -1 accepted")
-    try:
-        ops.masked_topk(s.int(), m, 1)
-    except TypeError:
-        pass
-    else:
-        _fail("int scores accepted")
+    _must_raise(ValueError, lambda: ops.masked_topk(s, m, -1), "masked_topk: n_keep = -1", "n_keep")
+    _must_raise(TypeError, lambda: ops.masked_topk(s.int(), m, 1), "masked_topk: int scores")
     out, st = ops.masked_topk(s, m, 2)
     if out.tolist() != [F, F, T, T, F, F] or st.tolist() != [5, 0]:
         _fail(f"{dev}: {out.tolist()} {st.tolist()}")
@@ -136,19 +136,11 @@ def _check_philox(ops) -> None:
     dense = ops.philox_normal(key0, key1, PHILOX_ROUND, 1, 0, 12).view(3, 4)
     if not torch.equal(ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, torch.arange(12).view(3, 4)), dense):
         _fail("philox_normal_at differs from philox_normal at the same elements")
-    try:
-        ops.philox_normal(-1, key1, PHILOX_ROUND, 1, 0, 4)
-    except ValueError as e:
-        if "key0" not in str(e):
-            _fail(f"message {e}")
-    else:
-        _fail("philox_normal: key0 = -1 accepted")
-    try:
-        ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, torch.arange(4, dtype=torch.int32))
-    except TypeError:
-        pass
-    else:
-        _fail("philox_normal_at: an int32 index accepted")
+    _must_raise(ValueError, lambda: ops.philox_normal(-1, key1, PHILOX_ROUND, 1, 0, 4), "philox_normal: key0 = -1",
+                "key0")
+    index32 = torch.arange(4, dtype=torch.int32)
+    _must_raise(TypeError, lambda: ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, index32),
+                "philox_normal_at: an int32 index")
 
 
 def check_library(lib: str) -> None:
