@@ -13,7 +13,7 @@ Not run by the test suite, which has no GPU: only its checks and its refusal on 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

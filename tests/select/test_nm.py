@@ -189,7 +189,7 @@ def _slot(name: str, shape: tuple[int, ...], offset: int = 0):
     return Slot(name, torch.Size(shape), offset, math.prod(shape), 1, 1.0, name, None)
 
 
-# ---- granularity="2:4" through the prune loop, every method (the issue's acceptance tests) ----------------------------
+# ---- granularity="2:4" through the prune loop, every method (the issue's acceptance tests) ---------------
 
 class NMNet(nn.Module):
     """Input (3, 6, 6). Stays dense under 2:4: conv1 (3 input channels), the depthwise conv (1), fc1
@@ -306,6 +306,7 @@ def test_checkpoint_resumes_and_records_the_granularity(tmp_path) -> None:
 
 
 def test_2_of_4_needs_density_one_half() -> None:
-    """(The other combinations, scope and min_layer_density, are PruneOptions' rules: tests/select/test_loop_granularity.py.)"""
+    """The other combinations (scope, min_layer_density) are PruneOptions' rules, tested in
+    tests/select/test_loop_granularity.py."""
     with pytest.raises(ValueError, match=r"density must be N/M = 0.5 with granularity='2:4'"):
         prune(_nm_net(), "magnitude", density=0.3, granularity="2:4", progress=False)
