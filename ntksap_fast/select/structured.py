@@ -17,13 +17,15 @@ count 0), so the sum is taken before the absolute value:
 * ``random``: one uniform number per unit (seeded), no contributions.
 
 **Normalisation.** Units differ in size by orders of magnitude (a ResNet-50 stage-4 residual
-channel spans thousands of entries, a stage-1 channel tens), and a sum grows with its size, so raw
-scores are not comparable across layers. The score is divided by the unit's unpruned entries
-(``"weight"``, the default: the mean contribution per weight it holds), chosen from the
-measurement in docs/DESIGN.md section "Granularity" (``bench/channel_normalisation.py``): the raw
-sum (``"none"``) prunes whole stages down to their last channel (layer collapse); per-FLOP
-(``"flop"``, divided by the multiply-adds the unit's entries make per sample) prunes the cheap deep
-layers first.
+channel spans thousands of entries, a stage-1 channel hundreds) and in cost (an entry of an early
+convolution is used at every one of its many output positions), so raw scores are not comparable
+across layers. The score is divided by the multiply-adds the unit's unpruned entries make per
+sample (``"flop"``, the default: each entry counts its layer's output positions), chosen from the
+measurement in docs/DESIGN.md section 9 (``bench/channel_normalisation.py``): at the same kept
+weights it gave the fewest FLOPs on every model and kept the most NTK trace on ResNet-50 and
+VGG-16; per unpruned weight (``"weight"``) keeps the early, costly layers whole and prunes the late
+ones, so the exported model is barely faster; the raw sum (``"none"``) cuts some groups far below the
+others (the layer-collapse side of the table).
 
 **Selection, each round** (``density_t`` of the schedule, ``N`` prunable entries): the units still
 alive (any entry unpruned) are ranked by score, ties to the lower unit index (units are numbered
@@ -49,7 +51,7 @@ from .schedule import keep_count
 __all__ = ["NORMALISATIONS", "ChannelSelector"]
 
 #: Unit score normalisations (module docstring); the first is the default.
-NORMALISATIONS = ("weight", "flop", "none")
+NORMALISATIONS = ("flop", "weight", "none")
 
 
 class ChannelSelector:
@@ -149,8 +151,8 @@ class ChannelSelector:
         least = others + units.kept(counts, keep_after(hi))
         if least > n_keep:
             raise ValueError(f"density {density_t:.6g} cannot be reached with granularity='channel': removing every "
-                             f"removable channel keeps {least} of {self.arena.numel} prunable weights (each group keeps "
-                             "at least one channel; frozen groups keep all theirs); raise the density")
+                             f"removable channel keeps {least} of {self.arena.numel} prunable weights (each group "
+                             "keeps at least one channel; frozen groups keep all theirs); raise the density")
         while lo < hi:  # the fewest removals with kept <= n_keep (the count never grows with k)
             mid = (lo + hi) // 2
             if others + units.kept(counts, keep_after(mid)) <= n_keep:

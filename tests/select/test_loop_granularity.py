@@ -41,16 +41,17 @@ def test_prune_options_check_the_granularity(kwargs, error, words):
 
 
 def test_one_round_of_channel_ntksap_removes_the_lowest_oracle_channel_scores():
-    """The oracle's signed G (float64), summed over each channel's entries, |.| per weight; channels go
-    lowest first (each conv keeps its best) until at most keep_count(N, 0.5) entries remain."""
+    """The oracle's signed G (float64), summed over each channel's entries, |.| per multiply-add; channels
+    go lowest first (each conv keeps its best) until at most keep_count(N, 0.5) entries remain."""
     model = _two_groups().double()
     settings = dict(draws=2, batch_size=3, epsilon=0.01, seed=3)
     masks = ntk_sap_prune(model, 0.5, SHAPE, iterations=1, granularity="channel", dtype=torch.float64,
                           progress=False, **settings)
     g = reference_scores(model, None, None, SHAPE, dtype=torch.float64, signed=True, **settings)
     g0, g3, g8 = g[:108].view(4, 3, 3, 3), g[108:324].view(6, 4, 3, 3), g[324:].view(5, 6)
-    units = [("0", j, float((g0[j].sum() + g3[:, j].sum()).abs()) / (27 + 54)) for j in range(4)]
-    units += [("3", j, float((g3[j].sum() + g8[:, j].sum()).abs()) / (36 + 5)) for j in range(6)]
+    # per multiply-add: both convs have 6 x 6 output positions, the Linear one
+    units = [("0", j, float((g0[j].sum() + g3[:, j].sum()).abs()) / ((27 + 54) * 36)) for j in range(4)]
+    units += [("3", j, float((g3[j].sum() + g8[:, j].sum()).abs()) / (36 * 36 + 5)) for j in range(6)]
     best = {layer: max((u for u in units if u[0] == layer), key=lambda u: u[2]) for layer in ("0", "3")}
     kept = {"0": set(range(4)), "3": set(range(6))}
     n_keep = keep_count(354, 0.5)

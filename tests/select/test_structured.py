@@ -85,8 +85,10 @@ def test_no_unit_is_a_clear_error():
         ChannelSelector(model, Arena(model), IMAGE)
 
 
-def test_unit_score_is_the_absolute_sum_over_the_channel_per_weight():
-    """Channel j of features.0 is row j of features.0 and column j of features.4 (tiny_vgg)."""
+@pytest.mark.parametrize("normalisation", ["flop", "weight", "none"])
+def test_unit_score_is_the_absolute_sum_over_the_channel_per_multiply_add_weight_or_none(normalisation):
+    """Channel j of features.0 is row j of features.0 (16 x 16 output positions) and column j of
+    features.4 (8 x 8 positions, after a max-pool) in tiny_vgg; only unpruned entries count."""
     model = tiny_vgg()
     arena = Arena(model)
     contributions = torch.randn(arena.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -94,18 +96,13 @@ def test_unit_score_is_the_absolute_sum_over_the_channel_per_weight():
     views, masks = arena.views(contributions), arena.views(mask)
     expected = []
     for j in range(8):
-        c = (views["features.0.weight"][j] * masks["features.0.weight"][j]).sum() + (
-            views["features.4.weight"][:, j] * masks["features.4.weight"][:, j]).sum()
-        n = masks["features.0.weight"][j].sum() + masks["features.4.weight"][:, j].sum()
-        expected.append(float(c.abs() / n))
-    for normalisation, scale in (("weight", None), ("none", "sum")):
-        selector = ChannelSelector(model, arena, IMAGE, normalisation=normalisation)
-        units = _channels(selector.units, "features.0.weight", 0)
-        got = selector.unit_scores(contributions, mask)[units]
-        if scale == "sum":
-            n = [float(masks["features.0.weight"][j].sum() + masks["features.4.weight"][:, j].sum()) for j in range(8)]
-            got = got / torch.tensor(n, dtype=torch.float64)
-        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+        rows, cols = masks["features.0.weight"][j], masks["features.4.weight"][:, j]
+        total = (views["features.0.weight"][j] * rows).sum() + (views["features.4.weight"][:, j] * cols).sum()
+        size = {"flop": 256 * rows.sum() + 64 * cols.sum(), "weight": rows.sum() + cols.sum(), "none": 1}
+        expected.append(float(total.abs() / size[normalisation]))
+    selector = ChannelSelector(model, arena, IMAGE, normalisation=normalisation)
+    got = selector.unit_scores(contributions, mask)[_channels(selector.units, "features.0.weight", 0)]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 def _is_channel_mask(arena: Arena, mask: torch.Tensor) -> bool:
