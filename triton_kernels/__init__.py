@@ -9,6 +9,8 @@ publishes. One module per fused op, each with its PyTorch twin:
 * ``batch_stats``    the clean branch's BatchNorm statistics in one pass (float64 combine)
 * ``fd_loss``        ``sum((f_clean - f_pert)**2)`` and its gradient
 * ``mask_grad``      ``G += sum_d theta*(g_c + g_p) + eps*z*g_p`` with theta/z regenerated
+* ``ops``            the statistics and the reduction as PyTorch operators (``torch.library.triton_op``),
+                     which ``torch.compile`` traces into
 
 Kernels read seed, round and draw ids from device tensors and take sizes as runtime arguments, so
 each compiles once per dtype/layout and a CUDA graph of a draw replays with new counters.
@@ -21,9 +23,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad"]
+__all__ = ["philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad", "ops"]
 
-_MODULES = ("philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad")
+_MODULES = ("philox", "sample_draw", "batch_stats", "fd_loss", "mask_grad", "ops")
 
 
 def __getattr__(name: str) -> ModuleType:

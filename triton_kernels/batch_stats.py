@@ -23,6 +23,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 __all__ = ["clean_stats", "clean_stats_reference"]
 
@@ -147,10 +148,11 @@ def clean_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = triton.cdiv(b, bpc)  # chunks, the last one short when bpc does not divide b
     pmean = torch.empty(c, k, dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    _stats_partial_kernel[(c_tiles, k)](x, pmean, pm2, c, s, b, bpc, k, sb, sc, ss, BLOCK_S=block_s, BLOCK_C=block_c)
+    wrap_triton(_stats_partial_kernel)[(c_tiles, k)](x, pmean, pm2, c, s, b, bpc, k, sb, sc, ss, BLOCK_S=block_s,
+                                                      BLOCK_C=block_c)
     comb_c = 64
-    _stats_combine_kernel[(triton.cdiv(c, comb_c),)](x, pmean, pm2, mean, var, c, s, b, bpc, k, sc,
-                                                      BLOCK_C=comb_c, BLOCK_K=64)
+    wrap_triton(_stats_combine_kernel)[(triton.cdiv(c, comb_c),)](x, pmean, pm2, mean, var, c, s, b, bpc, k, sc,
+                                                                   BLOCK_C=comb_c, BLOCK_K=64)
     return mean, var
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ntksap_fast.engine.rng import Stream, normal
 
@@ -95,7 +96,7 @@ def mask_grad_accumulate_into(G: torch.Tensor, g_clean: torch.Tensor, g_pert: to
     d, n = g_clean.shape
     if n and d:
         block = 256
-        _mask_grad_kernel[(triton.cdiv(n, 4 * block),)](
+        wrap_triton(_mask_grad_kernel)[(triton.cdiv(n, 4 * block),)](
             G, stats[0] if stats else G, stats[1] if stats else G, g_clean, g_pert,
             mask if mask is not None else G, table.offsets, table.std, key, draws, d, n, table.std.numel(),
             float(eps), HAS_MASK=mask is not None, STATS=stats is not None, STEPS=table.steps, BLOCK=block,

@@ -196,6 +196,10 @@ class TorchBackend(Backend):
         self.mask_cpu = mask.cpu()
         self.mask_f = mask.to(self.dtype)
 
+    def set_draws(self, draws: Sequence[int]) -> None:
+        super().set_draws(draws)
+        self.odd_draws = torch.tensor([d % 2 for d in self.draws], dtype=self.dtype, device=self.device)
+
     def sample(self) -> Sampled:
         keys = [DrawKey(self.seed, self.round, d) for d in self.draws]
         theta = torch.stack([sample_weights(self.arena, k, Stream.WEIGHTS, self.std, keep=self.mask_cpu) for k in keys])
@@ -223,12 +227,12 @@ class TorchBackend(Backend):
             grad += (theta * sum_grad).sum(0)
             grad += (z * g_pert).sum(0).mul_(self.epsilon)
             return
-        for i, draw in enumerate(sampled.draws):
-            c = theta[i] * sum_grad[i] + (z[i] * g_pert[i]).mul_(self.epsilon)
-            grad += c
-            stats.sq.addcmul_(c, c)
-            if draw % 2:
-                stats.odd.add_(c)
+        # The draws' parities as a tensor, not Python ints: a compiled step (engine.compiled) reads
+        # tensors only, so it serves every draw without recompiling.
+        c = theta * sum_grad + (z * g_pert).mul_(self.epsilon)
+        grad += c.sum(0)
+        stats.sq.add_(c.square().sum(0))
+        stats.odd.add_((c * self.odd_draws[:, None]).sum(0))
 
 
 class TritonBackend(Backend):
@@ -238,12 +242,12 @@ class TritonBackend(Backend):
 
     def __init__(self, *args, max_group: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # dtype: float32 (resolve_backend keeps float64 on PyTorch)
-        from ..kernels import batch_stats as kernel_stats, fd_loss, mask_grad, philox, sample_draw
+        from ..kernels import fd_loss, ops, philox, sample_draw
 
         if self.device.type == "cpu" and philox.use_libdevice():
             raise ValueError("triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on "
                              "CPU tensors; set TRITON_INTERPRET=1 before importing triton")
-        self._kernel_stats, self._fd_loss, self._mask_grad = kernel_stats, fd_loss, mask_grad
+        self._ops, self._fd_loss = ops, fd_loss
         self._philox, self._sample_draw = philox, sample_draw
         self.table = sample_draw.StdTable.from_arena(self.arena, self.device)
         # Counters on the device: (seed lo, seed hi, round) and the staged draw ids.
@@ -279,7 +283,7 @@ class TritonBackend(Backend):
         # PyTorch statistics (float64, rounded once: the same numbers to ~1 ulp) run there instead.
         if torch._C._functorch.is_batchedtensor(x):
             return batch_stats(x)
-        return self._kernel_stats.clean_stats(x)
+        return self._ops.clean_stats(x)
 
     def loss(self, out_clean: torch.Tensor, out_pert: torch.Tensor) -> torch.Tensor:
         # The custom autograd.Function has no vmap rule: the engine calls this outside vmap.
@@ -287,10 +291,13 @@ class TritonBackend(Backend):
 
     def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
                    stats: DrawStats | None = None) -> None:
-        d = g_clean.shape[0]
-        self._mask_grad.mask_grad_accumulate_into(
-            grad, g_clean.contiguous(), g_pert.contiguous(), self.table, self.key, self.draw_buffer[:d],
-            self.epsilon, self.mask, stats)
+        d, table = g_clean.shape[0], self.table
+        args = (grad, g_clean.contiguous(), g_pert.contiguous(), table.offsets, table.std, self.key,
+                self.draw_buffer[:d], self.epsilon, table.steps, self.mask)
+        if stats is None:
+            self._ops.mask_grad(*args)
+        else:
+            self._ops.mask_grad_stats(*args, stats.odd, stats.sq)
 
 
 def make_backend(name: str, arena: Arena, seed: int, epsilon: float, device: torch.device, dtype: torch.dtype,

@@ -34,7 +34,10 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        if torch._C._functorch.is_batchedtensor(x):  # inside vmap over draws: functional op
+        # Inside vmap over draws, and in a compiled draw (engine.compiled): the functional op. Inductor
+        # fuses the float64 cast into its one-pass reduction; AOTAutograd traces the in-place
+        # statistics below wrongly (torch 2.14: scores off by 3 orders of magnitude).
+        if torch._C._functorch.is_batchedtensor(x) or torch.compiler.is_compiling():
             dims = [d for d in range(x.dim()) if d != 1]
             var, mean = torch.var_mean(x.double(), dims, correction=1)
         else:
