@@ -76,8 +76,8 @@ class ScorerOptions:
     dtype: torch.dtype = _option(torch.float32, "compute precision: float32, bfloat16 (faster on GPUs and on CPUs "
                                                 "with native bfloat16) or float64 (for checking)",
                                  DTYPES.__getitem__, tuple(DTYPES), masks=True)
-    micro_batch: int | None = _option(None, "most inputs per forward (exact; default from the memory plan on a "
-                                            "GPU: whole draws when they fit)", int)
+    micro_batch: int | None = _option(None, "most inputs per forward (exact; default from the memory plan: "
+                                            "whole draws when they fit)", int)
     draw_batch: int = _option(1, "draws run together through torch.func.vmap (1: in sequence)", int)
     process_group: Any = _option(None, "share the draws over this torch.distributed group (default: the "
                                        "default group when initialised)")
@@ -85,6 +85,9 @@ class ScorerOptions:
                                             "calls (None: PyTorch's global flags)", masks=True)
     output: OutputFn | None = _option(None, "picks the tensor to compare from what the model returns, e.g. "
                                             "lambda out: out.logits")
+    compile: bool | None = _option(None, "torch.compile each draw's work, one draw at a time (None: on a CPU when "
+                                         "a round's work is far larger than compiling, e.g. the ImageNet "
+                                         "preset; off on GPUs until measured there)", bool, masks=True)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -106,6 +109,10 @@ class ScorerOptions:
         set_("draw_batch", check_int("draw_batch", self.draw_batch))
         if self.allow_tf32 is not None and not isinstance(self.allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be True, False or None, got {type(self.allow_tf32).__name__}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True, False or None, got {type(self.compile).__name__}")
+        if self.compile and self.draw_batch > 1:
+            raise ValueError(f"compile=True runs one draw at a time: draw_batch must be 1, got {self.draw_batch}")
         if self.output is not None and not callable(self.output):
             raise TypeError(f"output must be a callable picking the output tensor, got {type(self.output).__name__}")
 

@@ -44,7 +44,7 @@ class NtkSapScorer:
         input_shape: one input's shape without the batch dim; optional for models that carry
             ``input_shape`` (``ntksap_fast.models``).
         draws, batch_size, epsilon, seed, params, device, dtype, micro_batch, draw_batch,
-        process_group, allow_tf32, output: ``ntksap_fast.options.ScorerOptions`` (each one's meaning
+        process_group, allow_tf32, output, compile: ``ntksap_fast.options.ScorerOptions`` (each one's meaning
             and default is written there once).
 
     ``repr(scorer)`` shows what was settled (``engine.plan.describe``); ``scorer.options`` holds the
@@ -56,7 +56,8 @@ class NtkSapScorer:
                  params: ParamSelector | None = _D.params, device: torch.device | str | None = _D.device,
                  dtype: torch.dtype = _D.dtype, micro_batch: int | None = _D.micro_batch,
                  draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-                 allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output) -> None:
+                 allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
+                 compile: bool | None = _D.compile) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.options = ScorerOptions(**ScorerOptions.arguments(locals()))
@@ -88,8 +89,9 @@ class NtkSapScorer:
 
     def settled(self) -> dict:
         """How the scorer computes, as plain values (``engine.plan.describe`` of the settled configuration)."""
-        graphs = self.engine.graphs
-        return describe(self.config, graphs.error if graphs is not None else None)
+        graphs, compiled = self.engine.graphs, self.engine.compiled
+        return describe(self.config, graphs.error if graphs is not None else None,
+                        compiled.error if compiled is not None else None)
 
     def settings(self) -> dict:
         """What the scorer computes and how, as plain values (for reports, mask files and checkpoints)."""
@@ -277,7 +279,7 @@ def ntk_sap_scores(
     epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
     device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
     micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
+    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output, compile: bool | None = _D.compile,
 ) -> dict[str, torch.Tensor]:
     """One NTK-SAP scoring round: ``NtkSapScorer(model, input_shape, ...).scores(masks, round)``.
 
@@ -306,7 +308,7 @@ def ntk_sap_prune(
     epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
     device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
     micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
+    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output, compile: bool | None = _D.compile,
     checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
     on_round: Callable[..., None] | None = None,
 ) -> Masks:

@@ -130,6 +130,8 @@ def _add_ntksap_options(p: argparse.ArgumentParser) -> None:
         help_text = f"NTK-SAP: {f.metadata['help']}" + (f" (default: {in_presets}{default})" if default is not None else "")
         if f.metadata["choices"] is not None:  # the flag takes a name; _settings parses it
             p.add_argument("--" + f.name.replace("_", "-"), choices=f.metadata["choices"], help=help_text)
+        elif f.metadata["cli"] is bool:  # --name / --no-name, absent: the library decides
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_text)
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f.metadata["cli"]), help=help_text)
     p.add_argument("--target-overlap", type=float,

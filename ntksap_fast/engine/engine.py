@@ -32,6 +32,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .arena import Arena
 from .backend import Backend, DrawStats, make_backend
 from .batchnorm import CleanStatsBatchNorm
+from .compiled import CompiledDraw
 from .conv_guard import ConvGuard
 from .graphs import DrawGraphs
 from ..options import OutputFn
@@ -163,14 +164,16 @@ class ModelRunner:
                 f"{tuple(x.shape)} failed: {str(err).splitlines()[0]})"
             ) from err
 
-    def probe_draw(self, input_shape: tuple[int, ...], n: int) -> None:
-        """A whole draw of ``n`` zero inputs with zero weights (for the memory plan's measurement)."""
+    def probe_draw(self, input_shape: tuple[int, ...], n: int, backward: bool = True) -> None:
+        """A whole draw of ``n`` zero inputs with zero weights (for the memory plan's measurement); without
+        its backward when ``backward`` is False (the CPU plan counts what the forwards save for it)."""
         weights = _leaves(self.arena, torch.zeros(self.arena.numel, device=self.device, dtype=self.param_dtype))
         x = torch.zeros(n, *input_shape, device=self.device, dtype=self.param_dtype)
         stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
         out_clean = self(weights, x, CleanStatsBatchNorm(stats_bn, "record"))
         out_pert = self(weights, x, CleanStatsBatchNorm(stats_bn, "replay"))
-        torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))
+        if backward:
+            torch.autograd.grad((out_clean - out_pert).square().sum(), list(weights.values()))
 
 
 def _leaves(arena: Arena, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,6 +215,7 @@ class Engine:
         self.grad = torch.zeros(self.arena.numel, dtype=config.param_dtype, device=config.device)
         self.stats: DrawStats | None = None
         self.graphs = DrawGraphs(config.device) if config.graphs and self.backend.capturable else None
+        self.compiled = CompiledDraw(runner, self.backend) if config.compile else None
 
     def mask_gradient(self, mask: torch.Tensor, round: int, batch_sizes: Sequence[int],
                       draw_ids: Sequence[int] | None = None, on_draw: Callable[[], None] | None = None,
@@ -239,24 +243,30 @@ class Engine:
         draw_stats = self.stats if stats else None
         self.backend.begin_round(mask, round)
         ids = list(range(len(batch_sizes)) if draw_ids is None else draw_ids)
+        mixed = len(set(batch_sizes)) > 1  # a compiled step then takes every size with one graph
         for group in _groups(ids, batch_sizes, self.config.draw_batch):
             batch_size = batch_sizes[group[0]]
             self.backend.set_draws(group)
             if len(group) > 1:
                 self._batched_draws(batch_size, draw_stats)
             elif self.graphs is not None:
-                self.graphs.run((batch_size, stats), lambda: self._one_draw(batch_size, draw_stats))
+                self.graphs.run((batch_size, stats), lambda: self._one_draw(batch_size, draw_stats, mixed))
             else:
-                self._one_draw(batch_size, draw_stats)
+                self._one_draw(batch_size, draw_stats, mixed)
             if on_draw is not None:
                 for _ in group:
                     on_draw()
         return self.grad
 
-    def _one_draw(self, batch_size: int, stats: DrawStats | None) -> None:
-        """The staged draw's contribution to ``grad`` (micro-batched when ``micro_batch < batch_size``)."""
+    def _one_draw(self, batch_size: int, stats: DrawStats | None, mixed_sizes: bool = False) -> None:
+        """The staged draw's contribution to ``grad`` (micro-batched when ``micro_batch < batch_size``;
+        through the compiled steps when compiling, the batch dim dynamic when ``mixed_sizes``)."""
         backend, arena, runner = self.backend, self.arena, self.runner
         sampled = backend.sample()
+        if self.compiled is not None:
+            self.compiled.draw(sampled, backend.inputs(0, self.input_shape, range(batch_size)), self.grad, stats,
+                               self.config.micro_batch, dynamic_batch=mixed_sizes)
+            return
         clean, pert = _leaves(arena, sampled.w_clean[0]), _leaves(arena, sampled.w_pert[0])
         micro = min(self.config.micro_batch or batch_size, batch_size)
         n_micro = math.ceil(batch_size / micro)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..options import ScorerOptions, user_stacklevel
 from . import memory
@@ -41,6 +42,7 @@ class ScorerConfig:
         graphs: capture each whole draw size in a CUDA graph and replay it.
         allow_tf32: TF32 policy during the scorer's calls (None: PyTorch's flags).
         memory: the GPU memory plan's numbers (None off CUDA).
+        compile: run each whole draw through ``torch.compile`` (``ntksap_fast.engine.compiled``).
     """
 
     device: torch.device
@@ -52,6 +54,7 @@ class ScorerConfig:
     graphs: bool = False
     allow_tf32: bool | None = None
     memory: memory.MemoryPlan | None = None
+    compile: bool = False
 
 
 def precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -101,9 +104,11 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
         draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
     largest = max(options.batch_sizes())
     micro, graphs, plan, per_input = options.micro_batch, False, None, 0.0
+    counter = FlopCounterMode(display=False)  # the forward's FLOPs: what compiling would save on
     with tf32_policy(options.allow_tf32):  # the model runs here: under the scorer's TF32 policy
         runner = make_runner(device, dtype, param_dtype)
-        runner.check_input_shape(input_shape)
+        with counter if options.compile is None and device.type == "cpu" else contextlib.nullcontext():
+            runner.check_input_shape(input_shape)
         if device.type == "cuda":
             per_input = memory.measure_bytes_per_input(lambda n: runner.probe_draw(input_shape, n), device)
     if device.type == "cuda":
@@ -115,10 +120,45 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
     if micro is not None and micro >= largest:
         micro = None
     graphs = graphs and micro is None
+    compiled = _compile(options, device, model, counter.get_total_flops() / 2 * sum(options.batch_sizes()))
     config = ScorerConfig(device, dtype, param_dtype, backend, micro, draw_batch if micro is None else 1, graphs,
-                          options.allow_tf32, plan)
+                          options.allow_tf32, plan, compiled)
     log.info("NTK-SAP scorer settled: %s", ", ".join(f"{k}={v}" for k, v in describe(config).items()))
     return config, runner
+
+
+#: Measured on a 2-core AVX-512 Xeon, torch 2.14 (bench/results/cpu-compile-2026-12-03.txt): a draw's
+#: forward and backward, both branches, run at about this many FLOPs per second per thread, and
+#: compiling the step costs about this many seconds per module with an empty inductor cache.
+CPU_FLOPS_PER_THREAD = 5e10
+COMPILE_SECONDS_PER_MODULE = 1.0
+#: ``compile=None`` compiles when one round's estimated work exceeds this multiple of the compile time.
+COMPILE_PAYS = 10.0
+
+
+def _compile(options: ScorerOptions, device: torch.device, model: nn.Module, round_forward_flops: float) -> bool:
+    """Whether the draws run compiled (``ntksap_fast.engine.compiled``), logged with the reason.
+
+    ``compile=False``, or draws batched through vmap (``ScorerOptions`` refuses ``compile=True`` with
+    them: compiled draws run one at a time, whole or in micro-batches): no. ``True``: yes.
+    ``None``: on a GPU no (not measured there yet); on a CPU when one round's work
+    (``round_forward_flops``, the forward FLOPs of all its inputs, times 6: forward and backward of
+    two branches) at ``CPU_FLOPS_PER_THREAD`` per thread is over ``COMPILE_PAYS`` times the cold
+    compile time (``COMPILE_SECONDS_PER_MODULE`` per module): one round, since the scorer does not
+    know how many rounds it will serve. The ImageNet preset compiles (est. ~1 h per round against
+    ~3 min), the CIFAR ones do not (seconds per round against a minute or two).
+    """
+    if options.compile is False or options.draw_batch > 1:
+        return False
+    if options.compile:
+        return True
+    if device.type != "cpu":
+        return False
+    round_s = 6 * round_forward_flops / (CPU_FLOPS_PER_THREAD * torch.get_num_threads())
+    compile_s = COMPILE_SECONDS_PER_MODULE * sum(1 for _ in model.modules())
+    decision = round_s > COMPILE_PAYS * compile_s
+    log.info("NTK-SAP: compile=%s: a round is estimated at %.0f s, compiling at %.0f s", decision, round_s, compile_s)
+    return decision
 
 
 def _gib(n: float) -> str:
@@ -126,18 +166,22 @@ def _gib(n: float) -> str:
 
 
 #: What ``describe`` reports, in its order (the CLI's settings line prints these keys of the metadata).
-SETTLED_KEYS = ("device", "dtype", "backend", "micro_batch", "draw_batch", "graphs", "allow_tf32")
+SETTLED_KEYS = ("device", "dtype", "backend", "micro_batch", "draw_batch", "graphs", "allow_tf32", "compile")
 
 
-def describe(config: ScorerConfig, graphs_error: str | None = None) -> dict[str, Any]:
+def describe(config: ScorerConfig, graphs_error: str | None = None, compile_error: str | None = None) -> dict[str, Any]:
     """The settled configuration as plain values (``repr``, CLI settings line, mask metadata, checkpoint):
-    ``SETTLED_KEYS``, then ``graphs_error`` (why CUDA graphs were switched off after a failed
-    capture, if they were) and ``memory`` (the GPU memory plan's numbers) where they apply."""
+    ``SETTLED_KEYS``, then ``graphs_error`` / ``compile_error`` (why CUDA graphs or the compiled
+    step were switched off after a failure, if they were) and ``memory`` (the GPU memory plan's
+    numbers) where they apply."""
     values = (str(config.device), str(config.dtype).removeprefix("torch."), config.backend, config.micro_batch,
-              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32)
+              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32,
+              config.compile and compile_error is None)
     out = dict(zip(SETTLED_KEYS, values, strict=True))
     if graphs_error is not None:
         out["graphs_error"] = graphs_error
+    if compile_error is not None:
+        out["compile_error"] = compile_error
     if config.memory is not None:
         out["memory"] = f"usable {_gib(config.memory.usable)}, {_gib(config.memory.per_input)} per input"
     return out

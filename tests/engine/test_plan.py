@@ -85,6 +85,41 @@ def test_describe_writes_the_settled_keys():
     out = describe(config)
     assert tuple(out) == SETTLED_KEYS
     assert out == {"device": "cpu", "dtype": "bfloat16", "backend": "torch", "micro_batch": 4, "draw_batch": 1,
-                   "graphs": True, "allow_tf32": False}
+                   "graphs": True, "allow_tf32": False, "compile": False}
     failed = describe(config, graphs_error="capture failed")
     assert failed["graphs"] is False and failed["graphs_error"] == "capture failed"
+    compiled = ScorerConfig(torch.device("cpu"), compile=True)
+    assert describe(compiled)["compile"] is True
+    failed = describe(compiled, compile_error="Unsupported: x")
+    assert failed["compile"] is False and failed["compile_error"] == "Unsupported: x"
+
+
+class _Flops(_Runner):
+    """A runner whose input check runs ``flops`` FLOPs (two inputs' forward), as the plan counts them."""
+
+    def __init__(self, flops: float):
+        super().__init__()
+        self.flops = flops
+
+    def check_input_shape(self, shape):
+        super().check_input_shape(shape)
+        n = int(round((self.flops / 2) ** 0.5))  # a (n, n) @ (n, 1) product: 2 n^2 FLOPs, counted, not run
+        torch.ones(n, n, device="meta") @ torch.ones(n, 1, device="meta")
+
+
+def test_compile_none_compiles_on_a_cpu_when_a_round_is_far_larger_than_compiling(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model = _mlp()  # 4 modules: 4 s of compiling by the plan's rule, so a round must be estimated over 40 s
+    per_second = 2 * plan.CPU_FLOPS_PER_THREAD
+    seconds = lambda flops: 6 * flops / 2 * 1000 / per_second  # noqa: E731 (two inputs checked, 1000 per round)
+
+    def decide(flops: float, **options) -> bool:
+        config, _ = resolve(ScorerOptions(draws=10, batch_size=100, **options), model, Arena(model), (3,),
+                            lambda *args: _Flops(flops))
+        return config.compile
+
+    small, large = 2 * 30 * per_second / 6 / 1000, 2 * 50 * per_second / 6 / 1000
+    assert seconds(small) == 30 and seconds(large) == 50
+    assert decide(small) is False and decide(large) is True
+    assert decide(large, compile=False) is False and decide(small, compile=True) is True
+    assert decide(large, draw_batch=2) is False  # vmap-batched draws run eagerly
