@@ -19,7 +19,7 @@ from ntksap_fast.testing.reference import reference_prunable, reference_scores
 from ntksap_fast.engine.rng import Stream, normal
 
 from _oracle_models import MODELS, flat, tiny_resnet
-from _tolerances import assert_float32_close, assert_scores_close
+from _tolerances import F32_U, assert_float32_close, assert_scores_close, rel_l2
 
 F64 = torch.float64
 
@@ -168,6 +168,29 @@ def test_float32_engine_matches_float64_oracle(name):
     got = flat(ntk_sap_scores(model, shape, draws=len(batches), batch_size=batches, seed=5))
     assert_float32_close(got, reference_scores(model, None, None, shape, draws=len(batches), batch_size=batches,
                                                epsilon=0.01, seed=5, dtype=F64))
+
+
+COMPILED_CASES = {  # small, so that inductor's C++ compilation stays a few seconds per graph on CI
+    "mlp": (MODELS["mlp"][0], MODELS["mlp"][1], [16, 16]),
+    "tiny_resnet": (MODELS["tiny_resnet"][0], MODELS["tiny_resnet"][1], [8, 8]),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_compiled_float32_is_no_further_from_float64_than_eager(name):
+    """The compiled step (inductor's fused kernels, float32 sums in its own order) against the float64
+    oracle: the float32 criterion, and a relative L2 error at most twice the eager engine's or, where
+    that is tiny, ten float32 roundings amplified by 1/eps (``_tolerances.py``)."""
+    build, shape, batches = COMPILED_CASES[name]
+    model = build()
+    kwargs = dict(draws=len(batches), batch_size=batches, seed=5)
+    want = reference_scores(model, None, None, shape, draws=len(batches), batch_size=batches, epsilon=0.01, seed=5,
+                            dtype=F64)
+    eager = flat(ntk_sap_scores(model, shape, compile=False, **kwargs))
+    compiled = flat(ntk_sap_scores(model, shape, compile=True, **kwargs))
+    assert_float32_close(compiled, want)
+    assert rel_l2(compiled, want) <= max(2 * rel_l2(eager, want), 10 * F32_U / 0.01), (rel_l2(compiled, want),
+                                                                                       rel_l2(eager, want))
 
 
 # ---------------------------------------------------------------------------------------------
