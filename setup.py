@@ -33,6 +33,7 @@ Environment variables:
                               built just in time on first use in a source checkout, or PyTorch
                               fallbacks are used).
 """
+
 import os
 import runpy
 import shutil
@@ -107,7 +108,8 @@ def _extensions():
         os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = os.path.dirname(os.path.dirname(nvcc))
         # The -gencode flags are ours, so torch adds none of its own (it reads TORCH_CUDA_ARCH_LIST).
         ext = cpp_extension.CUDAExtension(
-            "ntksap_fast._C", cpp + list(src.cuda),
+            "ntksap_fast._C",
+            cpp + list(src.cuda),
             extra_compile_args={"cxx": list(config.CXX_FLAGS), "nvcc": config.nvcc_flags(targets)},
             **common,
         )

@@ -14,13 +14,14 @@ convolutions lose in efficiency.
 
 Run with ``make bench`` (or ``pytest bench/bench_engine.py``); ratios are printed at the end.
 """
+
 import pytest
 import torch
 import torchvision
 
 from ntksap_fast import NtkSapScorer
-from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.engine.arena import Arena
+from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.models import resnet20
 from ntksap_fast.testing.reference import reference_scores
 
@@ -42,8 +43,13 @@ def test_reference(benchmark, setting):
     arena = Arena(model)
     mask = torch.ones(arena.numel, dtype=torch.bool)
     benchmark.group = setting
-    benchmark.pedantic(reference_scores, args=(model, arena, mask, shape),
-                       kwargs=dict(draws=draws, batch_size=batch, epsilon=0.01, seed=0), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        reference_scores,
+        args=(model, arena, mask, shape),
+        kwargs=dict(draws=draws, batch_size=batch, epsilon=0.01, seed=0),
+        rounds=3,
+        warmup_rounds=1,
+    )
 
 
 @pytest.mark.parametrize("draw_batch", [1, 5])
@@ -56,8 +62,9 @@ def test_engine(benchmark, setting, dtype, draw_batch):
     if dtype == "bfloat16" and not cpu_has_bfloat16():
         pytest.skip("this CPU has no native bfloat16 (the scorer warns: 10-14x slower than float32 here)")
     torch.manual_seed(0)
-    scorer = NtkSapScorer(build(), shape, draws=draws, batch_size=batch, device="cpu", dtype=getattr(torch, dtype),
-                          draw_batch=draw_batch)
+    scorer = NtkSapScorer(
+        build(), shape, draws=draws, batch_size=batch, device="cpu", dtype=getattr(torch, dtype), draw_batch=draw_batch
+    )
     mask = torch.ones(scorer.arena.numel, dtype=torch.bool)
     benchmark.group = setting
     benchmark.pedantic(scorer.flat_scores, args=(mask, 0), rounds=3, warmup_rounds=1)
@@ -68,8 +75,14 @@ def test_engine(benchmark, setting, dtype, draw_batch):
 def test_micro_batch(benchmark, setting, micro):
     build, shape, batch, micro_batch = MICRO[setting]
     torch.manual_seed(0)
-    scorer = NtkSapScorer(build(), shape, draws=1, batch_size=batch, device="cpu",
-                          micro_batch=None if micro == "baseline_whole" else micro_batch)
+    scorer = NtkSapScorer(
+        build(),
+        shape,
+        draws=1,
+        batch_size=batch,
+        device="cpu",
+        micro_batch=None if micro == "baseline_whole" else micro_batch,
+    )
     mask = torch.ones(scorer.arena.numel, dtype=torch.bool)
     benchmark.group = setting
     benchmark.pedantic(scorer.flat_scores, args=(mask, 0), rounds=3, warmup_rounds=1)

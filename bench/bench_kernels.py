@@ -16,6 +16,7 @@ Groups (sizes from the paper's settings; the baseline of each group has ``refere
 The interpreter is no benchmark: without a CUDA device the module is skipped.
 Run: ``pytest bench/bench_kernels.py --benchmark-columns=median,iqr,rounds``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,17 +26,17 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device (the Triton interpreter is not a benchmark)", allow_module_level=True)
 pytest.importorskip("triton")
 
-import torchvision  # noqa: E402
+import torchvision
+from ntksap_fast.kernels import batch_stats as bst
+from ntksap_fast.kernels import fd_loss as fdl
+from ntksap_fast.kernels import mask_grad as mg
+from ntksap_fast.kernels import philox
+from ntksap_fast.kernels import sample_draw as sd
 
-from ntksap_fast.engine import rng  # noqa: E402
-from ntksap_fast.engine.arena import Arena  # noqa: E402
-from ntksap_fast.engine.draws import DrawKey, sample_weights  # noqa: E402
-from ntksap_fast.engine.batchnorm import batch_stats  # noqa: E402
-from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
-from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
-from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
-from ntksap_fast.kernels import philox  # noqa: E402
-from ntksap_fast.kernels import sample_draw as sd  # noqa: E402
+from ntksap_fast.engine import rng
+from ntksap_fast.engine.arena import Arena
+from ntksap_fast.engine.batchnorm import batch_stats
+from ntksap_fast.engine.draws import DrawKey, sample_weights
 
 DEV = torch.device("cuda")
 EPS = 0.01
@@ -43,10 +44,12 @@ EPS = 0.01
 
 def _run(benchmark, group: str, fn, rounds: int = 10) -> None:
     """Times ``fn`` with a device synchronisation inside each round."""
+
     def call():
         out = fn()
         torch.cuda.synchronize()
         return out
+
     benchmark.group = group
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2)
 
@@ -54,7 +57,9 @@ def _run(benchmark, group: str, fn, rounds: int = 10) -> None:
 def _torch_normal(seed: int, draw: int, stream: rng.Stream, n: int, device=DEV) -> torch.Tensor:
     """``rng.normal`` with its PyTorch ops on ``device`` tensors (the twin, on the GPU)."""
     block = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    words = rng.philox4x32((block & 0xFFFFFFFF, block >> 32, 0, draw * 4 + int(stream)), (seed & 0xFFFFFFFF, seed >> 32))
+    words = rng.philox4x32(
+        (block & 0xFFFFFFFF, block >> 32, 0, draw * 4 + int(stream)), (seed & 0xFFFFFFFF, seed >> 32)
+    )
     return rng._box_muller(words).reshape(-1)[:n]
 
 
@@ -86,6 +91,7 @@ def test_sample_reference_cpu(benchmark, resnet50_arena):
         theta = sample_weights(arena, key, rng.Stream.WEIGHTS, std, keep=mask).to(DEV)
         z = sample_weights(arena, key, rng.Stream.PERTURBATION, None, keep=mask).to(DEV)
         return mask_f * theta, mask_f * theta.add(z, alpha=EPS)
+
     _run(benchmark, "sample-resnet50", engine_path, rounds=3)
 
 
@@ -97,6 +103,7 @@ def test_sample_reference_torch(benchmark, resnet50_arena):
         theta = _torch_normal(0, 0, rng.Stream.WEIGHTS, arena.numel) * std
         z = _torch_normal(0, 0, rng.Stream.PERTURBATION, arena.numel)
         return mask_f * theta, mask_f * theta.add(z, alpha=EPS)
+
     _run(benchmark, "sample-resnet50", torch_path)
 
 
@@ -110,6 +117,7 @@ def test_sample_triton(benchmark, resnet50_arena):
         w_pert = torch.empty_like(w_clean)
         sd.sample_draws_into(w_clean, w_pert, table, key, draws, EPS, mask_d)
         return w_clean, w_pert
+
     _run(benchmark, "sample-resnet50", triton_path)
 
 
@@ -135,6 +143,7 @@ def test_mask_grad_reference_torch(benchmark, grads):
         for d in range(len(draws)):
             G.addcmul_(theta[d], g_c[d] + g_p[d]).addcmul_(z[d], g_p[d], value=EPS)
         return G
+
     _run(benchmark, "mask-grad-resnet50-8draws", engine_path)
 
 
@@ -144,8 +153,11 @@ def test_mask_grad_triton(benchmark, grads, stats):
     G = torch.zeros(table.numel, device=DEV)
     acc = (torch.zeros_like(G), torch.zeros_like(G)) if stats else None
     key, ids = philox.round_key(0, 0, DEV), philox.draw_ids(draws, DEV)
-    _run(benchmark, "mask-grad-resnet50-8draws",
-         lambda: mg.mask_grad_accumulate_into(G, g_c, g_p, table, key, ids, EPS, mask_d, acc))
+    _run(
+        benchmark,
+        "mask-grad-resnet50-8draws",
+        lambda: mg.mask_grad_accumulate_into(G, g_c, g_p, table, key, ids, EPS, mask_d, acc),
+    )
 
 
 # --- BatchNorm statistics --------------------------------------------------------------------
@@ -171,4 +183,5 @@ def test_fd_loss(benchmark, impl):
 
     def fwd_bwd():
         return torch.autograd.grad(fn(f_c, f_p), (f_c, f_p))
+
     _run(benchmark, "fd-loss", fwd_bwd)

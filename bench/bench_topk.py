@@ -39,6 +39,7 @@ All compute the same selection up to ties (checked once per group before timing)
 
 (``-k cpu`` / ``-k cuda`` for one device.)
 """
+
 from __future__ import annotations
 
 import statistics
@@ -46,8 +47,8 @@ import time
 
 import pytest
 import torch
-
 from _machine import cpu_name
+
 from ntksap_fast.select import topk
 
 if not topk.extension_available():
@@ -65,11 +66,7 @@ def _layer_shapes(model: str) -> list[tuple[int, ...]]:
 
     with torch.device("meta"):
         net = getattr(torchvision.models, model)()
-    return [
-        tuple(m.weight.shape)
-        for m in net.modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-    ]
+    return [tuple(m.weight.shape) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
 class Case:
@@ -151,7 +148,10 @@ def _check(case: Case, ours: torch.Tensor) -> None:
     at_t = (ours[(case.scores == t) & case.mask]).int()
     assert bool((at_t[1:] <= at_t[:-1]).all()), "ties at the threshold not kept by lowest index"
     if case.density_main:
-        for other in (case.torch_topk(), (case.research(), torch.cat([m.flatten() for m in case.layer_masks]).bool())[1]):
+        for other in (
+            case.torch_topk(),
+            (case.research(), torch.cat([m.flatten() for m in case.layer_masks]).bool())[1],
+        ):
             assert bool((case.scores[ours != other] == t).all())
 
 
@@ -261,7 +261,10 @@ def _write_table(rep, groups: list) -> None:
                 if t is not None:
                     line += f" | {label} {t * 1e3:9.3f} ms = {t / one:5.2f} reads"
             tk = _MEDIANS.get((g, "torch_topk"))
-            best = min((_MEDIANS[(g, m)] for m in ("ntksap_masked_topk", "ntksap_masked_topk_inplace") if (g, m) in _MEDIANS), default=None)
+            best = min(
+                (_MEDIANS[(g, m)] for m in ("ntksap_masked_topk", "ntksap_masked_topk_inplace") if (g, m) in _MEDIANS),
+                default=None,
+            )
             if tk is not None and best is not None:
                 line += f" | torch.topk {tk * 1e3:9.3f} ms = {tk / best:5.1f}x ntksap"
             rep.write_line(line)

@@ -8,6 +8,7 @@ with seeds 0 and 1, and in bfloat16 with seed 0, then prints per density:
 
 Usage: ``python bench/bf16_agreement.py [--iterations 20] [--densities 0.2 0.05]``.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ micro-batched scores are from the whole-batch ones.
 
 Usage: ``python bench/memory_resnet50.py`` (about 5 minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def main() -> None:
     for k, r in results.items():
         label = "whole draw" if k == "none" else f"micro_batch={k}"
         print(f"{label:>16}: peak growth {r['peak'] / 2**30:6.2f} GiB, {r['seconds']:6.1f} s")
-    print(f"micro vs whole: max |diff| / max score {diff.abs().max() / flat['none'].abs().max():.2e}, "
-          f"relative L2 {diff.norm() / flat['none'].norm():.2e}")
+    print(
+        f"micro vs whole: max |diff| / max score {diff.abs().max() / flat['none'].abs().max():.2e}, "
+        f"relative L2 {diff.norm() / flat['none'].norm():.2e}"
+    )
 
 
 if __name__ == "__main__":

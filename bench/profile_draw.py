@@ -8,6 +8,7 @@ that launch the copies with their input shapes, so the next person sees where th
 Usage: ``python bench/profile_draw.py [--settings resnet20-100,resnet50-64] [--dtype float32]``
 (CUDA only; on a CPU it prints the CPU-side op table instead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,10 @@ def profile_setting(name: str, dtype: torch.dtype, draws: int = 3) -> None:
     for family, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
         print(f"  {family:<12} {us / draws / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
     copies = prof.key_averages(group_by_input_shape=True)
-    rows = sorted((e for e in copies if e.key in ("aten::copy_", "aten::to", "aten::contiguous", "aten::clone")),
-                  key=lambda e: -_gpu_us(e))[:8]
+    rows = sorted(
+        (e for e in copies if e.key in ("aten::copy_", "aten::to", "aten::contiguous", "aten::clone")),
+        key=lambda e: -_gpu_us(e),
+    )[:8]
     print("  largest copies (op, input shapes, calls, GPU ms per draw):")
     for e in rows:
         us = _gpu_us(e)

@@ -8,6 +8,7 @@ randomness, training order). Writes ``results/digits_accuracy.md`` (mean +- std 
 (no download). Run by hand: ``python examples/digits_accuracy.py`` (needs scikit-learn and matplotlib:
 ``pip install -e '.[examples]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,15 +89,18 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
-def write_table(path: Path, acc: dict, seconds: dict, dense: list[float], densities: list[float], seeds: int,
-                epochs: int) -> None:
+def write_table(
+    path: Path, acc: dict, seconds: dict, dense: list[float], densities: list[float], seeds: int, epochs: int
+) -> None:
     lines = [
-        "# Digits (8x8, scikit-learn): test accuracy (%) after pruning at initialization", "",
+        "# Digits (8x8, scikit-learn): test accuracy (%) after pruning at initialization",
+        "",
         f"MLP 64-256-256-10, {sum(m.weight.numel() for m in mlp(0) if isinstance(m, nn.Linear)):,} "
         f"prunable weights; Adam lr 1e-3, {epochs} epochs, batch 64; "
         f"mean ± std over {seeds} seeds. Dense: {fmt(dense)}. Data methods (snip, iter_snip, grasp) score "
         "on 256 training examples (2 batches of 128). Iterations: ntksap 20 (5 draws x 100 inputs), synflow "
-        "100, iter_snip 100, others one shot; global scope, exponential schedule.", "",
+        "100, iter_snip 100, others one shot; global scope, exponential schedule.",
+        "",
         "| method | " + " | ".join(f"d = {d}" for d in densities) + " | prune time (s) |",
         "|---|" + "---:|" * (len(densities) + 1),
     ]

@@ -12,6 +12,7 @@
 Run: ``python examples/prune_and_train.py [--model resnet20] [--density 0.1] [--steps 20]``.
 Prints one line per step of the workflow and exits non-zero if a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,18 @@ from ntksap_fast.models import resnet20
 def small_cnn(num_classes: int = 10) -> nn.Module:
     """A small CNN for ``(B, 3, 32, 32)`` inputs: your own model goes here."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
     )
 
 
@@ -64,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1-2. Build and prune at initialization. The masks carry the settings that made them.
     model = MODELS[args.model]()
-    masks = ntk_sap_prune(model, args.density, input_shape, iterations=args.iterations, draws=args.draws,
-                          batch_size=args.batch_size, seed=0)
+    masks = ntk_sap_prune(
+        model,
+        args.density,
+        input_shape,
+        iterations=args.iterations,
+        draws=args.draws,
+        batch_size=args.batch_size,
+        seed=0,
+    )
     print(f"pruned: {len(masks)} tensors, density {mask_density(masks):.4f}")
 
     # 3. Apply them: weight = weight_orig * weight_mask from now on.
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Train as usual; random batches stand in for a data loader.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.train()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         x, y = torch.randn(32, *input_shape), torch.randint(0, 10, (32,))
         loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
@@ -104,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if not same or not pruned_weights_are_zero(fresh, reloaded):
             print("FAILED: the reloaded model differs or has a non-zero pruned weight")
             return 1
-        about = ", ".join(f"{k} {reloaded.metadata[k]}" for k in ("method", "density", "fingerprint")
-                          if k in reloaded.metadata)
+        about = ", ".join(
+            f"{k} {reloaded.metadata[k]}" for k in ("method", "density", "fingerprint") if k in reloaded.metadata
+        )
         print(f"saved and reloaded: {folder / 'model.pt'}, {folder / 'masks.safetensors'} ({about})")
     print("ok")
     return 0

@@ -20,6 +20,7 @@ Writes ``results/structured_accuracy.md`` (mean ± std and min-max test accuracy
 scikit-learn (no download). Run by hand: ``python examples/structured_accuracy.py`` (needs
 scikit-learn: ``pip install -e '.[examples]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,8 +114,11 @@ def kept_channels(model: DigitsCNN, masks: dict[str, torch.Tensor]) -> list[torc
 
 def channel_masks(model: DigitsCNN, kept: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Masks keeping channels ``kept[i]`` of convolution ``i``: its filters and its consumer's inputs."""
-    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")
-             and p.dim() > 1}
+    masks = {
+        n: torch.ones_like(p, dtype=torch.bool)
+        for n, p in model.named_parameters()
+        if n.endswith("weight") and p.dim() > 1
+    }
     consumers = [f"convs.{i + 1}.weight" for i in range(len(model.convs) - 1)] + ["fc.weight"]
     for i, (channels, consumer) in enumerate(zip(kept, consumers)):
         removed = torch.ones(model.convs[i].out_channels, dtype=torch.bool)
@@ -144,23 +148,29 @@ def channel_rows(init: DigitsCNN, seed: int, density: float) -> dict[str, Row]:
     kept = kept_channels(init, ntksap)
     gen = torch.Generator().manual_seed(seed)
     random_kept = [torch.randperm(conv.out_channels, generator=gen)[: len(k)] for conv, k in zip(init.convs, kept)]
-    l1_kept = [conv.weight.detach().flatten(1).abs().sum(1).argsort(descending=True, stable=True)[: len(k)]
-               for conv, k in zip(init.convs, kept)]
+    l1_kept = [
+        conv.weight.detach().flatten(1).abs().sum(1).argsort(descending=True, stable=True)[: len(k)]
+        for conv, k in zip(init.convs, kept)
+    ]
     widths = uniform_widths(round(kept_fraction(ntksap) * weight_count(WIDTHS)))
     global_l1 = prune(init, "magnitude", density=density, granularity="channel", progress=False)
-    return {"channel NTK-SAP": masked_row(init, ntksap),
-            "uniform width scaling": (cnn(1000 + seed, widths), weight_count(widths) / weight_count(WIDTHS), widths),
-            "random channels, NTK-SAP's widths": masked_row(init, channel_masks(init, random_kept)),
-            "L1 channels, NTK-SAP's widths": masked_row(init, channel_masks(init, l1_kept)),
-            "L1 channels, global (magnitude)": masked_row(init, global_l1)}
+    return {
+        "channel NTK-SAP": masked_row(init, ntksap),
+        "uniform width scaling": (cnn(1000 + seed, widths), weight_count(widths) / weight_count(WIDTHS), widths),
+        "random channels, NTK-SAP's widths": masked_row(init, channel_masks(init, random_kept)),
+        "L1 channels, NTK-SAP's widths": masked_row(init, channel_masks(init, l1_kept)),
+        "L1 channels, global (magnitude)": masked_row(init, global_l1),
+    }
 
 
 def nm_rows(init: DigitsCNN, seed: int) -> dict[str, Row]:
     """The 2:4 rows and unstructured NTK-SAP at 0.5."""
-    masks = {"2:4 NTK-SAP": prune(init, "ntksap", density=0.5, granularity="2:4", seed=seed, **NTKSAP),
-             "2:4 magnitude": prune(init, "magnitude", density=0.5, granularity="2:4", progress=False),
-             "2:4 random": prune(init, "random", density=0.5, granularity="2:4", seed=seed, progress=False),
-             "unstructured NTK-SAP, d = 0.5": prune(init, "ntksap", density=0.5, seed=seed, **NTKSAP)}
+    masks = {
+        "2:4 NTK-SAP": prune(init, "ntksap", density=0.5, granularity="2:4", seed=seed, **NTKSAP),
+        "2:4 magnitude": prune(init, "magnitude", density=0.5, granularity="2:4", progress=False),
+        "2:4 random": prune(init, "random", density=0.5, granularity="2:4", seed=seed, progress=False),
+        "unstructured NTK-SAP, d = 0.5": prune(init, "ntksap", density=0.5, seed=seed, **NTKSAP),
+    }
     return {row: masked_row(init, m) for row, m in masks.items()}
 
 
@@ -211,20 +221,24 @@ def paired(results: dict, row: str) -> str:
 
 def write_table(path: Path, results: dict, seeds: int, epochs: int, channel_density: float, command: str) -> None:
     lines = [
-        "# Structured masks on digits (8x8, scikit-learn): test accuracy (%) after pruning at initialization", "",
+        "# Structured masks on digits (8x8, scikit-learn): test accuracy (%) after pruning at initialization",
+        "",
         f"CNN 3x3 conv 1-{'-'.join(map(str, WIDTHS))} (BatchNorm, ReLU, max-pool), global average pool, "
         f"Linear {WIDTHS[-1]}-10: {weight_count(WIDTHS):,} prunable weights. Adam lr 3e-3, {epochs} epochs, "
         f"batch 64; {seeds} seeds (initialisation, pruning randomness, training order); 1,437 training and 360 "
         f"test images (one test image is 0.28 points). Channel rows at density {channel_density} (kept fraction of "
         "the prunable weights); 2:4 rows at 0.5 of the eligible tensors (the first convolution, 1 input channel, "
         "stays dense). NTK-SAP: 20 rounds of 5 draws x 100 inputs, exponential schedule; magnitude and random "
-        "one shot. Widths: kept output channels of the three convolutions (a range over the seeds).", "",
+        "one shot. Widths: kept output channels of the three convolutions (a range over the seeds).",
+        "",
         "| masks | kept fraction of weights | conv widths | accuracy mean ± std | min-max | paired Δ vs NTK-SAP |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row, entry in results.items():
-        lines.append(f"| {row} | {statistics.mean(entry['kept']):.3f} | {fmt_widths(entry['widths'])} | "
-                     f"{fmt(entry['acc'])} | {paired(results, row)} |")
+        lines.append(
+            f"| {row} | {statistics.mean(entry['kept']):.3f} | {fmt_widths(entry['widths'])} | "
+            f"{fmt(entry['acc'])} | {paired(results, row)} |"
+        )
     lines += ["", f"Produced by `{command}`.", ""]
     path.write_text("\n".join(lines))
 
@@ -241,10 +255,13 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = run(args.seeds, args.epochs, args.channel_density, args.parts)
     command = "python examples/structured_accuracy.py" + "".join(
-        f" --{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}" for k, v in vars(args).items()
-        if k != "out_dir" and v != parser.get_default(k))
-    write_table(args.out_dir / "structured_accuracy.md", results, args.seeds, args.epochs, args.channel_density,
-                command)
+        f" --{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
+        for k, v in vars(args).items()
+        if k != "out_dir" and v != parser.get_default(k)
+    )
+    write_table(
+        args.out_dir / "structured_accuracy.md", results, args.seeds, args.epochs, args.channel_density, command
+    )
     print((args.out_dir / "structured_accuracy.md").read_text())
 
 

@@ -1,4 +1,6 @@
-"""Kept at this path so code written against earlier releases imports; the module is ``ntksap_fast.methods.baselines``."""
+"""Kept at this path so code written against earlier releases imports; the module is
+``ntksap_fast.methods.baselines``."""
+
 import sys as _sys
 
 from .methods import baselines as _module

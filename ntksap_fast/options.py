@@ -10,6 +10,7 @@
 How the options are turned into a computation (device, precision, backend, memory plan) is
 decided in ``ntksap_fast.engine.plan``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,16 +18,30 @@ import math
 import numbers
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .engine.arena import ParamSelector
 
-__all__ = ["ScorerOptions", "DTYPES", "OutputFn", "changes_masks", "parse_sizes", "check_int", "check_float", "check_epsilon",
-           "check_seed", "check_density", "resolve_input_shape", "batch_sizes", "user_stacklevel"]
+__all__ = [
+    "ScorerOptions",
+    "DTYPES",
+    "OutputFn",
+    "changes_masks",
+    "parse_sizes",
+    "check_int",
+    "check_float",
+    "check_epsilon",
+    "check_seed",
+    "check_density",
+    "resolve_input_shape",
+    "batch_sizes",
+    "user_stacklevel",
+]
 
 #: Picks the tensor to compare from what the model returns (e.g. ``lambda out: out.logits``).
 OutputFn = Callable[[Any], torch.Tensor]
@@ -45,8 +60,13 @@ def parse_sizes(text: str) -> int | tuple[int, ...]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _option(default: Any, help: str, cli: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None,
-            masks: bool = False):
+def _option(
+    default: Any,
+    help: str,
+    cli: Callable[[str], Any] | None = None,
+    choices: Sequence[str] | None = None,
+    masks: bool = False,
+):
     """A ``ScorerOptions`` field: its default, its help text, how the CLI parses it (None: not a flag),
     and whether its value changes the masks (``changes_masks``)."""
     return field(default=default, metadata={"help": help, "cli": cli, "choices": choices, "changes_masks": masks})
@@ -65,29 +85,49 @@ class ScorerOptions:
     """Every option of ``NtkSapScorer``, checked when made (``TypeError``/``ValueError`` naming the option)."""
 
     draws: int = _option(5, "weight/input draws per round", int, masks=True)
-    batch_size: int | tuple[int, ...] = _option(100, "inputs per draw: N, or one per draw N1,N2,...", parse_sizes,
-                                                masks=True)
+    batch_size: int | tuple[int, ...] = _option(
+        100, "inputs per draw: N, or one per draw N1,N2,...", parse_sizes, masks=True
+    )
     epsilon: float = _option(0.01, "perturbation size of the finite difference", float, masks=True)
     seed: int = _option(0, "seed of every random number (with the round and the draw)", int, masks=True)
-    params: ParamSelector | None = _option(None, "prunable tensors: names or a predicate (name, module, param) -> "
-                                                 "bool; default every Conv/Linear weight, attention input "
-                                                 "projection, recurrent weight and registered layer type")
+    params: ParamSelector | None = _option(
+        None,
+        "prunable tensors: names or a predicate (name, module, param) -> "
+        "bool; default every Conv/Linear weight, attention input "
+        "projection, recurrent weight and registered layer type",
+    )
     device: torch.device | str | None = _option(None, "where to compute (default the model's device)")
-    dtype: torch.dtype = _option(torch.float32, "compute precision: float32, bfloat16 (faster on GPUs and on CPUs "
-                                                "with native bfloat16) or float64 (for checking)",
-                                 DTYPES.__getitem__, tuple(DTYPES), masks=True)
-    micro_batch: int | None = _option(None, "most inputs per forward (exact; default from the memory plan: "
-                                            "whole draws when they fit)", int)
+    dtype: torch.dtype = _option(
+        torch.float32,
+        "compute precision: float32, bfloat16 (faster on GPUs and on CPUs "
+        "with native bfloat16) or float64 (for checking)",
+        DTYPES.__getitem__,
+        tuple(DTYPES),
+        masks=True,
+    )
+    micro_batch: int | None = _option(
+        None, "most inputs per forward (exact; default from the memory plan: whole draws when they fit)", int
+    )
     draw_batch: int = _option(1, "draws run together through torch.func.vmap (1: in sequence)", int)
-    process_group: Any = _option(None, "share the draws over this torch.distributed group (default: the "
-                                       "default group when initialised)")
-    allow_tf32: bool | None = _option(None, "TF32 for cuDNN convolutions and CUDA matmuls during the scorer's "
-                                            "calls (None: PyTorch's global flags)", masks=True)
-    output: OutputFn | None = _option(None, "picks the tensor to compare from what the model returns, e.g. "
-                                            "lambda out: out.logits")
-    compile: bool | None = _option(None, "torch.compile each draw's work, one draw at a time (None: on a CPU when "
-                                         "a round's work is far larger than compiling, e.g. the ImageNet "
-                                         "preset; off on GPUs until measured there)", bool, masks=True)
+    process_group: Any = _option(
+        None, "share the draws over this torch.distributed group (default: the default group when initialised)"
+    )
+    allow_tf32: bool | None = _option(
+        None,
+        "TF32 for cuDNN convolutions and CUDA matmuls during the scorer's calls (None: PyTorch's global flags)",
+        masks=True,
+    )
+    output: OutputFn | None = _option(
+        None, "picks the tensor to compare from what the model returns, e.g. lambda out: out.logits"
+    )
+    compile: bool | None = _option(
+        None,
+        "torch.compile each draw's work, one draw at a time (None: on a CPU when "
+        "a round's work is far larger than compiling, e.g. the ImageNet "
+        "preset; off on GPUs until measured there)",
+        bool,
+        masks=True,
+    )
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)

@@ -1,4 +1,6 @@
-"""Kept at this path so code written against earlier releases imports; the module is ``ntksap_fast.testing.reference``."""
+"""Kept at this path so code written against earlier releases imports; the module is
+``ntksap_fast.testing.reference``."""
+
 import sys as _sys
 
 from .testing import reference as _module

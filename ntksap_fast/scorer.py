@@ -6,26 +6,26 @@ graphs), draw batching, the precision policy, and the engine with its buffers, c
 captured graphs. ``repr(scorer)`` shows what was decided. A user scoring the same model repeatedly
 keeps one scorer: the second call costs only the draws.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .analysis.stability import RoundStats, round_stats
 from .engine.arena import Arena, ParamSelector
-from .io.checkpoint import model_digest
 from .engine.distributed import DrawShare
 from .engine.engine import Engine, ModelRunner, preserved_state
-from .io.masks import Masks
 from .engine.plan import describe, resolve, tf32_policy
-from .options import (OutputFn, ScorerOptions, check_density, check_float, check_int,
-                      resolve_input_shape)
+from .io.checkpoint import model_digest
+from .io.masks import Masks
+from .options import OutputFn, ScorerOptions, check_density, check_int, resolve_input_shape
 from .select.loop import PruneOptions
 from .select.loop import run as run_prune
 from .select.schedule import keep_count
-from .analysis.stability import RoundStats, round_stats
 
 __all__ = ["NtkSapScorer", "ntk_sap_scores", "ntk_sap_prune"]
 
@@ -51,13 +51,25 @@ class NtkSapScorer:
     checked options and ``scorer.config`` the settled configuration.
     """
 
-    def __init__(self, model: nn.Module, input_shape: Sequence[int] | None = None, *, draws: int = _D.draws,
-                 batch_size: int | Sequence[int] = _D.batch_size, epsilon: float = _D.epsilon, seed: int = _D.seed,
-                 params: ParamSelector | None = _D.params, device: torch.device | str | None = _D.device,
-                 dtype: torch.dtype = _D.dtype, micro_batch: int | None = _D.micro_batch,
-                 draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-                 allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output,
-                 compile: bool | None = _D.compile) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int] | None = None,
+        *,
+        draws: int = _D.draws,
+        batch_size: int | Sequence[int] = _D.batch_size,
+        epsilon: float = _D.epsilon,
+        seed: int = _D.seed,
+        params: ParamSelector | None = _D.params,
+        device: torch.device | str | None = _D.device,
+        dtype: torch.dtype = _D.dtype,
+        micro_batch: int | None = _D.micro_batch,
+        draw_batch: int = _D.draw_batch,
+        process_group=_D.process_group,
+        allow_tf32: bool | None = _D.allow_tf32,
+        output: OutputFn | None = _D.output,
+        compile: bool | None = _D.compile,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.options = ScorerOptions(**ScorerOptions.arguments(locals()))
@@ -78,9 +90,17 @@ class NtkSapScorer:
         self.mask = torch.ones(self.arena.numel, dtype=torch.bool, device=self.config.device)
 
     def __repr__(self) -> str:
-        shown = {"tensors": len(self.arena), "N": self.arena.numel, "input_shape": self.input_shape,
-                 "draws": self.draws, "batch_size": self._batch_text(), "epsilon": self.epsilon, "seed": self.seed,
-                 **self.settled(), "ranks": self.share.world}
+        shown = {
+            "tensors": len(self.arena),
+            "N": self.arena.numel,
+            "input_shape": self.input_shape,
+            "draws": self.draws,
+            "batch_size": self._batch_text(),
+            "epsilon": self.epsilon,
+            "seed": self.seed,
+            **self.settled(),
+            "ranks": self.share.world,
+        }
         return f"NtkSapScorer({type(self.model).__name__}, {', '.join(f'{k}={v}' for k, v in shown.items())})"
 
     def _batch_text(self) -> str:
@@ -90,13 +110,20 @@ class NtkSapScorer:
     def settled(self) -> dict:
         """How the scorer computes, as plain values (``engine.plan.describe`` of the settled configuration)."""
         graphs, compiled = self.engine.graphs, self.engine.compiled
-        return describe(self.config, graphs.error if graphs is not None else None,
-                        compiled.error if compiled is not None else None)
+        return describe(
+            self.config, graphs.error if graphs is not None else None, compiled.error if compiled is not None else None
+        )
 
     def settings(self) -> dict:
         """What the scorer computes and how, as plain values (for reports, mask files and checkpoints)."""
-        return {"draws": self.draws, "batch_sizes": list(self.batch_sizes), "epsilon": self.epsilon,
-                "seed": self.seed, "input_shape": list(self.input_shape), **self.settled()}
+        return {
+            "draws": self.draws,
+            "batch_sizes": list(self.batch_sizes),
+            "epsilon": self.epsilon,
+            "seed": self.seed,
+            "input_shape": list(self.input_shape),
+            **self.settled(),
+        }
 
     # ------------------------------------------------------------------------------------------
     def flat_mask(self, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -107,16 +134,25 @@ class NtkSapScorer:
             mask &= self.arena.flatten(masks, argname="masks", dtype=torch.bool, device=self.config.device)
         return mask
 
-    def flat_scores(self, mask: torch.Tensor, round: int = 0, on_draw: Callable[[], None] | None = None) -> torch.Tensor:
+    def flat_scores(
+        self, mask: torch.Tensor, round: int = 0, on_draw: Callable[[], None] | None = None
+    ) -> torch.Tensor:
         """Flat float32 scores ``|G| * mask`` of one round for a flat bool ``(N,)`` mask on the device.
 
         Raises ``ValueError`` naming the tensors whose scores are NaN.
         """
         return self._round(mask, round, on_draw)[0]
 
-    def _round(self, mask: torch.Tensor, round: int, on_draw: Callable[[], None] | None = None,
-               density: float | None = None, target_overlap: float | None = None,
-               max_draws: int | None = None, signed: bool = False) -> tuple[torch.Tensor, RoundStats | None]:
+    def _round(
+        self,
+        mask: torch.Tensor,
+        round: int,
+        on_draw: Callable[[], None] | None = None,
+        density: float | None = None,
+        target_overlap: float | None = None,
+        max_draws: int | None = None,
+        signed: bool = False,
+    ) -> tuple[torch.Tensor, RoundStats | None]:
         """Scores of one round and, when ``density`` is given, its ``RoundStats`` at that density.
         ``signed``: ``G * mask`` instead of ``|G| * mask`` (the channel score sums ``G`` first).
 
@@ -134,8 +170,12 @@ class NtkSapScorer:
             self.engine.mask_gradient(self.mask, round, sizes, self.local_draws, on_draw, stats=stats)
             totals = self._totals(stats)
             info = self._stats(totals, round, drawn, density) if stats else None
-            while (target_overlap is not None and max_draws is not None and drawn < max_draws
-                   and not info.split_half_overlap >= target_overlap):  # NaN (one draw) adds draws too
+            while (
+                target_overlap is not None
+                and max_draws is not None
+                and drawn < max_draws
+                and not info.split_half_overlap >= target_overlap
+            ):  # NaN (one draw) adds draws too
                 new = list(range(drawn, min(drawn + self.share.world, max_draws)))
                 sizes += [self.batch_sizes[0]] * len(new)
                 mine = [d for d in new if d % self.share.world == self.share.rank]
@@ -160,8 +200,14 @@ class NtkSapScorer:
         n_keep = min(keep_count(self.arena.numel, density), int(self.mask.sum()))
         return round_stats(totals[0], totals[1], totals[2], self.mask, draws, n_keep, round, density)
 
-    def scores(self, masks: Mapping[str, torch.Tensor] | None = None, round: int = 0, *, stats: bool = False,
-               density: float | None = None):
+    def scores(
+        self,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        round: int = 0,
+        *,
+        stats: bool = False,
+        density: float | None = None,
+    ):
         """One scoring round: ``{name: float32 tensor of the parameter's shape}``, ``|sum_s dL_s/dm| * mask``.
 
         Args:
@@ -212,13 +258,21 @@ class NtkSapScorer:
         """The scorer's device mask set to the masks the model carries (all True if none)."""
         return self.mask.copy_(self.arena.start_mask(self.model, self.config.device))
 
-    def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
-                     tick: Callable[[], None]) -> tuple[torch.Tensor, RoundStats | None]:
+    def round_scores(
+        self, mask: torch.Tensor, round: int, density: float, options: PruneOptions, tick: Callable[[], None]
+    ) -> tuple[torch.Tensor, RoundStats | None]:
         max_draws = options.max_draws
         if options.target_overlap is not None and max_draws is None:
             max_draws = 4 * self.draws
-        return self._round(mask, round, tick, density if options.stats else None, options.target_overlap, max_draws,
-                           signed=options.granularity == "channel")
+        return self._round(
+            mask,
+            round,
+            tick,
+            density if options.stats else None,
+            options.target_overlap,
+            max_draws,
+            signed=options.granularity == "channel",
+        )
 
     def mask_settings(self) -> dict:
         """The options that change the masks (``ScorerOptions.mask_settings``) and the input shape."""
@@ -231,11 +285,23 @@ class NtkSapScorer:
         """The model tensors NTK-SAP reads but does not resample (``model_digest``)."""
         return model_digest(self.model, self.arena.params)
 
-    def prune(self, density: float, iterations: int = _P.iterations, *, schedule: str = _P.schedule,
-              scope: str = _P.scope, granularity: str = _P.granularity, min_layer_density: float = _P.min_layer_density,
-              invert: bool = _P.invert, target_overlap: float | None = _P.target_overlap,
-              max_draws: int | None = _P.max_draws, stats: bool = _P.stats, checkpoint: str | os.PathLike | None = None,
-              progress: bool | None = None, on_round: Callable[..., None] | None = None) -> Masks:
+    def prune(
+        self,
+        density: float,
+        iterations: int = _P.iterations,
+        *,
+        schedule: str = _P.schedule,
+        scope: str = _P.scope,
+        granularity: str = _P.granularity,
+        min_layer_density: float = _P.min_layer_density,
+        invert: bool = _P.invert,
+        target_overlap: float | None = _P.target_overlap,
+        max_draws: int | None = _P.max_draws,
+        stats: bool = _P.stats,
+        checkpoint: str | os.PathLike | None = None,
+        progress: bool | None = None,
+        on_round: Callable[..., None] | None = None,
+    ) -> Masks:
         """Iterative NTK-SAP: ``iterations`` scoring rounds, a top-k after each (``select.loop.run``).
 
         After round ``t`` the kept fraction is ``density ** (t / iterations)`` (or linear); exactly
@@ -274,12 +340,24 @@ class NtkSapScorer:
 
 
 def ntk_sap_scores(
-    model: nn.Module, input_shape: Sequence[int] | None = None, masks: Mapping[str, torch.Tensor] | None = None, *,
-    round: int = 0, draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
-    epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
-    device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
-    micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output, compile: bool | None = _D.compile,
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    round: int = 0,
+    draws: int = _D.draws,
+    batch_size: int | Sequence[int] = _D.batch_size,
+    epsilon: float = _D.epsilon,
+    seed: int = _D.seed,
+    params: ParamSelector | None = _D.params,
+    device: torch.device | str | None = _D.device,
+    dtype: torch.dtype = _D.dtype,
+    micro_batch: int | None = _D.micro_batch,
+    draw_batch: int = _D.draw_batch,
+    process_group=_D.process_group,
+    allow_tf32: bool | None = _D.allow_tf32,
+    output: OutputFn | None = _D.output,
+    compile: bool | None = _D.compile,
 ) -> dict[str, torch.Tensor]:
     """One NTK-SAP scoring round: ``NtkSapScorer(model, input_shape, ...).scores(masks, round)``.
 
@@ -300,16 +378,34 @@ def ntk_sap_scores(
 
 
 def ntk_sap_prune(
-    model: nn.Module, density: float, input_shape: Sequence[int] | None = None, *, iterations: int = _P.iterations,
-    schedule: str = _P.schedule, scope: str = _P.scope, granularity: str = _P.granularity,
+    model: nn.Module,
+    density: float,
+    input_shape: Sequence[int] | None = None,
+    *,
+    iterations: int = _P.iterations,
+    schedule: str = _P.schedule,
+    scope: str = _P.scope,
+    granularity: str = _P.granularity,
     min_layer_density: float = _P.min_layer_density,
-    invert: bool = _P.invert, target_overlap: float | None = _P.target_overlap, max_draws: int | None = _P.max_draws,
-    stats: bool = _P.stats, draws: int = _D.draws, batch_size: int | Sequence[int] = _D.batch_size,
-    epsilon: float = _D.epsilon, seed: int = _D.seed, params: ParamSelector | None = _D.params,
-    device: torch.device | str | None = _D.device, dtype: torch.dtype = _D.dtype,
-    micro_batch: int | None = _D.micro_batch, draw_batch: int = _D.draw_batch, process_group=_D.process_group,
-    allow_tf32: bool | None = _D.allow_tf32, output: OutputFn | None = _D.output, compile: bool | None = _D.compile,
-    checkpoint: str | os.PathLike | None = None, progress: bool | None = None,
+    invert: bool = _P.invert,
+    target_overlap: float | None = _P.target_overlap,
+    max_draws: int | None = _P.max_draws,
+    stats: bool = _P.stats,
+    draws: int = _D.draws,
+    batch_size: int | Sequence[int] = _D.batch_size,
+    epsilon: float = _D.epsilon,
+    seed: int = _D.seed,
+    params: ParamSelector | None = _D.params,
+    device: torch.device | str | None = _D.device,
+    dtype: torch.dtype = _D.dtype,
+    micro_batch: int | None = _D.micro_batch,
+    draw_batch: int = _D.draw_batch,
+    process_group=_D.process_group,
+    allow_tf32: bool | None = _D.allow_tf32,
+    output: OutputFn | None = _D.output,
+    compile: bool | None = _D.compile,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
     on_round: Callable[..., None] | None = None,
 ) -> Masks:
     """Iterative NTK-SAP: ``NtkSapScorer(model, input_shape, ...).prune(density, iterations, ...)``.

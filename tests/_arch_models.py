@@ -4,9 +4,11 @@ Each builder is seeded and returns a model small enough for a few CPU forwards p
 cores. ``FAMILIES`` maps a family name to ``(builder, input_shape, output)``: one input's shape
 without the batch dim, and the ``output=`` selector the model needs (None when it returns a tensor).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from torchvision.models import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
 from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
-from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 IMAGE = (3, 32, 32)
 SEQUENCE = (5, 6)  # (time steps, features), batch_first
@@ -23,22 +25,32 @@ SEQUENCE = (5, 6)  # (time steps, features), batch_first
 def vit() -> nn.Module:
     """torchvision ViT: 16 patches of 8x8, 2 encoder blocks (nn.MultiheadAttention), hidden 16."""
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
-                             mlp_dim=32, num_classes=10)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
+    )
 
 
 def swin() -> nn.Module:
     """torchvision Swin (v1): 8x8 tokens, 2x2 windows, two blocks per stage (the second shifted)."""
     torch.manual_seed(0)
-    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
-                           num_classes=10)
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2], num_classes=10
+    )
 
 
 def swin_v2() -> nn.Module:
     """torchvision Swin v2 blocks (cosine attention, log-spaced continuous position bias MLP)."""
     torch.manual_seed(0)
-    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
-                           num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        num_classes=10,
+        block=SwinTransformerBlockV2,
+        downsample_layer=PatchMergingV2,
+    )
 
 
 def convnext() -> nn.Module:

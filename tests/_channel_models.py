@@ -4,6 +4,7 @@ Each builder is seeded. ``with_random_norms`` gives every BatchNorm random affin
 running statistics, so a removed channel's BatchNorm output (its shift) is far from zero: the
 exported model must match the masked one although the masked model still computes that channel.
 """
+
 from __future__ import annotations
 
 import torch

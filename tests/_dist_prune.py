@@ -1,4 +1,5 @@
 """Worker for tests/engine/test_scaleout.py: a gloo prune under torchrun; rank 0 saves the result."""
+
 import sys
 
 import torch

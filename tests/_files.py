@@ -1,4 +1,5 @@
 """File helpers shared by the tests of files the library writes (masks, checkpoints)."""
+
 from __future__ import annotations
 
 import contextlib

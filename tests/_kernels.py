@@ -4,6 +4,7 @@ Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`
 before triton is imported); with one, the same cases run compiled on CUDA tensors and the CPU cases
 skip.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,12 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (not set: a CUDA device is present)")),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (not set: a CUDA device is present)"
+        ),
+    ),
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 #: One bfloat16 ulp, relative.

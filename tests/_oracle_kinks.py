@@ -21,6 +21,7 @@ is flipped (the oracle rerun with those ReLUs passing the gradient they blocked 
 one they passed; forward values unchanged). Every other entry is *away from kinks*. Models here
 have no max-pool (a max-pool pair within rounding of a tie would need the same treatment).
 """
+
 from __future__ import annotations
 
 import torch

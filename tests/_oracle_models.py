@@ -6,6 +6,7 @@ non-trivial affine parameters and *wrong* running statistics: NTK-SAP must ignor
 statistics (it normalises with the clean branch's batch statistics), so a path that reads them
 disagrees with the oracle.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,18 +27,36 @@ def _scramble_batchnorm(model: nn.Module) -> nn.Module:
 def mlp(seed: int = 0) -> nn.Module:
     """Linear, BatchNorm1d, ReLU, Linear, Tanh, Linear; input (20,)."""
     torch.manual_seed(seed)
-    return _scramble_batchnorm(nn.Sequential(
-        nn.Flatten(), nn.Linear(20, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 24), nn.Tanh(),
-        nn.Linear(24, 5)))
+    return _scramble_batchnorm(
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(20, 24),
+            nn.BatchNorm1d(24),
+            nn.ReLU(),
+            nn.Linear(24, 24),
+            nn.Tanh(),
+            nn.Linear(24, 5),
+        )
+    )
 
 
 def bn_convnet(seed: int = 0) -> nn.Module:
     """Conv2d + BatchNorm2d + ReLU + max-pool, grouped conv + BatchNorm2d + ReLU, Linear; input (3, 8, 8)."""
     torch.manual_seed(seed)
-    return _scramble_batchnorm(nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(8, 4)))
+    return _scramble_batchnorm(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1, groups=2),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        )
+    )
 
 
 class TinyResNet(nn.Module):
@@ -68,9 +87,18 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
 def conv1d(seed: int = 0) -> nn.Module:
     """Conv1d + BatchNorm1d + ReLU, grouped Conv1d + ReLU, Linear; input (4, 30)."""
     torch.manual_seed(seed)
-    return _scramble_batchnorm(nn.Sequential(
-        nn.Conv1d(4, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=2), nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 3)))
+    return _scramble_batchnorm(
+        nn.Sequential(
+            nn.Conv1d(4, 8, 5, padding=2),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Conv1d(8, 8, 3, groups=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+    )
 
 
 #: name -> (builder, input shape)

@@ -3,6 +3,7 @@
 Only ``NTKSAP_FAST_ALLOW_NO_EXT=1`` (a build without the ops, ``NTKSAP_FAST_NO_EXT_BUILD=1``,
 asked for on purpose) turns those failures into skips that say so.
 """
+
 from __future__ import annotations
 
 import pytest

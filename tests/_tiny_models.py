@@ -1,5 +1,6 @@
 """Helpers shared by the API-level test files: tiny models, the keep-count formula written out
 independently of the package, and a snapshot of everything pruning must leave alone."""
+
 from __future__ import annotations
 
 import math

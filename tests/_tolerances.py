@@ -23,6 +23,7 @@ all but 0.1% of the entries, and to a relative L2 error of 1e-2.
 **bfloat16 against float32** (``bf16_rel_l2_bound``): derived in its docstring. **The Triton
 path against the PyTorch path**: ``TRITON_TOL`` away from kinks (``_oracle_kinks.py``).
 """
+
 import torch
 
 #: float64 vs float64, both rounded to float32 at the end: per-entry relative tolerance and the
@@ -31,8 +32,9 @@ F64_RTOL = 1e-6
 F64_ATOL_OF_MAX = 1e-9
 
 
-def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = F64_RTOL,
-                        atol_of_max: float = F64_ATOL_OF_MAX) -> None:
+def assert_scores_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = F64_RTOL, atol_of_max: float = F64_ATOL_OF_MAX
+) -> None:
     """float64 computations of the same scores agree entry by entry (see the module docstring)."""
     scale = expected.abs().max().item()
     assert scale > 0

@@ -5,6 +5,7 @@ Bad input, the schedule, presets, models and mask I/O have their own files (test
 test_schedule.py, test_presets.py, test_models.py, test_masks.py). Everything runs on CPU with tiny
 models and few draws so the whole file stays fast.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,9 @@ def test_prune_exact_counts_every_round(density, schedule):
     def on_round(t, masks):
         rounds.append((t, {k: v.clone() for k, v in masks.items()}))
 
-    masks = ntk_sap_prune(model, density, MLP_SHAPE, iterations=iterations, schedule=schedule,
-                          on_round=on_round, **FAST)
+    masks = ntk_sap_prune(
+        model, density, MLP_SHAPE, iterations=iterations, schedule=schedule, on_round=on_round, **FAST
+    )
     assert [t for t, _ in rounds] == list(range(1, iterations + 1))
     sched = expected_schedule(density, iterations, schedule)
     prev = torch.ones(n, dtype=torch.bool)
@@ -408,28 +410,50 @@ def test_params_predicate():
 def conv1d_net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Conv1d(2, 6, 3, padding=1),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
         nn.Conv1d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
-        nn.Conv1d(6, 4, 1, groups=2), nn.ReLU(),  # grouped pointwise
-        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv1d(6, 4, 1, groups=2),
+        nn.ReLU(),  # grouped pointwise
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
 def grouped_cnn(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6), nn.ReLU(),  # depthwise
-        nn.Conv2d(6, 4, 3, padding=1, groups=2), nn.ReLU(),  # grouped
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),  # depthwise
+        nn.Conv2d(6, 4, 3, padding=1, groups=2),
+        nn.ReLU(),  # grouped
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
-@pytest.mark.parametrize("factory,shape,want_shapes", [
-    (conv1d_net, (2, 16), {"0.weight": (6, 2, 3), "3.weight": (6, 1, 3), "4.weight": (4, 3, 1), "8.weight": (3, 4)}),
-    (grouped_cnn, CNN_SHAPE, {"0.weight": (6, 3, 3, 3), "3.weight": (6, 1, 3, 3), "6.weight": (4, 3, 3, 3),
-                              "10.weight": (3, 4)}),
-])
+@pytest.mark.parametrize(
+    "factory,shape,want_shapes",
+    [
+        (
+            conv1d_net,
+            (2, 16),
+            {"0.weight": (6, 2, 3), "3.weight": (6, 1, 3), "4.weight": (4, 3, 1), "8.weight": (3, 4)},
+        ),
+        (
+            grouped_cnn,
+            CNN_SHAPE,
+            {"0.weight": (6, 3, 3, 3), "3.weight": (6, 1, 3, 3), "6.weight": (4, 3, 3, 3), "10.weight": (3, 4)},
+        ),
+    ],
+)
 def test_conv1d_grouped_depthwise(factory, shape, want_shapes):
     model = factory()
     masks = ntk_sap_prune(model, 0.3, shape, iterations=2, draws=2, batch_size=4, progress=False)
@@ -454,8 +478,17 @@ def test_bfloat16_exact_counts(density):
     def on_round(t, masks):
         rounds.append(int(flat(masks).sum()))
 
-    masks = ntk_sap_prune(model, density, CNN_SHAPE, iterations=3, dtype=torch.bfloat16, draws=2,
-                          batch_size=4, progress=False, on_round=on_round)
+    masks = ntk_sap_prune(
+        model,
+        density,
+        CNN_SHAPE,
+        iterations=3,
+        dtype=torch.bfloat16,
+        draws=2,
+        batch_size=4,
+        progress=False,
+        on_round=on_round,
+    )
     n = flat(masks).numel()
     assert list(masks) == default_prunable_names(model)
     assert all(v.dtype == torch.bool for v in masks.values())
@@ -487,7 +520,17 @@ def test_micro_batch_with_per_draw_batch_sizes():
 
 
 def test_public_namespace():
-    for name in ("ntk_sap_prune", "ntk_sap_scores", "apply_masks", "save_masks", "load_masks",
-                 "mask_density", "density_schedule", "keep_count", "PRESETS", "Preset"):
+    for name in (
+        "ntk_sap_prune",
+        "ntk_sap_scores",
+        "apply_masks",
+        "save_masks",
+        "load_masks",
+        "mask_density",
+        "density_schedule",
+        "keep_count",
+        "PRESETS",
+        "Preset",
+    ):
         assert name in ntksap_fast.__all__
         assert hasattr(ntksap_fast, name)

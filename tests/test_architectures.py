@@ -6,6 +6,7 @@ projections and the recurrent weight matrices, and the model is left as it was. 
 of the new kinds follow the fan-in documented in ``ntksap_fast.engine.arena``. Everything runs on a 2-core
 CPU with batches of 2-4, 1-2 draws and 2 rounds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import NtkSapScorer, apply_masks, ntk_sap_prune, ntk_sap_scores
 from _arch_models import FAMILIES, SEQUENCE, TwoAttentions, lstm_bidirectional
+from ntksap_fast import NtkSapScorer, apply_masks, ntk_sap_prune, ntk_sap_scores
 
 DENSITY = 0.3
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -46,8 +47,9 @@ def expected_default_names(model: nn.Module) -> list[str]:
 
 def new_kind_names(model: nn.Module) -> list[str]:
     """Default prunable tensors owned by MultiheadAttention or an RNN (the kinds this issue adds)."""
-    owners = {f"{m}.{p}" if m else p: mod
-              for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)}
+    owners = {
+        f"{m}.{p}" if m else p: mod for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)
+    }
     return [n for n in expected_default_names(model) if isinstance(owners[n], (nn.MultiheadAttention, nn.RNNBase))]
 
 
@@ -76,8 +78,9 @@ def test_family_scores_and_exact_prune(family: str) -> None:
     assert all(scores[n].sum() > 0 for n in new_kind_names(model)), "a new tensor gets no gradient"
     assert sum(float(s.sum()) for s in scores.values()) > 0
 
-    masks = ntk_sap_prune(model, DENSITY, input_shape, iterations=2, draws=2, batch_size=2, seed=3,
-                          output=output, progress=False)
+    masks = ntk_sap_prune(
+        model, DENSITY, input_shape, iterations=2, draws=2, batch_size=2, seed=3, output=output, progress=False
+    )
     assert list(masks) == names
     n_total = sum(params[n].numel() for n in names)
     assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
@@ -98,7 +101,9 @@ def test_new_kinds_are_in_the_default_set() -> None:
     vit_names = expected_default_names(FAMILIES["vit"][0]())
     assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in vit_names
     lstm_names = new_kind_names(lstm_bidirectional())
-    assert lstm_names == [f"rnn.weight_{k}_l{l}{d}" for l in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")]
+    assert lstm_names == [
+        f"rnn.weight_{k}_l{layer}{d}" for layer in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")
+    ]
     split = new_kind_names(TwoAttentions())
     assert split == ["packed.in_proj_weight", "split.q_proj_weight", "split.k_proj_weight", "split.v_proj_weight"]
 
@@ -117,8 +122,9 @@ def _record_sampled(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> lis
 
         def hook(module: nn.Module, args: tuple, out: object, prefix: str = mname) -> None:
             if isinstance(module, nn.RNNBase):
-                pairs = [(n, w) for n, w in zip(module._flat_weights_names, module._flat_weights)
-                         if n.startswith("weight")]
+                pairs = [
+                    (n, w) for n, w in zip(module._flat_weights_names, module._flat_weights) if n.startswith("weight")
+                ]
             else:
                 pairs = [(n, getattr(module, n)) for n in ATTENTION_WEIGHTS if getattr(module, n) is not None]
             got = {f"{prefix}.{n}" if prefix else n: w.detach().clone() for n, w in pairs}
@@ -154,8 +160,11 @@ def test_sampled_spread_of_attention_projections() -> None:
     scorer = NtkSapScorer(model, (6, 64), draws=1, batch_size=2, seed=5)
     scorer.scores()
     sampled = {**seen[0], **seen[1]}  # draw 0, clean branch: the packed module, then the split one
-    _check_spread(sampled, {"packed.in_proj_weight": 64, "split.q_proj_weight": 32,
-                            "split.k_proj_weight": 16, "split.v_proj_weight": 48}, scorer)
+    _check_spread(
+        sampled,
+        {"packed.in_proj_weight": 64, "split.q_proj_weight": 32, "split.k_proj_weight": 16, "split.v_proj_weight": 48},
+        scorer,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
@@ -169,8 +178,14 @@ def test_sampled_spread_of_recurrent_weights() -> None:
     scorer.scores()
     fan_in = {}
     for d in ("", "_reverse"):
-        fan_in |= {f"weight_ih_l0{d}": 24, f"weight_hh_l0{d}": 16, f"weight_hr_l0{d}": 32,
-                   f"weight_ih_l1{d}": 32, f"weight_hh_l1{d}": 16, f"weight_hr_l1{d}": 32}
+        fan_in |= {
+            f"weight_ih_l0{d}": 24,
+            f"weight_hh_l0{d}": 16,
+            f"weight_hr_l0{d}": 32,
+            f"weight_ih_l1{d}": 32,
+            f"weight_hh_l1{d}": 16,
+            f"weight_hr_l1{d}": 32,
+        }
     assert [s.name for s in scorer.arena.slots] == [n for n, _ in model.named_parameters() if n.startswith("weight")]
     _check_spread(seen[0], fan_in, scorer)  # draw 0, clean branch
 
@@ -180,8 +195,9 @@ def test_apply_masks_on_attention_and_recurrent_weights() -> None:
     computes what a copy with the masked-out entries zeroed computes."""
     for build, input_shape, output in (FAMILIES["lstm_bidirectional"], FAMILIES["dict_encoder"]):
         model = build()
-        masks = ntk_sap_prune(model, DENSITY, input_shape, iterations=2, draws=1, batch_size=2, output=output,
-                              progress=False)
+        masks = ntk_sap_prune(
+            model, DENSITY, input_shape, iterations=2, draws=1, batch_size=2, output=output, progress=False
+        )
         zeroed = copy.deepcopy(model).eval()
         with torch.no_grad():
             for n, p in zeroed.named_parameters():
@@ -240,8 +256,10 @@ def test_recurrent_families_on_cuda(family: str) -> None:
 
 TIMM_MODELS = {  # name: (create_model keyword arguments, input shape), small enough for a 2-core CPU
     "resnet10t": ({}, (3, 32, 32)),  # a CNN
-    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 2, "embed_dim": 16},
-                             (3, 32, 32)),  # a ViT
+    "vit_tiny_patch16_224": (
+        {"img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 2, "embed_dim": 16},
+        (3, 32, 32),
+    ),  # a ViT
     "mobilevit_xxs": ({}, (3, 32, 32)),  # a hybrid: convolutions and transformer blocks
 }
 
@@ -250,6 +268,7 @@ TIMM_MODELS = {  # name: (create_model keyword arguments, input shape), small en
 @pytest.mark.slow
 def test_timm_models(name: str) -> None:
     import timm  # the test extra installs it
+
     kwargs, input_shape = TIMM_MODELS[name]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
@@ -267,14 +286,23 @@ def test_timm_models(name: str) -> None:
 @pytest.mark.slow
 def test_transformers_vit_with_output() -> None:
     import transformers  # the test extra installs it
+
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=32, num_labels=10)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=10,
+    )
     model = transformers.ViTForImageClassification(config)
     scores = ntk_sap_scores(model, (3, 32, 32), draws=1, batch_size=2, output=lambda out: out.logits)
     assert all(torch.isfinite(s).all() for s in scores.values())
-    masks = ntk_sap_prune(model, DENSITY, (3, 32, 32), iterations=2, draws=1, batch_size=2,
-                          output=lambda out: out.logits, progress=False)
+    masks = ntk_sap_prune(
+        model, DENSITY, (3, 32, 32), iterations=2, draws=1, batch_size=2, output=lambda out: out.logits, progress=False
+    )
     assert list(masks) == expected_default_names(model)
     n_total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == expected_keep(n_total, DENSITY)
@@ -304,8 +332,9 @@ def test_transformers_gpt2_through_its_input_embeddings() -> None:
     sampled: list[dict[str, torch.Tensor]] = []
     for mname, mod in model.named_modules():
         if isinstance(mod, Conv1D):
-            mod.register_forward_hook(lambda module, args, out, name=f"{mname}.weight":
-                                      sampled.append({name: module.weight.detach().clone()}))
+            mod.register_forward_hook(
+                lambda module, args, out, name=f"{mname}.weight": sampled.append({name: module.weight.detach().clone()})
+            )
     scorer = NtkSapScorer(model, (6, 16), draws=1, batch_size=2, seed=3)
     sampled.clear()  # the input-shape check ran the model with zero weights
     scorer.scores()

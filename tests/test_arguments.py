@@ -1,6 +1,7 @@
 """Bad input to ntk_sap_prune / ntk_sap_scores (the checks in ntksap_fast.options, applied by
 ScorerOptions and the scorer): a ValueError or TypeError that names the argument,
 for every option, params, input_shape, the model and the masks."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,18 +35,40 @@ def test_params_errors(entry):
 
 
 PRUNE_BAD = [
-    ("density", 0), ("density", 0.0), ("density", -0.1), ("density", 1.5), ("density", float("nan")),
-    ("density", "0.5"), ("density", None),
-    ("iterations", 0), ("iterations", -1), ("iterations", 2.5), ("iterations", True),
-    ("draws", 0), ("draws", 2.5), ("draws", True),
-    ("batch_size", 0), ("batch_size", 2.5), ("batch_size", True), ("batch_size", [4, 4, 4]),
+    ("density", 0),
+    ("density", 0.0),
+    ("density", -0.1),
+    ("density", 1.5),
+    ("density", float("nan")),
+    ("density", "0.5"),
+    ("density", None),
+    ("iterations", 0),
+    ("iterations", -1),
+    ("iterations", 2.5),
+    ("iterations", True),
+    ("draws", 0),
+    ("draws", 2.5),
+    ("draws", True),
+    ("batch_size", 0),
+    ("batch_size", 2.5),
+    ("batch_size", True),
+    ("batch_size", [4, 4, 4]),
     ("batch_size", [4, 0]),
-    ("epsilon", 0), ("epsilon", 0.0), ("epsilon", -0.01), ("epsilon", float("inf")), ("epsilon", float("nan")),
+    ("epsilon", 0),
+    ("epsilon", 0.0),
+    ("epsilon", -0.01),
+    ("epsilon", float("inf")),
+    ("epsilon", float("nan")),
     ("epsilon", "0.01"),
-    ("seed", -1), ("seed", 1.5),
-    ("schedule", "cosine"), ("schedule", None),
-    ("dtype", torch.float16), ("dtype", torch.int32), ("dtype", "float32"),
-    ("micro_batch", 0), ("micro_batch", 2.5),
+    ("seed", -1),
+    ("seed", 1.5),
+    ("schedule", "cosine"),
+    ("schedule", None),
+    ("dtype", torch.float16),
+    ("dtype", torch.int32),
+    ("dtype", "float32"),
+    ("micro_batch", 0),
+    ("micro_batch", 2.5),
     ("device", "not-a-device"),
 ]
 
@@ -61,11 +84,20 @@ def test_prune_bad_arguments(arg, value):
 
 
 SCORES_BAD = [
-    ("draws", 0), ("draws", 2.5), ("draws", True),
-    ("batch_size", 0), ("batch_size", 2.5), ("batch_size", [4]),
-    ("epsilon", 0), ("epsilon", float("inf")), ("epsilon", float("nan")),
-    ("seed", -1), ("round", -1), ("round", 0.5),
-    ("dtype", torch.float16), ("micro_batch", 0),
+    ("draws", 0),
+    ("draws", 2.5),
+    ("draws", True),
+    ("batch_size", 0),
+    ("batch_size", 2.5),
+    ("batch_size", [4]),
+    ("epsilon", 0),
+    ("epsilon", float("inf")),
+    ("epsilon", float("nan")),
+    ("seed", -1),
+    ("round", -1),
+    ("round", 0.5),
+    ("dtype", torch.float16),
+    ("micro_batch", 0),
 ]
 
 

@@ -1,4 +1,5 @@
 """ntksap_fast.models: CIFAR ResNets and VGG-16 have the published layer counts and parameter counts."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def cifar_resnet_param_count(depth: int, num_classes: int = 10) -> int:
     total = conv(3, 16, 3) + bn(16)
     cin = 16
     for planes in (16, 32, 64):
-        for i in range(n):
+        for _ in range(n):
             total += conv(cin, planes, 3) + bn(planes) + conv(planes, planes, 3) + bn(planes)
             if cin != planes:
                 total += conv(cin, planes, 1) + bn(planes)
@@ -29,8 +30,9 @@ def cifar_resnet_param_count(depth: int, num_classes: int = 10) -> int:
     return total + 64 * num_classes + num_classes
 
 
-@pytest.mark.parametrize("name,depth,approx", [("resnet20", 20, 0.27e6), ("resnet32", 32, 0.46e6),
-                                               ("resnet56", 56, 0.85e6)])
+@pytest.mark.parametrize(
+    "name,depth,approx", [("resnet20", 20, 0.27e6), ("resnet32", 32, 0.46e6), ("resnet56", 56, 0.85e6)]
+)
 def test_cifar_resnets(name, depth, approx):
     model = getattr(nf_models, name)()
     count = sum(p.numel() for p in model.parameters())

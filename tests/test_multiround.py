@@ -8,17 +8,16 @@ the scores are bit-identical in float32 (``_tolerances.py``) and the masks must 
 entry after every round. An engine that scores every round as round 0, or always with the dense
 mask, keeps other entries from round 2 on.
 """
+
 import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores, prune
-
-from ntksap_fast.select import topk
-from ntksap_fast.testing.reference import reference_prune
-
 from _oracle_models import MODELS, flat
 from _requires_ext import ext_missing
+from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores, prune
+from ntksap_fast.select import topk
+from ntksap_fast.testing.reference import reference_prune
 
 F64 = torch.float64
 # Non-default estimator settings, so that a loop that drops one of them is caught too.
@@ -57,8 +56,17 @@ def test_ntk_sap_prune_equals_reference_loop(name, schedule):
     build, shape = MODELS[name]
     model = build()
     got, want = [], []
-    masks = ntk_sap_prune(model, 0.1, shape, iterations=4, schedule=schedule, dtype=F64, progress=False,
-                          on_round=_record(got), **ESTIMATOR)
+    masks = ntk_sap_prune(
+        model,
+        0.1,
+        shape,
+        iterations=4,
+        schedule=schedule,
+        dtype=F64,
+        progress=False,
+        on_round=_record(got),
+        **ESTIMATOR,
+    )
     ref = reference_prune(model, 0.1, shape, iterations=4, schedule=schedule, on_round=_record(want), **ESTIMATOR)
     _assert_same_rounds(got, want)
     _assert_same_rounds([(4, masks)], [(4, ref)])
@@ -68,10 +76,28 @@ def test_ntk_sap_prune_equals_reference_loop(name, schedule):
 def test_ntk_sap_prune_with_params_equals_reference_loop(params):
     model = MODELS["tiny_resnet"][0]()
     got, want = [], []
-    ntk_sap_prune(model, 0.05, (3, 8, 8), iterations=3, schedule="linear", params=PARAMS[params], dtype=F64,
-                  progress=False, on_round=_record(got), **ESTIMATOR)
-    reference_prune(model, 0.05, (3, 8, 8), iterations=3, schedule="linear", params=PARAMS[params],
-                    on_round=_record(want), **ESTIMATOR)
+    ntk_sap_prune(
+        model,
+        0.05,
+        (3, 8, 8),
+        iterations=3,
+        schedule="linear",
+        params=PARAMS[params],
+        dtype=F64,
+        progress=False,
+        on_round=_record(got),
+        **ESTIMATOR,
+    )
+    reference_prune(
+        model,
+        0.05,
+        (3, 8, 8),
+        iterations=3,
+        schedule="linear",
+        params=PARAMS[params],
+        on_round=_record(want),
+        **ESTIMATOR,
+    )
     _assert_same_rounds(got, want)
 
 
@@ -79,16 +105,27 @@ def test_ntk_sap_prune_with_params_equals_reference_loop(params):
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_prune_ntksap_equals_reference_loop(scope, params):
     model = MODELS["tiny_resnet"][0]()
-    got = prune(model, "ntksap", density=0.08, iterations=3, schedule="exponential", scope=scope,
-                input_shape=(3, 8, 8), params=PARAMS[params], dtype=F64, progress=False, **ESTIMATOR)
-    want = reference_prune(model, 0.08, (3, 8, 8), iterations=3, schedule="exponential", scope=scope,
-                           params=PARAMS[params], **ESTIMATOR)
+    got = prune(
+        model,
+        "ntksap",
+        density=0.08,
+        iterations=3,
+        schedule="exponential",
+        scope=scope,
+        input_shape=(3, 8, 8),
+        params=PARAMS[params],
+        dtype=F64,
+        progress=False,
+        **ESTIMATOR,
+    )
+    want = reference_prune(
+        model, 0.08, (3, 8, 8), iterations=3, schedule="exponential", scope=scope, params=PARAMS[params], **ESTIMATOR
+    )
     _assert_same_rounds([(3, got)], [(3, want)])
     if scope == "layer":  # every tensor keeps its own count, which the global scope would not give
         for name, m in want.items():
             n = m.numel()
             assert int(m.sum()) == n - int((1 - 0.08) * n), name
-
 
 
 def test_one_scorer_prunes_twice_like_the_reference_loop():
@@ -107,8 +144,9 @@ def _bias_free_relu_net() -> nn.Module:
     """A unit of this net whose inputs are all pruned outputs exactly 0, so its outgoing weights score
     exactly 0 (as do those of a unit that is negative on every input of a draw)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10, bias=False), nn.ReLU(), nn.Linear(10, 10, bias=False), nn.ReLU(),
-                         nn.Linear(10, 3, bias=False))
+    return nn.Sequential(
+        nn.Linear(6, 10, bias=False), nn.ReLU(), nn.Linear(10, 10, bias=False), nn.ReLU(), nn.Linear(10, 3, bias=False)
+    )
 
 
 @pytest.mark.parametrize("topk_path", [pytest.param("compiled", marks=pytest.mark.ext), "pytorch"])

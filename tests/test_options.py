@@ -1,4 +1,5 @@
 """ScorerOptions: one list of options, their defaults and checks (the decisions: tests/engine/test_plan.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,14 +7,11 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
 
 from ntksap_fast import NtkSapScorer, ntk_sap_prune, ntk_sap_scores
-from ntksap_fast.engine.arena import Arena
-from ntksap_fast.methods.baselines import _NTKSAP_OPTIONS, _SHARED
 from ntksap_fast.cli.app import build_parser
+from ntksap_fast.methods.baselines import _NTKSAP_OPTIONS, _SHARED
 from ntksap_fast.options import ScorerOptions
-
 
 
 @pytest.mark.parametrize("entry", [NtkSapScorer, ntk_sap_scores, ntk_sap_prune])
@@ -33,13 +31,21 @@ def test_other_entry_points_derive_their_option_lists():
     assert {f.name for f in ScorerOptions.cli_fields()} >= {"draws", "batch_size", "epsilon", "dtype", "micro_batch"}
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"draws": 0}, ValueError, "draws"), ({"draws": 2.0}, TypeError, "draws"),
-    ({"batch_size": [4, 4, 4]}, ValueError, "batch_size"), ({"epsilon": -1.0}, ValueError, "epsilon"),
-    ({"seed": 2**64}, ValueError, "seed"), ({"dtype": torch.float16}, ValueError, "dtype"),
-    ({"micro_batch": 0}, ValueError, "micro_batch"), ({"draw_batch": "2"}, TypeError, "draw_batch"),
-    ({"allow_tf32": 1}, TypeError, "allow_tf32"), ({"output": 3}, TypeError, "output"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"draws": 0}, ValueError, "draws"),
+        ({"draws": 2.0}, TypeError, "draws"),
+        ({"batch_size": [4, 4, 4]}, ValueError, "batch_size"),
+        ({"epsilon": -1.0}, ValueError, "epsilon"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"dtype": torch.float16}, ValueError, "dtype"),
+        ({"micro_batch": 0}, ValueError, "micro_batch"),
+        ({"draw_batch": "2"}, TypeError, "draw_batch"),
+        ({"allow_tf32": 1}, TypeError, "allow_tf32"),
+        ({"output": 3}, TypeError, "output"),
+    ],
+)
 def test_options_are_checked_when_made(kwargs, error, match):
     with pytest.raises(error, match=match):
         ScorerOptions(**kwargs)

@@ -6,6 +6,7 @@ statistics pass, one draw at a time. Settings are varied on purpose (epsilon 0.0
 per-draw batch sizes, seeds and rounds other than 0, a pruned mask) so that an engine that
 ignores any of them disagrees. Tolerances: ``_tolerances.py``.
 """
+
 import math
 
 import pytest
@@ -13,13 +14,12 @@ import torch
 import torchvision
 from torch import nn
 
-from ntksap_fast import NtkSapScorer, ntk_sap_scores
-from ntksap_fast.models import resnet20, vgg16_bn
-from ntksap_fast.testing.reference import reference_prunable, reference_scores
-from ntksap_fast.engine.rng import Stream, normal
-
 from _oracle_models import MODELS, flat, tiny_resnet
 from _tolerances import F32_U, assert_float32_close, assert_scores_close, rel_l2
+from ntksap_fast import NtkSapScorer, ntk_sap_scores
+from ntksap_fast.engine.rng import Stream, normal
+from ntksap_fast.models import resnet20, vgg16_bn
+from ntksap_fast.testing.reference import reference_prunable, reference_scores
 
 F64 = torch.float64
 
@@ -36,13 +36,35 @@ def _pruned_mask(model: nn.Module, fraction: float = 0.25, seed: int = 1) -> dic
 
 
 def _engine(model, shape, masks, eps, batches, seed, rnd, **kw) -> torch.Tensor:
-    return flat(ntk_sap_scores(model, shape, masks, draws=len(batches), batch_size=batches, epsilon=eps,
-                               seed=seed, round=rnd, dtype=F64, **kw))
+    return flat(
+        ntk_sap_scores(
+            model,
+            shape,
+            masks,
+            draws=len(batches),
+            batch_size=batches,
+            epsilon=eps,
+            seed=seed,
+            round=rnd,
+            dtype=F64,
+            **kw,
+        )
+    )
 
 
 def _oracle(model, shape, masks, eps, batches, seed, rnd, params=None) -> torch.Tensor:
-    return reference_scores(model, params, masks, shape, draws=len(batches), batch_size=batches, epsilon=eps,
-                            seed=seed, round=rnd, dtype=F64)
+    return reference_scores(
+        model,
+        params,
+        masks,
+        shape,
+        draws=len(batches),
+        batch_size=batches,
+        epsilon=eps,
+        seed=seed,
+        round=rnd,
+        dtype=F64,
+    )
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -63,13 +85,17 @@ def test_engine_matches_oracle_with_params_selection():
     model = tiny_resnet()
     convs = [n for n, p in model.named_parameters() if p.dim() == 4]
     pick = convs[1:4]  # the block's convolutions and the shortcut, not the stem or the head
-    got = flat(ntk_sap_scores(model, (3, 8, 8), draws=2, batch_size=[5, 7], epsilon=0.02, seed=9, round=1,
-                              params=pick, dtype=F64))
+    got = flat(
+        ntk_sap_scores(
+            model, (3, 8, 8), draws=2, batch_size=[5, 7], epsilon=0.02, seed=9, round=1, params=pick, dtype=F64
+        )
+    )
     want = _oracle(model, (3, 8, 8), None, 0.02, [5, 7], 9, 1, params=pick)
     assert_scores_close(got, want)
     predicate = lambda name, module, p: name in ("fc.weight", "shortcut.0.weight")  # noqa: E731
-    got = flat(ntk_sap_scores(model, (3, 8, 8), draws=1, batch_size=6, epsilon=0.02, seed=9, params=predicate,
-                              dtype=F64))
+    got = flat(
+        ntk_sap_scores(model, (3, 8, 8), draws=1, batch_size=6, epsilon=0.02, seed=9, params=predicate, dtype=F64)
+    )
     assert_scores_close(got, _oracle(model, (3, 8, 8), None, 0.02, [6], 9, 0, params=predicate))
 
 
@@ -130,6 +156,7 @@ def _seeded(build):
     def make():
         torch.manual_seed(0)
         return build()
+
     return make
 
 
@@ -166,8 +193,12 @@ def test_float32_engine_matches_float64_oracle(name):
     build, shape, batches = FLOAT32_CASES[name]
     model = build()
     got = flat(ntk_sap_scores(model, shape, draws=len(batches), batch_size=batches, seed=5))
-    assert_float32_close(got, reference_scores(model, None, None, shape, draws=len(batches), batch_size=batches,
-                                               epsilon=0.01, seed=5, dtype=F64))
+    assert_float32_close(
+        got,
+        reference_scores(
+            model, None, None, shape, draws=len(batches), batch_size=batches, epsilon=0.01, seed=5, dtype=F64
+        ),
+    )
 
 
 COMPILED_CASES = {  # small, so that inductor's C++ compilation stays a few seconds per graph on CI
@@ -184,13 +215,16 @@ def test_compiled_float32_is_no_further_from_float64_than_eager(name):
     build, shape, batches = COMPILED_CASES[name]
     model = build()
     kwargs = dict(draws=len(batches), batch_size=batches, seed=5)
-    want = reference_scores(model, None, None, shape, draws=len(batches), batch_size=batches, epsilon=0.01, seed=5,
-                            dtype=F64)
+    want = reference_scores(
+        model, None, None, shape, draws=len(batches), batch_size=batches, epsilon=0.01, seed=5, dtype=F64
+    )
     eager = flat(ntk_sap_scores(model, shape, compile=False, **kwargs))
     compiled = flat(ntk_sap_scores(model, shape, compile=True, **kwargs))
     assert_float32_close(compiled, want)
-    assert rel_l2(compiled, want) <= max(2 * rel_l2(eager, want), 10 * F32_U / 0.01), (rel_l2(compiled, want),
-                                                                                       rel_l2(eager, want))
+    assert rel_l2(compiled, want) <= max(2 * rel_l2(eager, want), 10 * F32_U / 0.01), (
+        rel_l2(compiled, want),
+        rel_l2(eager, want),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Precision: bfloat16 scores against float32, by a bound tied to bf16 rounding (``_tolerances.py``)."""
+
 import pytest
 import torch
 
-from ntksap_fast import ntk_sap_scores
-from ntksap_fast.models import resnet20
-
 from _oracle_models import MODELS, flat
 from _tolerances import bf16_rel_l2_bound, rel_l2
+from ntksap_fast import ntk_sap_scores
+from ntksap_fast.models import resnet20
 
 
 def _resnet20():

@@ -1,4 +1,5 @@
 """ntksap_fast.presets: the presets match DESIGN.md's table and fit ntk_sap_prune's signature."""
+
 from __future__ import annotations
 
 import inspect
@@ -10,7 +11,6 @@ from torch import nn
 from _tiny_models import default_prunable_names, expected_keep, flat
 from ntksap_fast import PRESETS, ntk_sap_prune
 from ntksap_fast import models as nf_models
-
 
 # DESIGN.md section 2's table.
 PAPER = {

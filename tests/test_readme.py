@@ -1,4 +1,5 @@
 """Every ```python block of README.md runs as written, each in a fresh process in an empty folder."""
+
 from __future__ import annotations
 
 import os
@@ -36,6 +37,7 @@ def test_the_readme_has_python_blocks() -> None:
 @pytest.mark.slow
 def test_readme_block_runs(code: str, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -1,4 +1,5 @@
 """The session object: reuse, micro-batching, the memory plan, the precision policy, outputs."""
+
 from __future__ import annotations
 
 import warnings
@@ -20,10 +21,19 @@ def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
 def _convnet() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10), nn.BatchNorm1d(10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+        nn.BatchNorm1d(10),
     )
 
 
@@ -31,11 +41,16 @@ def _convnet() -> nn.Module:
 def test_reused_scorer_equals_fresh_ones_bit_for_bit():
     model = _convnet()
     scorer = NtkSapScorer(model, (3, 8, 8), draws=2, batch_size=6, seed=3)
-    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.3
-            for n, p in model.named_parameters() if n in scorer.arena.names}
+    mask = {
+        n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.3
+        for n, p in model.named_parameters()
+        if n in scorer.arena.names
+    }
     first = [scorer.scores(), scorer.scores(mask, round=4), scorer.scores()]
-    fresh = [NtkSapScorer(model, (3, 8, 8), draws=2, batch_size=6, seed=3).scores(m, round=r)
-             for m, r in ((None, 0), (mask, 4), (None, 0))]
+    fresh = [
+        NtkSapScorer(model, (3, 8, 8), draws=2, batch_size=6, seed=3).scores(m, round=r)
+        for m, r in ((None, 0), (mask, 4), (None, 0))
+    ]
     for a, b in zip(first, fresh):
         assert torch.equal(_flat(a), _flat(b))
     assert not torch.equal(_flat(first[0]), _flat(first[1]))
@@ -66,6 +81,7 @@ def _conv_samples(model: nn.Module) -> tuple[list[int], list]:
 
         def hook(module, inputs, output, i=i):
             counts[i] += inputs[0].shape[0]
+
         handles.append(m.register_forward_hook(hook))
     return counts, handles
 
@@ -153,8 +169,18 @@ def test_tf32_flags_are_set_for_the_call_and_restored_also_on_error():
 def test_repr_says_what_was_decided():
     scorer = NtkSapScorer(_convnet(), (3, 8, 8), draws=3, batch_size=[4, 4, 2], micro_batch=2, allow_tf32=False)
     text = repr(scorer)
-    for part in ("tensors=4", "draws=3", "batch_size=4,4,2", "device=cpu", "dtype=float32", "backend=torch",
-                 "micro_batch=2", "draw_batch=1", "graphs=False", "allow_tf32=False"):
+    for part in (
+        "tensors=4",
+        "draws=3",
+        "batch_size=4,4,2",
+        "device=cpu",
+        "dtype=float32",
+        "backend=torch",
+        "micro_batch=2",
+        "draw_batch=1",
+        "graphs=False",
+        "allow_tf32=False",
+    ):
         assert part in text, text
     settings = scorer.settings()
     assert settings["micro_batch"] == 2 and settings["batch_sizes"] == [4, 4, 2] and settings["graphs"] is False
@@ -229,7 +255,7 @@ def test_cuda_graph_replays_equal_eager_draws():
     assert graphed.engine.graphs.captured == 2 and graphed.engine.graphs.error is None
 
 
-_NARROW = r'''
+_NARROW = r"""
 import os, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 device = "cpu"
@@ -244,7 +270,7 @@ torch.manual_seed(0)
 model = CifarResNet(8, width=4)
 scores = ntk_sap_scores(model, (3, 16, 16), draws=2, batch_size=8, device=device, allow_tf32=False)
 torch.save({n: v.cpu() for n, v in scores.items()}, sys.argv[3])
-'''
+"""
 
 
 @pytest.mark.slow
@@ -258,8 +284,12 @@ def test_width4_resnet_runs_and_both_paths_agree(tmp_path):
     got = {}
     for threads, backend in ((1, "torch"), (2, "torch"), (2, "triton")):
         path = tmp_path / f"{backend}{threads}.pt"
-        res = subprocess.run([sys.executable, "-c", _NARROW, str(threads), backend, str(path)],
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-c", _NARROW, str(threads), backend, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         got[(threads, backend)] = torch.load(path)
     want = got[(1, "torch")]
@@ -298,6 +328,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_draws():
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_on_a_cpu_without_native_bfloat16_warns(monkeypatch, native):
     from ntksap_fast.engine import plan
+
     monkeypatch.setattr(plan, "cpu_has_bfloat16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

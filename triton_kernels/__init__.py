@@ -18,6 +18,7 @@ each compiles once per dtype/layout and a CUDA graph of a draw replays with new 
 Importing this package needs nothing; importing a module needs ``triton``. Kernels run on CUDA
 tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -2,7 +2,8 @@
 
 Input ``x``: ``(B, C, *spatial)`` float32/bf16/fp16, any dense layout (NCHW or channels-last).
 
-``clean_stats`` gives per channel mean and unbiased variance over the batch and spatial dims: data shifted by one sample of the channel (so |mean| >> std costs nothing), each tile's mean
+``clean_stats`` gives per channel mean and unbiased variance over the batch and spatial dims: data
+shifted by one sample of the channel (so |mean| >> std costs nothing), each tile's mean
 and M2 computed in float32 registers (two-pass within the tile) and merged (Chan et al.) into
 per-chunk accumulators; chunks combined in float64 and rounded once to float32. Accuracy: within
 ~1 float32 ulp of the float64 statistics the engine rounds to float32 (measured <= 1.2 ulp of var,
@@ -16,6 +17,7 @@ of the partial kernel and one of the combine kernel per input dtype. The batch i
 ``K`` chunks of ``BPC`` samples (the last chunk may be shorter) so that ~1024 programs share the
 work.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +33,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit(do_not_specialize=["C", "S", "B", "BPC", "K"])
-def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, B, BPC, K, sB, sC, sS,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_partial_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, C, S, B, BPC, K, sB, sC, sS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """Partial (mean, M2) of channels tile ``pid0`` over samples chunk ``pid1`` (``BPC`` samples, the
     last chunk fewer).
 
@@ -71,8 +74,9 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, B, BPC, K, sB, sC, sS
 
 
 @triton.jit(do_not_specialize=["C", "S", "B", "BPC", "K"])
-def _stats_combine_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, B, BPC, K, sC,
-                          BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _stats_combine_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, B, BPC, K, sC, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Chunks -> (mean, unbiased var) per channel in float64, stored as float32 ``(C,)``."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -148,11 +152,13 @@ def clean_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = triton.cdiv(b, bpc)  # chunks, the last one short when bpc does not divide b
     pmean = torch.empty(c, k, dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    wrap_triton(_stats_partial_kernel)[(c_tiles, k)](x, pmean, pm2, c, s, b, bpc, k, sb, sc, ss, BLOCK_S=block_s,
-                                                      BLOCK_C=block_c)
+    wrap_triton(_stats_partial_kernel)[(c_tiles, k)](
+        x, pmean, pm2, c, s, b, bpc, k, sb, sc, ss, BLOCK_S=block_s, BLOCK_C=block_c
+    )
     comb_c = 64
-    wrap_triton(_stats_combine_kernel)[(triton.cdiv(c, comb_c),)](x, pmean, pm2, mean, var, c, s, b, bpc, k, sc,
-                                                                   BLOCK_C=comb_c, BLOCK_K=64)
+    wrap_triton(_stats_combine_kernel)[(triton.cdiv(c, comb_c),)](
+        x, pmean, pm2, mean, var, c, s, b, bpc, k, sc, BLOCK_C=comb_c, BLOCK_K=64
+    )
     return mean, var
 
 

@@ -7,6 +7,7 @@ and ``dL/df_p = -dL/df_c`` in one pass. The gradients equal autograd's of the tw
 float32 (``2*(a-b)*go`` with the same rounding); the loss is a float32 sum in a different order
 (~1e-6 relative). Sizes are runtime arguments: one compiled kernel per input dtype.
 """
+
 from __future__ import annotations
 
 import torch

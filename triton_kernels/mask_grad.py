@@ -17,9 +17,10 @@ With ``mask`` given, entries whose mask is 0 get no contribution: this equals th
 sampling (theta = z = 0 where pruned); without it, the engine's dense sampling. Scores are
 ``|G| * mask`` either way.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -38,9 +39,27 @@ Stats = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.jit(do_not_specialize=["D"])
-def _mask_grad_kernel(G_ptr, odd_ptr, sq_ptr, gc_ptr, gp_ptr, mask_ptr, offsets_ptr, std_ptr, key_ptr, draws_ptr,
-                      D, N, T, eps, HAS_MASK: tl.constexpr, STATS: tl.constexpr, STEPS: tl.constexpr,
-                      BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def _mask_grad_kernel(
+    G_ptr,
+    odd_ptr,
+    sq_ptr,
+    gc_ptr,
+    gp_ptr,
+    mask_ptr,
+    offsets_ptr,
+    std_ptr,
+    key_ptr,
+    draws_ptr,
+    D,
+    N,
+    T,
+    eps,
+    HAS_MASK: tl.constexpr,
+    STATS: tl.constexpr,
+    STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     seed_lo, seed_hi, round_ = load_key(key_ptr)
     block = pid * BLOCK + tl.arange(0, BLOCK)
@@ -83,9 +102,17 @@ def _mask_grad_kernel(G_ptr, odd_ptr, sq_ptr, gc_ptr, gp_ptr, mask_ptr, offsets_
         tl.store(sq_ptr + elem, sq, mask=ok)
 
 
-def mask_grad_accumulate_into(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, table: StdTable,
-                              key: torch.Tensor, draws: torch.Tensor, eps: float, mask: torch.Tensor | None = None,
-                              stats: Stats | None = None) -> None:
+def mask_grad_accumulate_into(
+    G: torch.Tensor,
+    g_clean: torch.Tensor,
+    g_pert: torch.Tensor,
+    table: StdTable,
+    key: torch.Tensor,
+    draws: torch.Tensor,
+    eps: float,
+    mask: torch.Tensor | None = None,
+    stats: Stats | None = None,
+) -> None:
     """``G += sum_d c_d`` (and the ``stats`` sums) with device-side counters; no host sync.
 
     ``G``: contiguous float32 ``(N,)``; ``g_clean``/``g_pert``: contiguous ``(D, N)`` float32/bf16;
@@ -97,15 +124,40 @@ def mask_grad_accumulate_into(G: torch.Tensor, g_clean: torch.Tensor, g_pert: to
     if n and d:
         block = 256
         wrap_triton(_mask_grad_kernel)[(triton.cdiv(n, 4 * block),)](
-            G, stats[0] if stats else G, stats[1] if stats else G, g_clean, g_pert,
-            mask if mask is not None else G, table.offsets, table.std, key, draws, d, n, table.std.numel(),
-            float(eps), HAS_MASK=mask is not None, STATS=stats is not None, STEPS=table.steps, BLOCK=block,
-            PRECISE=use_libdevice())
+            G,
+            stats[0] if stats else G,
+            stats[1] if stats else G,
+            g_clean,
+            g_pert,
+            mask if mask is not None else G,
+            table.offsets,
+            table.std,
+            key,
+            draws,
+            d,
+            n,
+            table.std.numel(),
+            float(eps),
+            HAS_MASK=mask is not None,
+            STATS=stats is not None,
+            STEPS=table.steps,
+            BLOCK=block,
+            PRECISE=use_libdevice(),
+        )
 
 
-def mask_grad_reference(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, table: StdTable,
-                        seed: int, round: int, draws: Sequence[int], eps: float,
-                        mask: torch.Tensor | None = None, stats: Stats | None = None) -> torch.Tensor:
+def mask_grad_reference(
+    G: torch.Tensor,
+    g_clean: torch.Tensor,
+    g_pert: torch.Tensor,
+    table: StdTable,
+    seed: int,
+    round: int,
+    draws: Sequence[int],
+    eps: float,
+    mask: torch.Tensor | None = None,
+    stats: Stats | None = None,
+) -> torch.Tensor:
     """PyTorch twin of ``mask_grad_accumulate_into`` (the engine's per-draw formula); in place, returns ``G``.
 
     ``seed``/``round``: the counters of the ``round_key``; ``draws``: the ``D`` draw ids, in the

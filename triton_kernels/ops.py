@@ -12,6 +12,7 @@ kernels cannot run on the tracer's tensors, so the same operators are opaque
   and ``mask_grad_stats(..., odd, sq)``: ``mask_grad.mask_grad_accumulate_into`` without and with
   the stability sums (mutating ``G``, and ``odd``/``sq``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,20 +35,41 @@ def clean_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @_operator("ntksap_fast_kernels::mask_grad", mutates_args={"G"})
-def mask_grad(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, offsets: torch.Tensor,
-              std: torch.Tensor, key: torch.Tensor, draws: torch.Tensor, eps: float, steps: int,
-              mask: torch.Tensor) -> None:
+def mask_grad(
+    G: torch.Tensor,
+    g_clean: torch.Tensor,
+    g_pert: torch.Tensor,
+    offsets: torch.Tensor,
+    std: torch.Tensor,
+    key: torch.Tensor,
+    draws: torch.Tensor,
+    eps: float,
+    steps: int,
+    mask: torch.Tensor,
+) -> None:
     """``G += sum_d c_d`` (``mask_grad.mask_grad_accumulate_into``; ``mask`` the flat ``(N,)`` mask)."""
     mask_grad_accumulate_into(G, g_clean, g_pert, StdTable(offsets, std, G.numel(), steps), key, draws, eps, mask)
 
 
 @_operator("ntksap_fast_kernels::mask_grad_stats", mutates_args={"G", "odd", "sq"})
-def mask_grad_stats(G: torch.Tensor, g_clean: torch.Tensor, g_pert: torch.Tensor, offsets: torch.Tensor,
-                    std: torch.Tensor, key: torch.Tensor, draws: torch.Tensor, eps: float, steps: int,
-                    mask: torch.Tensor, odd: torch.Tensor, sq: torch.Tensor) -> None:
+def mask_grad_stats(
+    G: torch.Tensor,
+    g_clean: torch.Tensor,
+    g_pert: torch.Tensor,
+    offsets: torch.Tensor,
+    std: torch.Tensor,
+    key: torch.Tensor,
+    draws: torch.Tensor,
+    eps: float,
+    steps: int,
+    mask: torch.Tensor,
+    odd: torch.Tensor,
+    sq: torch.Tensor,
+) -> None:
     """``mask_grad`` that also adds the odd-numbered draws' share to ``odd`` and the squares to ``sq``."""
-    mask_grad_accumulate_into(G, g_clean, g_pert, StdTable(offsets, std, G.numel(), steps), key, draws, eps, mask,
-                              (odd, sq))
+    mask_grad_accumulate_into(
+        G, g_clean, g_pert, StdTable(offsets, std, G.numel(), steps), key, draws, eps, mask, (odd, sq)
+    )
 
 
 # Shapes of the outputs, for tracing. A triton_op derives them by running its function with the

@@ -22,6 +22,7 @@ tensors are rewritten between replays.
 Jitted helpers (usable from other kernels): ``philox4x32_10``, ``box_muller``, ``load_key``,
 ``block_normals`` (4 normals per block index) and ``interleave4`` (lanes -> element order).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,16 @@ from ntksap_fast.engine import rng
 from ntksap_fast.engine.rng import Stream, check_counters
 
 __all__ = [
-    "philox4x32_10", "box_muller", "load_key", "block_normals", "interleave4",
-    "round_key", "draw_ids", "normal_into", "use_libdevice", "NORMAL_TOL",
+    "philox4x32_10",
+    "box_muller",
+    "load_key",
+    "block_normals",
+    "interleave4",
+    "round_key",
+    "draw_ids",
+    "normal_into",
+    "use_libdevice",
+    "NORMAL_TOL",
 ]
 
 #: Normals agree with ``ntksap_fast.engine.rng`` to ``|a - b| <= NORMAL_TOL * max(1, |b|)``.
@@ -127,8 +136,7 @@ def box_muller(w0, w1, w2, w3, PRECISE: tl.constexpr):
 @triton.jit
 def load_key(key_ptr):
     """``(seed lo32, seed hi32, round)`` from a ``round_key`` tensor, as uint32 scalars."""
-    return (tl.load(key_ptr).to(tl.uint32), tl.load(key_ptr + 1).to(tl.uint32),
-            tl.load(key_ptr + 2).to(tl.uint32))
+    return (tl.load(key_ptr).to(tl.uint32), tl.load(key_ptr + 1).to(tl.uint32), tl.load(key_ptr + 2).to(tl.uint32))
 
 
 @triton.jit
@@ -153,8 +161,17 @@ def interleave4(n0, n1, n2, n3):
 
 
 @triton.jit(do_not_specialize=["first_block", "offset", "numel"])
-def _normal_range_kernel(out_ptr, first_block, offset, numel, key_ptr, draw_ptr,
-                         STREAM: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def _normal_range_kernel(
+    out_ptr,
+    first_block,
+    offset,
+    numel,
+    key_ptr,
+    draw_ptr,
+    STREAM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     seed_lo, seed_hi, round_ = load_key(key_ptr)
     tag = tl.load(draw_ptr).to(tl.uint32) * 4 + STREAM
     block = first_block + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -165,7 +182,9 @@ def _normal_range_kernel(out_ptr, first_block, offset, numel, key_ptr, draw_ptr,
     tl.store(out_ptr + (elem - offset), vals, mask=ok)
 
 
-def normal_into(out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream: Stream, offset: int = 0) -> torch.Tensor:
+def normal_into(
+    out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream: Stream, offset: int = 0
+) -> torch.Tensor:
     """Writes the normals of elements ``offset .. offset + out.numel() - 1`` into ``out``; returns it.
 
     Args:
@@ -179,7 +198,7 @@ def normal_into(out: torch.Tensor, key: torch.Tensor, draw: torch.Tensor, stream
         first_block, last_block = offset // 4, (offset + numel - 1) // 4
         block = 256
         grid = (triton.cdiv(last_block - first_block + 1, block),)
-        _normal_range_kernel[grid](out, first_block, offset, numel, key, draw, STREAM=int(stream), BLOCK=block,
-                                   PRECISE=use_libdevice())
+        _normal_range_kernel[grid](
+            out, first_block, offset, numel, key, draw, STREAM=int(stream), BLOCK=block, PRECISE=use_libdevice()
+        )
     return out
-

@@ -15,11 +15,13 @@ replay samples new draws. Normals match the twin to ``philox.NORMAL_TOL``; every
 after them is the same float32 arithmetic up to one fused multiply-add (``theta + eps*z``), so
 ``w_clean``/``w_pert`` match the twin to ``NORMAL_TOL`` times std plus an ulp.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -52,8 +54,7 @@ class StdTable:
     steps: int
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int], stds: Sequence[float],
-                   device: torch.device | str = "cpu") -> "StdTable":
+    def from_sizes(cls, sizes: Sequence[int], stds: Sequence[float], device: torch.device | str = "cpu") -> StdTable:
         """Table of consecutive tensors with ``sizes[t]`` elements and std ``stds[t]``."""
         if len(sizes) != len(stds) or not sizes:
             raise ValueError("sizes and stds must be non-empty and of equal length")
@@ -62,12 +63,15 @@ class StdTable:
         offsets = [0]
         for s in sizes:
             offsets.append(offsets[-1] + int(s))
-        return cls(torch.tensor(offsets, dtype=torch.int64, device=device),
-                   torch.tensor([float(s) for s in stds], dtype=torch.float32, device=device),
-                   offsets[-1], max(0, math.ceil(math.log2(len(sizes)))))
+        return cls(
+            torch.tensor(offsets, dtype=torch.int64, device=device),
+            torch.tensor([float(s) for s in stds], dtype=torch.float32, device=device),
+            offsets[-1],
+            max(0, math.ceil(math.log2(len(sizes)))),
+        )
 
     @classmethod
-    def from_arena(cls, arena: "Arena", device: torch.device | str = "cpu") -> "StdTable":
+    def from_arena(cls, arena: Arena, device: torch.device | str = "cpu") -> StdTable:
         """Table of an ``ntksap_fast.engine.arena.Arena``."""
         return cls.from_sizes([s.numel for s in arena.slots], [s.std for s in arena.slots], device)
 
@@ -91,8 +95,22 @@ def lookup_std(elem, offsets_ptr, std_ptr, T, STEPS: tl.constexpr):
 
 
 @triton.jit
-def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, key_ptr, draws_ptr, wc_ptr, wp_ptr, N, T, eps,
-                         HAS_MASK: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def _sample_draws_kernel(
+    mask_ptr,
+    offsets_ptr,
+    std_ptr,
+    key_ptr,
+    draws_ptr,
+    wc_ptr,
+    wp_ptr,
+    N,
+    T,
+    eps,
+    HAS_MASK: tl.constexpr,
+    STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1)
     seed_lo, seed_hi, round_ = load_key(key_ptr)
@@ -119,8 +137,15 @@ def _sample_draws_kernel(mask_ptr, offsets_ptr, std_ptr, key_ptr, draws_ptr, wc_
     tl.store(wp_ptr + row, w_p, mask=ok)
 
 
-def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTable, key: torch.Tensor,
-                      draws: torch.Tensor, eps: float, mask: torch.Tensor | None = None) -> None:
+def sample_draws_into(
+    w_clean: torch.Tensor,
+    w_pert: torch.Tensor,
+    table: StdTable,
+    key: torch.Tensor,
+    draws: torch.Tensor,
+    eps: float,
+    mask: torch.Tensor | None = None,
+) -> None:
     """Fills ``w_clean``/``w_pert`` (contiguous float32 ``(D, N)``) with ``D`` draws, one launch.
 
     ``key``: a ``philox.round_key`` tensor; ``draws``: int64 ``(D,)`` draw ids; ``mask``: contiguous
@@ -131,13 +156,26 @@ def sample_draws_into(w_clean: torch.Tensor, w_pert: torch.Tensor, table: StdTab
     if d and n:
         block = 256
         _sample_draws_kernel[(triton.cdiv(n, 4 * block), d)](
-            mask if mask is not None else w_clean, table.offsets, table.std, key, draws, w_clean, w_pert,
-            n, table.std.numel(), float(eps), HAS_MASK=mask is not None, STEPS=table.steps, BLOCK=block,
-            PRECISE=use_libdevice())
+            mask if mask is not None else w_clean,
+            table.offsets,
+            table.std,
+            key,
+            draws,
+            w_clean,
+            w_pert,
+            n,
+            table.std.numel(),
+            float(eps),
+            HAS_MASK=mask is not None,
+            STEPS=table.steps,
+            BLOCK=block,
+            PRECISE=use_libdevice(),
+        )
 
 
-def sample_draws_reference(table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float,
-                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_draws_reference(
+    table: StdTable, seed: int, round: int, draws: Sequence[int], eps: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of ``sample_draws_into``: float32 ``(w_clean, w_pert)``, each ``(D, N)`` on the table's
     device (``ntksap_fast.engine.rng`` on the CPU, then moved there). ``draws``: ``D`` ids; ``mask``: flat ``(N,)``."""
     device = table.offsets.device

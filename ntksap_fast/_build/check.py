@@ -13,6 +13,7 @@ checked once.
 Standard library and torch only, no package-relative imports: setup.py loads this file by path in
 the middle of a build, and the check process runs it by path (``runpy``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -54,8 +55,14 @@ PHILOX_ROUND = 3
 PHILOX_NORMAL = {
     "tag": 29,
     "offset": 5,
-    "values": [0.5749935507774353, 0.18704970180988312, -0.2869913876056671, -0.41106733679771423,
-               -1.7302281856536865, -0.2845374047756195],
+    "values": [
+        0.5749935507774353,
+        0.18704970180988312,
+        -0.2869913876056671,
+        -0.41106733679771423,
+        -1.7302281856536865,
+        -0.2845374047756195,
+    ],
 }
 PHILOX_NORMAL_AT = {
     "tag": 28,
@@ -136,11 +143,15 @@ def _check_philox(ops) -> None:
     dense = ops.philox_normal(key0, key1, PHILOX_ROUND, 1, 0, 12).view(3, 4)
     if not torch.equal(ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, torch.arange(12).view(3, 4)), dense):
         _fail("philox_normal_at differs from philox_normal at the same elements")
-    _must_raise(ValueError, lambda: ops.philox_normal(-1, key1, PHILOX_ROUND, 1, 0, 4), "philox_normal: key0 = -1",
-                "key0")
+    _must_raise(
+        ValueError, lambda: ops.philox_normal(-1, key1, PHILOX_ROUND, 1, 0, 4), "philox_normal: key0 = -1", "key0"
+    )
     index32 = torch.arange(4, dtype=torch.int32)
-    _must_raise(TypeError, lambda: ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, index32),
-                "philox_normal_at: an int32 index")
+    _must_raise(
+        TypeError,
+        lambda: ops.philox_normal_at(key0, key1, PHILOX_ROUND, 1, index32),
+        "philox_normal_at: an int32 index",
+    )
 
 
 def check_library(lib: str) -> None:
@@ -173,7 +184,7 @@ def check_library(lib: str) -> None:
     print(_OK_LINE)
 
 
-def cache_dir() -> Optional[Path]:
+def cache_dir() -> Path | None:
     """Where verdicts and just-in-time builds go: ``$NTKSAP_FAST_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/ntksap_fast``, else ``~/.cache/ntksap_fast``; None if not writable."""
     base = os.environ.get("NTKSAP_FAST_CACHE_DIR")
@@ -187,7 +198,7 @@ def cache_dir() -> Optional[Path]:
     return Path(base) if os.access(base, os.W_OK) else None
 
 
-def _verdict_file(lib: str) -> Optional[Path]:
+def _verdict_file(lib: str) -> Path | None:
     root = cache_dir()
     if root is None:
         return None
@@ -201,7 +212,11 @@ def _run_check(lib: str, timeout: float) -> tuple[bool, str]:
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _RUN_CHECK, os.path.abspath(__file__), os.path.abspath(lib)],
-            capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=tempfile.gettempdir(),
         )
     except subprocess.TimeoutExpired:
         return False, f"its check did not finish within {timeout:.0f} s"
@@ -239,15 +254,19 @@ def verify(lib: str, use_cache: bool = True, timeout: float = 600.0) -> tuple[bo
     return ok, why
 
 
-def system_compilers() -> Optional[tuple[str, str]]:
+def system_compilers() -> tuple[str, str] | None:
     """``(cc, cxx)`` of the system C/C++ compiler when ``$CC``/``$CXX`` name another one, else
     None (nothing overridden, or no other compiler found)."""
     chosen = [os.environ.get(v) for v in ("CXX", "CC")]
     if not any(chosen):
         return None
     current = {os.path.realpath(shutil.which(c) or c) for c in chosen if c}
-    pairs = [("/usr/bin/cc", "/usr/bin/c++"), ("/usr/bin/gcc", "/usr/bin/g++"),
-             (shutil.which("cc"), shutil.which("c++")), (shutil.which("gcc"), shutil.which("g++"))]
+    pairs = [
+        ("/usr/bin/cc", "/usr/bin/c++"),
+        ("/usr/bin/gcc", "/usr/bin/g++"),
+        (shutil.which("cc"), shutil.which("c++")),
+        (shutil.which("gcc"), shutil.which("g++")),
+    ]
     for cc, cxx in pairs:
         if cc and cxx and os.access(cc, os.X_OK) and os.access(cxx, os.X_OK):
             if os.path.realpath(cxx) not in current and os.path.realpath(cc) not in current:
@@ -255,7 +274,7 @@ def system_compilers() -> Optional[tuple[str, str]]:
     return None
 
 
-def build_checked(build: Callable[[dict], str]) -> tuple[Optional[str], str]:
+def build_checked(build: Callable[[dict], str]) -> tuple[str | None, str]:
     """Builds with ``build(env)`` (env: compiler variables to set, ``{}`` first; returns the
     library path) and verifies the result. If the check fails and ``$CC``/``$CXX`` name a
     compiler other than the system's, builds once more with ``{"CC": cc, "CXX": cxx}`` of the

@@ -16,6 +16,7 @@ CUDA ops only on a device :func:`runs_on` accepts. The nvcc of a CUDA build is f
 
 Standard library only (CMake may run it with any Python 3).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import ctypes
 import os
 import re
 import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 # SASS for 7.5 (T4), 8.0 (A100; also runs on 8.6/8.9: A10, L4, RTX 30xx/40xx), 9.0 (H100/H200),
 # 10.0 (B200), 12.0 (RTX 50xx), plus PTX of 12.0 that newer GPUs compile when they load it.
@@ -84,14 +86,14 @@ def sources(root: str | os.PathLike) -> Sources:
     return Sources(tuple(p for p in cpp if p not in special), tuple(cuda), MODULE_SOURCE, TEST_SOURCE)
 
 
-def env_flag(name: str, environ: Optional[Mapping[str, str]] = None) -> bool:
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Whether the environment variable ``name`` is set to anything but ``""``, ``0``, ``false`` or
     ``no`` (any case, surrounding spaces ignored): the rule of every ``NTKSAP_FAST_*`` switch."""
     value = (os.environ if environ is None else environ).get(name, "0")
     return value.strip().lower() not in ("", "0", "false", "no")
 
 
-def nvcc_candidates(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+def nvcc_candidates(environ: Mapping[str, str] | None = None) -> list[str]:
     """Where nvcc is looked for, in order: ``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc``,
     ``/usr/local/cuda/bin/nvcc`` (not the nvcc on ``$PATH``, which may be a wrapper outside the
     toolkit that torch's and CMake's configuration then cannot use)."""
@@ -100,15 +102,13 @@ def nvcc_candidates(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     return list(dict.fromkeys(os.path.join(home, "bin", "nvcc") for home in homes if home))
 
 
-def find_nvcc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+def find_nvcc(environ: Mapping[str, str] | None = None) -> str | None:
     """The first of :func:`nvcc_candidates` that is an executable file, or None. Its toolkit is
     ``dirname(dirname(nvcc))``, which the build passes on as ``CUDA_HOME``."""
     return next((p for p in nvcc_candidates(environ) if os.path.isfile(p) and os.access(p, os.X_OK)), None)
 
 
-def cuda_compiler(torch_cuda: Optional[str], environ: Optional[Mapping[str, str]] = None) -> tuple[
-    Optional[str], str
-]:
+def cuda_compiler(torch_cuda: str | None, environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
     """``(nvcc, "")`` for a CUDA build against a torch whose ``torch.version.cuda`` is ``torch_cuda``,
     or ``(None, why not)``: ``NTKSAP_FAST_NO_CUDA`` is set, torch has no CUDA, or no nvcc is found
     (:func:`find_nvcc`)."""
@@ -122,7 +122,7 @@ def cuda_compiler(torch_cuda: Optional[str], environ: Optional[Mapping[str, str]
     return nvcc, ""
 
 
-def cuda_arch_list(environ: Optional[Mapping[str, str]] = None) -> str:
+def cuda_arch_list(environ: Mapping[str, str] | None = None) -> str:
     """``$TORCH_CUDA_ARCH_LIST`` when set (and not empty), else :data:`DEFAULT_CUDA_ARCH_LIST`."""
     value = (os.environ if environ is None else environ).get("TORCH_CUDA_ARCH_LIST", "").strip()
     return value or DEFAULT_CUDA_ARCH_LIST
@@ -179,12 +179,11 @@ def runs_on(targets: Iterable[CudaTarget], capability: tuple[int, int]) -> bool:
     capability lower or equal to the device's."""
     major, minor = capability
     return any(
-        (t.major, t.minor) <= (major, minor) if t.ptx else t.major == major and t.minor <= minor
-        for t in targets
+        (t.major, t.minor) <= (major, minor) if t.ptx else t.major == major and t.minor <= minor for t in targets
     )
 
 
-def nvcc_codes(nvcc: str) -> Optional[frozenset[str]]:
+def nvcc_codes(nvcc: str) -> frozenset[str] | None:
     """The codes ``nvcc --list-gpu-code`` and ``--list-gpu-arch`` name (``sm_75``, ``compute_75``,
     ...), or None when nvcc cannot say (too old, or it fails)."""
     codes: set[str] = set()
@@ -200,7 +199,7 @@ def nvcc_codes(nvcc: str) -> Optional[frozenset[str]]:
 
 
 def fit_to_compiler(
-    targets: Sequence[CudaTarget], codes: Optional[frozenset[str]]
+    targets: Sequence[CudaTarget], codes: frozenset[str] | None
 ) -> tuple[tuple[CudaTarget, ...], tuple[CudaTarget, ...]]:
     """``(kept, dropped)``: the targets the compiler can produce (all of them when ``codes`` is
     None). When a dropped PTX leaves no PTX, PTX of the newest kept SASS is added, so newer GPUs
@@ -217,9 +216,9 @@ def fit_to_compiler(
     return tuple(sorted(set(kept))), dropped
 
 
-def build_targets(nvcc: str, environ: Optional[Mapping[str, str]] = None) -> tuple[
-    tuple[CudaTarget, ...], tuple[CudaTarget, ...]
-]:
+def build_targets(
+    nvcc: str, environ: Mapping[str, str] | None = None
+) -> tuple[tuple[CudaTarget, ...], tuple[CudaTarget, ...]]:
     """``(targets, dropped)`` of a CUDA build with ``nvcc``: ``$TORCH_CUDA_ARCH_LIST`` as given
     (nvcc reports what it cannot build), or the default list fitted to ``nvcc``
     (:func:`fit_to_compiler`)."""
@@ -232,9 +231,7 @@ def build_targets(nvcc: str, environ: Optional[Mapping[str, str]] = None) -> tup
 
 def gencode_flags(targets: Iterable[CudaTarget]) -> list[str]:
     """nvcc flags that produce exactly ``targets``."""
-    return [
-        f"-gencode=arch=compute_{t.major}{t.minor},code={t}" for t in sorted(set(targets))
-    ]
+    return [f"-gencode=arch=compute_{t.major}{t.minor},code={t}" for t in sorted(set(targets))]
 
 
 def targets_define(targets: Iterable[CudaTarget]) -> str:
@@ -268,8 +265,7 @@ def _cmake_list(items: Iterable[str]) -> str:
     return '"' + ";".join(str(i).replace("\\", "/").replace('"', '\\"') for i in items) + '"'
 
 
-def cmake_script(root: str | os.PathLike, nvcc: Optional[str] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> str:
+def cmake_script(root: str | os.PathLike, nvcc: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The CMake file CMakeLists.txt includes: sources (absolute paths), flags and, with
     ``nvcc``, the CUDA targets fitted to that compiler."""
     base = Path(root).resolve()
@@ -295,12 +291,15 @@ def cmake_script(root: str | os.PathLike, nvcc: Optional[str] = None,
     return "\n".join(lines) + "\n"
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> None:
+def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cmake", help="write the CMake file here")
     parser.add_argument("--nvcc", help="the nvcc of a CUDA build (fits the targets to it)")
-    parser.add_argument("--cuda-home", action="store_true",
-                        help="print the CUDA toolkit of find_nvcc (nothing when there is none) and exit")
+    parser.add_argument(
+        "--cuda-home",
+        action="store_true",
+        help="print the CUDA toolkit of find_nvcc (nothing when there is none) and exit",
+    )
     args = parser.parse_args(argv)
     if args.cuda_home:
         nvcc = find_nvcc()

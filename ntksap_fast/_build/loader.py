@@ -26,6 +26,7 @@ per library file.
 
 Always imported as part of the package (setup.py loads only ``config`` and ``check``, by path).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,8 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -128,7 +129,9 @@ def _jit_build(env: dict) -> str:
         # torch's cpp_extension compiles with $CUDA_HOME/bin/nvcc: the toolkit of the nvcc found.
         env = {**env, "CUDA_HOME": os.path.dirname(os.path.dirname(nvcc))}
     flags = {
-        "cxx": list(_build_config.CXX_FLAGS), "link": list(_build_config.LINK_FLAGS), "nvcc": nvcc_flags,
+        "cxx": list(_build_config.CXX_FLAGS),
+        "link": list(_build_config.LINK_FLAGS),
+        "nvcc": nvcc_flags,
         "include": str(root_dir / _build_config.INCLUDE_DIR),
     }
     files = [str(root_dir / p) for p in (*src.cpp, *(src.cuda if with_cuda else ()))]
@@ -140,7 +143,9 @@ def _jit_build(env: dict) -> str:
     os.makedirs(build_dir, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-c", _JIT_SCRIPT, build_dir, json.dumps(flags), *files],
-        capture_output=True, text=True, env={**os.environ, **env, "NTKSAP_FAST_IN_CHECK": "1"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "NTKSAP_FAST_IN_CHECK": "1"},
     )
     lib = os.path.join(build_dir, "ntksap_fast_C_jit.so")
     if proc.returncode != 0 or not os.path.isfile(lib):
@@ -149,7 +154,7 @@ def _jit_build(env: dict) -> str:
     return lib
 
 
-def _prebuilt() -> Optional[str]:
+def _prebuilt() -> str | None:
     """Path of the built module ``ntksap_fast._C``, or None."""
     try:
         spec = importlib.util.find_spec("ntksap_fast._C")
@@ -287,7 +292,7 @@ def cuda_code_for(device: torch.device, what: str) -> bool:
     message = (
         f"ntksap_fast: the compiled ops hold no code for CUDA device {device} (compute capability "
         f"{major}.{minor}; built for {built}), using the slower PyTorch {what}. To build them for it, "
-        f"reinstall from source with nvcc: TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install "
+        f'reinstall from source with nvcc: TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install '
         f"--no-build-isolation --no-deps --force-reinstall <ntksap_fast source directory or sdist>; "
     )
     if require_ext():

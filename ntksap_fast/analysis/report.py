@@ -14,11 +14,13 @@ Plots are ``matplotlib.figure.Figure`` objects built without pyplot (matplotlib 
 when a plot is drawn; the user's backend and pyplot state are never touched): the functions return
 the figure and write it to a file when given a path.
 """
+
 from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,17 +29,29 @@ from torch.nn.utils import prune
 from ..engine.arena import Arena, ParamSelector
 from ..engine.engine import preserved_state
 from ..io.export import export_pruned
-from ..options import resolve_input_shape
 from ..io.masks import _check_masks
+from ..options import resolve_input_shape
 from .stability import HOW_TO_READ
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "stability_table", "channel_rows", "model_flops", "channel_table",
-    "COLLAPSE_RATIO", "layer_rows", "collapsed_layers", "collapse_warning", "layer_table", "markdown_report",
-    "plot_layer_density", "check_ntk_size", "empirical_ntk", "ntk_eigenvalues", "plot_ntk_spectrum",
+    "stability_table",
+    "channel_rows",
+    "model_flops",
+    "channel_table",
+    "COLLAPSE_RATIO",
+    "layer_rows",
+    "collapsed_layers",
+    "collapse_warning",
+    "layer_table",
+    "markdown_report",
+    "plot_layer_density",
+    "check_ntk_size",
+    "empirical_ntk",
+    "ntk_eigenvalues",
+    "plot_ntk_spectrum",
 ]
 
 #: A layer whose density is below this fraction of the global density is reported as collapsed.
@@ -83,12 +97,20 @@ def collapse_warning(masks: Mapping[str, torch.Tensor]) -> str | None:
     flagged = collapsed_layers(masks)
     if not flagged:
         return None
-    return (f"warning: layer collapse in {len(flagged)} layer(s) (kept == 0 or density < "
-            f"{COLLAPSE_RATIO:g} x global density): {', '.join(flagged)}")
+    return (
+        f"warning: layer collapse in {len(flagged)} layer(s) (kept == 0 or density < "
+        f"{COLLAPSE_RATIO:g} x global density): {', '.join(flagged)}"
+    )
 
 
-def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, object],
-                    seconds: float, *, title: str = "NTK-SAP pruning report", channels: str | None = None) -> str:
+def markdown_report(
+    masks: Mapping[str, torch.Tensor],
+    settings: Mapping[str, object],
+    seconds: float,
+    *,
+    title: str = "NTK-SAP pruning report",
+    channels: str | None = None,
+) -> str:
     """Markdown report: settings, per-layer table, totals, timing and layer-collapse warnings.
 
     Args:
@@ -107,28 +129,52 @@ def markdown_report(masks: Mapping[str, torch.Tensor], settings: Mapping[str, ob
         mark = " **collapsed**" if name in flagged else ""
         out.append(f"| `{name}` | {'x'.join(map(str, shape))} | {kept} | {total} | {kept / total:.4f}{mark} |")
     out.append(f"| **total** | | **{kept_all}** | **{total_all}** | **{kept_all / total_all:.4f}** |")
-    out += ["", "## Totals", "", f"- kept {kept_all} of {total_all} prunable weights "
-            f"(density {kept_all / total_all:.6f}) in {len(rows)} tensors",
-            f"- time: {seconds:.2f} s", "", "## Layer collapse", ""]
+    out += [
+        "",
+        "## Totals",
+        "",
+        f"- kept {kept_all} of {total_all} prunable weights "
+        f"(density {kept_all / total_all:.6f}) in {len(rows)} tensors",
+        f"- time: {seconds:.2f} s",
+        "",
+        "## Layer collapse",
+        "",
+    ]
     warning = collapse_warning(masks)
-    out.append(warning if warning else
-               f"No layer collapsed (rule: kept == 0 or density < {COLLAPSE_RATIO:g} x global density).")
+    out.append(
+        warning
+        if warning
+        else f"No layer collapsed (rule: kept == 0 or density < {COLLAPSE_RATIO:g} x global density)."
+    )
     if channels is not None:
         out += ["", "## Channels and FLOPs", "", "```", channels, "```"]
     rounds = getattr(masks, "metadata", {}).get("rounds")
     if rounds:
-        out += ["", "## Stability", "", HOW_TO_READ, "", "| round | density | draws | split-half overlap | relative SE |",
-                "|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['round'] + 1} | {r['density']:.4f} | {r['draws']} | {r['split_half_overlap']:.3f} | "
-                f"{r['relative_se']:.3f} |" for r in rounds]
+        out += [
+            "",
+            "## Stability",
+            "",
+            HOW_TO_READ,
+            "",
+            "| round | density | draws | split-half overlap | relative SE |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {r['round'] + 1} | {r['density']:.4f} | {r['draws']} | {r['split_half_overlap']:.3f} | "
+            f"{r['relative_se']:.3f} |"
+            for r in rounds
+        ]
     return "\n".join(out) + "\n"
 
 
 def stability_table(rounds: Sequence[Mapping[str, object]]) -> str:
     """Plain-text table of per-round stability figures (``masks.metadata["rounds"]``)."""
     lines = [f"{'round':>5}  {'density':>8}  {'draws':>5}  {'split-half overlap':>18}  {'relative SE':>11}"]
-    lines += [f"{r['round'] + 1:>5}  {r['density']:>8.4f}  {r['draws']:>5}  {r['split_half_overlap']:>18.3f}  "
-              f"{r['relative_se']:>11.3f}" for r in rounds]
+    lines += [
+        f"{r['round'] + 1:>5}  {r['density']:>8.4f}  {r['draws']:>5}  {r['split_half_overlap']:>18.3f}  "
+        f"{r['relative_se']:>11.3f}"
+        for r in rounds
+    ]
     return "\n".join(lines + [HOW_TO_READ])
 
 
@@ -157,8 +203,9 @@ def model_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> i
     return counter.get_total_flops()
 
 
-def channel_table(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Sequence[int] | None = None,
-                  *, output=None) -> str:
+def channel_table(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Sequence[int] | None = None, *, output=None
+) -> str:
     """Each layer's kept output and input channels, then the model's FLOPs per input before and after
     (``model_flops`` of ``model`` and of ``export_pruned(model, masks)``, channel masks only)."""
     if input_shape is None and getattr(masks, "metadata", {}).get("input_shape") is not None:
@@ -173,7 +220,7 @@ def channel_table(model: nn.Module, masks: Mapping[str, torch.Tensor], input_sha
     return "\n".join(lines)
 
 
-def _figure(figsize: tuple[float, float]) -> "Figure":
+def _figure(figsize: tuple[float, float]) -> Figure:
     """A new ``matplotlib.figure.Figure`` (no pyplot, no backend change)."""
     try:
         from matplotlib.figure import Figure
@@ -182,7 +229,7 @@ def _figure(figsize: tuple[float, float]) -> "Figure":
     return Figure(figsize=figsize)
 
 
-def _finish(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
     """Lays ``fig`` out, writes it to ``path`` (format from the extension, 120 dpi) if given; returns it."""
     fig.tight_layout()
     if path is not None:
@@ -190,8 +237,9 @@ def _finish(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
     return fig
 
 
-def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None, *,
-                       title: str | None = None) -> "Figure":
+def plot_layer_density(
+    masks: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None, *, title: str | None = None
+) -> Figure:
     """Bar chart of each layer's density (collapsed layers red), global density as a dashed line.
 
     Returns the ``matplotlib.figure.Figure`` (one axes, one bar per mask in the dict's order) and
@@ -204,8 +252,9 @@ def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLik
     ax = fig.subplots()
     colors = ["tab:red" if r[0] in flagged else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), [r[2] / r[3] for r in rows], color=colors)
-    ax.axhline(kept_all / total_all, color="k", linestyle="--", linewidth=1,
-               label=f"global density {kept_all / total_all:.4f}")
+    ax.axhline(
+        kept_all / total_all, color="k", linestyle="--", linewidth=1, label=f"global density {kept_all / total_all:.4f}"
+    )
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("density (kept / total)")
     ax.set_title(title or "Per-layer density (red: collapsed)")
@@ -214,16 +263,22 @@ def plot_layer_density(masks: Mapping[str, torch.Tensor], path: str | os.PathLik
 
 
 def _limit_error(what: str, entries: int, limit: int) -> ValueError:
-    return ValueError(f"the Jacobian has {what} = {entries} entries, above max_jacobian_entries={limit}; "
-                      "use a smaller batch or model, or raise the limit")
+    return ValueError(
+        f"the Jacobian has {what} = {entries} entries, above max_jacobian_entries={limit}; "
+        "use a smaller batch or model, or raise the limit"
+    )
 
 
 def _copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also of a model carrying ``torch.nn.utils.prune`` masks: their
     computed ``weight`` attributes are not graph leaves, which deepcopy refuses; the copy gets them
     detached (its pre-hooks recompute them) and ``model``'s own are put back."""
-    computed = [(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
-                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in m.__dict__]
+    computed = [
+        (m, hook._tensor_name)
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in m.__dict__
+    ]
     saved = [(m, name, m.__dict__[name]) for m, name in computed]
     try:
         for m, name, value in saved:
@@ -234,8 +289,14 @@ def _copy(model: nn.Module) -> nn.Module:
             m.__dict__[name] = value
 
 
-def check_ntk_size(model: nn.Module, *, input_shape: Sequence[int] | None = None, batch_size: int = 8,
-                   params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> int:
+def check_ntk_size(
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 8,
+    params: ParamSelector | None = None,
+    max_jacobian_entries: int = 10**8,
+) -> int:
     """Raises the ``ValueError`` that ``ntk_eigenvalues`` would raise for its size limit, cheaply.
 
     Checks ``batch_size * P`` first (``P`` prunable weights, no forward), then
@@ -261,8 +322,14 @@ def check_ntk_size(model: nn.Module, *, input_shape: Sequence[int] | None = None
     return entries
 
 
-def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None, *,
-                  params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> torch.Tensor:
+def empirical_ntk(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    params: ParamSelector | None = None,
+    max_jacobian_entries: int = 10**8,
+) -> torch.Tensor:
     """Empirical NTK ``J J^T`` over the prunable weights: float64 ``(B * O, B * O)``.
 
     ``inputs``: ``(B, *input_shape)``; ``O`` outputs per sample (flattened). ``masks`` zeroes
@@ -296,16 +363,24 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor, masks: Mapping[str, to
         raise _limit_error("batch * outputs * params", out.numel() * arena.numel, limit)
     jac = torch.empty(out.numel(), arena.numel, dtype=out.dtype, device=out.device)
     for r in range(out.numel()):
-        grads = torch.autograd.grad(out[r], weights, retain_graph=r + 1 < out.numel(),
-                                    allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(
+            out[r], weights, retain_graph=r + 1 < out.numel(), allow_unused=True, materialize_grads=True
+        )
         jac[r] = torch.cat([g.reshape(-1) for g in grads]) * keep_cols
     jac = jac.double()
     return jac @ jac.T
 
 
-def ntk_eigenvalues(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, *,
-                    input_shape: Sequence[int] | None = None, batch_size: int = 8, seed: int = 0,
-                    params: ParamSelector | None = None, max_jacobian_entries: int = 10**8) -> torch.Tensor:
+def ntk_eigenvalues(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    params: ParamSelector | None = None,
+    max_jacobian_entries: int = 10**8,
+) -> torch.Tensor:
     """Eigenvalues (float64 ``(B * O,)``, descending) of the empirical NTK on ``batch_size``
     standard-normal inputs drawn with ``seed`` (same seed, same inputs: dense and pruned compare).
     """
@@ -318,8 +393,9 @@ def ntk_eigenvalues(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     return torch.linalg.eigvalsh(ntk).flip(0)
 
 
-def plot_ntk_spectrum(dense: torch.Tensor, pruned: torch.Tensor, path: str | os.PathLike | None = None, *,
-                      title: str | None = None) -> "Figure":
+def plot_ntk_spectrum(
+    dense: torch.Tensor, pruned: torch.Tensor, path: str | os.PathLike | None = None, *, title: str | None = None
+) -> Figure:
     """Both spectra (1-D eigenvalue tensors), descending, on one log-scale axes.
 
     Eigenvalues <= 0 (numerical zeros) are clipped to 1e-12 times the largest dense eigenvalue.

@@ -13,6 +13,7 @@ dominates them entry by entry. From the draws already computed, with two extra r
   ``||SE||_2 / ||G||_2`` with ``SE_e = sqrt(D * var_e)`` and ``var_e`` the sample variance of
   ``c_d`` over the ``D`` draws (NaN with one draw).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,11 @@ from ..select.topk import masked_topk
 __all__ = ["RoundStats", "round_stats", "HOW_TO_READ"]
 
 #: One sentence for reports.
-HOW_TO_READ = ("split-half overlap: Jaccard overlap of the masks the odd and the even draws alone would keep "
-               "(1 = the halves agree; low values mean more draws would change the mask); relative SE: "
-               "standard error of the summed scores over their size (sampling noise of the estimate).")
+HOW_TO_READ = (
+    "split-half overlap: Jaccard overlap of the masks the odd and the even draws alone would keep "
+    "(1 = the halves agree; low values mean more draws would change the mask); relative SE: "
+    "standard error of the summed scores over their size (sampling noise of the estimate)."
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,16 @@ class RoundStats:
         return asdict(self)
 
 
-def round_stats(grad: torch.Tensor, odd: torch.Tensor, sq: torch.Tensor, mask: torch.Tensor, draws: int,
-                n_keep: int, round: int, density: float) -> RoundStats:
+def round_stats(
+    grad: torch.Tensor,
+    odd: torch.Tensor,
+    sq: torch.Tensor,
+    mask: torch.Tensor,
+    draws: int,
+    n_keep: int,
+    round: int,
+    density: float,
+) -> RoundStats:
     """``RoundStats`` from the flat sums ``G`` (``grad``), ``G_odd`` and ``sum c_d**2`` of ``draws`` draws.
 
     Args:

@@ -14,6 +14,7 @@ with random weights only (never pretrained: no network access), initialised from
 masks depend on the model's non-pruned parameters too (biases, normalisation weights, and for
 magnitude pruning the weights themselves), so the same command and seed give the same masks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,21 +22,30 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..methods.baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
-from ..io.masks import check_mask_path, save_masks
-from ..models import MODELS
+from ..analysis.report import (
+    channel_table,
+    check_ntk_size,
+    collapse_warning,
+    layer_table,
+    markdown_report,
+    ntk_eigenvalues,
+    plot_layer_density,
+    plot_ntk_spectrum,
+    stability_table,
+)
 from ..engine.plan import SETTLED_KEYS
+from ..io.masks import check_mask_path, save_masks
+from ..methods.baselines import DATA_METHODS, DEFAULT_ITERATIONS, METHODS, SCOPES, prune
+from ..methods.sanity import shuffle_masks
+from ..models import MODELS
 from ..options import ScorerOptions
 from ..presets import PAPER_OPTIONS, PRESETS
-from ..analysis.report import (channel_table, check_ntk_size, collapse_warning, layer_table, markdown_report,
-                               ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum, stability_table)
-from ..methods.sanity import shuffle_masks
 from .sources import build_model, default_input_shape
 
 __all__ = ["main", "build_parser"]
@@ -72,7 +82,7 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}") from None
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}")
     return shape
@@ -80,38 +90,77 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ntksap`` argument parser (subcommand ``prune``)."""
-    parser = argparse.ArgumentParser(prog="ntksap", description="Fast NTK-SAP pruning at initialization.",
-                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ntksap",
+        description="Fast NTK-SAP pruning at initialization.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"ntksap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("prune", help="prune a model and report per-layer densities", description=_DESCRIPTION,
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help=f"one of {', '.join(MODELS)}; torchvision:NAME; timm:NAME; or "
-                   "package.module:callable, your own factory returning an nn.Module (default: the preset's model)")
+    p = sub.add_parser(
+        "prune",
+        help="prune a model and report per-layer densities",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help=f"one of {', '.join(MODELS)}; torchvision:NAME; timm:NAME; or "
+        "package.module:callable, your own factory returning an nn.Module (default: the preset's model)",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setting to start from")
     p.add_argument("--num-classes", type=int, help="model outputs (default: the preset's, else the model's default)")
     p.add_argument("--method", choices=METHODS, default="ntksap", help="scoring method (default ntksap)")
     p.add_argument("--density", type=float, default=0.05, help="final kept fraction in (0, 1] (default 0.05)")
     p.add_argument("--iterations", type=int, help="pruning rounds T (default: preset, else the method's default)")
-    p.add_argument("--schedule", choices=("exponential", "linear"), default="exponential",
-                   help="kept fraction after round t: d**(t/T) or 1-(1-d)t/T (default exponential)")
+    p.add_argument(
+        "--schedule",
+        choices=("exponential", "linear"),
+        default="exponential",
+        help="kept fraction after round t: d**(t/T) or 1-(1-d)t/T (default exponential)",
+    )
     p.add_argument("--scope", choices=SCOPES, default="global", help="top-k over all layers or per layer")
-    p.add_argument("--granularity", default="weight", help="what is kept or removed together: weight (entries, the "
-                   "paper), channel (whole channels: the masks export to a smaller, faster model; the kept channels "
-                   "and FLOPs are reported) or N:M such as 2:4 (default weight)")
-    p.add_argument("--min-layer-density", type=float, default=0.0,
-                   help="collapse guard: each tensor keeps at least this fraction of its entries, the rest is "
-                   "chosen globally (default 0: plain global top-k)")
+    p.add_argument(
+        "--granularity",
+        default="weight",
+        help="what is kept or removed together: weight (entries, the "
+        "paper), channel (whole channels: the masks export to a smaller, faster model; the kept channels "
+        "and FLOPs are reported) or N:M such as 2:4 (default weight)",
+    )
+    p.add_argument(
+        "--min-layer-density",
+        type=float,
+        default=0.0,
+        help="collapse guard: each tensor keeps at least this fraction of its entries, the rest is "
+        "chosen globally (default 0: plain global top-k)",
+    )
     _add_ntksap_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the random "
-                   "numbers of the prune (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the model's initialisation and of the random numbers of the prune (default 0)",
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", default=device, help=f"torch device, e.g. cpu or cuda:1 (default: cuda when "
-                   f"available, else cpu; here {device})")
-    p.add_argument("--invert", action="store_true", help="sanity check: keep the LOWEST scores after every round "
-                   "(the prune loop's invert=True)")
-    p.add_argument("--shuffle", action="store_true", help="sanity check: shuffle the final masks within each "
-                   "tensor, keeping its count, seeded with --seed (ntksap_fast.methods.sanity.shuffle_masks)")
+    p.add_argument(
+        "--device",
+        default=device,
+        help=f"torch device, e.g. cpu or cuda:1 (default: cuda when available, else cpu; here {device})",
+    )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="sanity check: keep the LOWEST scores after every round (the prune loop's invert=True)",
+    )
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="sanity check: shuffle the final masks within each "
+        "tensor, keeping its count, seeded with --seed (ntksap_fast.methods.sanity.shuffle_masks)",
+    )
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 3,32,32 (default: preset or model)")
     p.add_argument("--out", help="write the masks and the settings that made them here (.pt, .pth or .safetensors)")
     p.add_argument("--report", help="write a markdown report here")
@@ -127,26 +176,34 @@ def _add_ntksap_options(p: argparse.ArgumentParser) -> None:
     for f in _SCORER_FLAGS:  # derived from ScorerOptions: its help text and default
         default = f.default if f.metadata["choices"] is None else str(f.default).removeprefix("torch.")
         in_presets = "preset, else " if f.name in PAPER_OPTIONS else ""
-        help_text = f"NTK-SAP: {f.metadata['help']}" + (f" (default: {in_presets}{default})" if default is not None else "")
+        help_text = f"NTK-SAP: {f.metadata['help']}" + (
+            f" (default: {in_presets}{default})" if default is not None else ""
+        )
         if f.metadata["choices"] is not None:  # the flag takes a name; _settings parses it
             p.add_argument("--" + f.name.replace("_", "-"), choices=f.metadata["choices"], help=help_text)
         elif f.metadata["cli"] is bool:  # --name / --no-name, absent: the library decides
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_text)
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f.metadata["cli"]), help=help_text)
-    p.add_argument("--target-overlap", type=float,
-                   help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]")
-    p.add_argument("--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round "
-                   "(default 4 x draws)")
+    p.add_argument(
+        "--target-overlap",
+        type=float,
+        help="NTK-SAP: add draws to a round until its split-half overlap reaches this (0, 1]",
+    )
+    p.add_argument(
+        "--max-draws", type=int, help="NTK-SAP with --target-overlap: most draws per round (default 4 x draws)"
+    )
 
 
 def _flag_type(parse: Callable[[str], object]) -> Callable[[str], object]:
     """``parse`` with its ``ValueError`` as argparse's usage error (its message shown as it is)."""
+
     def convert(text: str) -> object:
         try:
             return parse(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from err
+
     return convert
 
 
@@ -174,8 +231,10 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     preset = PRESETS[args.preset] if args.preset else None
     given = {f.name for f in _SCORER_FLAGS if getattr(args, f.name) is not None}
     if args.method in DATA_METHODS:
-        parser.error(f"--method {args.method} needs training data, which the CLI does not take; use "
-                     f"ntksap_fast.methods.baselines.prune(model, method={args.method!r}, density=..., data=loader)")
+        parser.error(
+            f"--method {args.method} needs training data, which the CLI does not take; use "
+            f"ntksap_fast.methods.baselines.prune(model, method={args.method!r}, density=..., data=loader)"
+        )
     if args.method != "ntksap" and given:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} apply to --method ntksap only")
     try:
@@ -191,9 +250,16 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     input_shape = args.input_shape or (preset.input_shape if preset else None)
     if args.shuffle and args.granularity != "weight":
         parser.error(f"--shuffle shuffles entries within each tensor, which breaks --granularity {args.granularity}")
-    kwargs = {"density": args.density, "schedule": args.schedule, "scope": args.scope, "seed": args.seed,
-              "device": args.device, "input_shape": input_shape, "progress": not args.no_progress,
-              "granularity": args.granularity}
+    kwargs = {
+        "density": args.density,
+        "schedule": args.schedule,
+        "scope": args.scope,
+        "seed": args.seed,
+        "device": args.device,
+        "input_shape": input_shape,
+        "progress": not args.no_progress,
+        "granularity": args.granularity,
+    }
     if args.min_layer_density:
         kwargs["min_layer_density"] = args.min_layer_density
     if args.iterations is not None:
@@ -222,14 +288,27 @@ def _describe(spec: dict, model: nn.Module, kwargs: dict) -> dict:
     method = kwargs["method"]
     rounds = kwargs.get("iterations", DEFAULT_ITERATIONS.get(method, 1))
     classes = spec["num_classes"] if spec["num_classes"] is not None else "model default"
-    out = {"model": spec["model"], "num_classes": classes, "method": method, "density": kwargs["density"],
-           "iterations": rounds, "schedule": kwargs["schedule"], "scope": kwargs["scope"], "seed": kwargs["seed"],
-           "granularity": kwargs["granularity"], "min_layer_density": kwargs.get("min_layer_density", 0.0)}
+    out = {
+        "model": spec["model"],
+        "num_classes": classes,
+        "method": method,
+        "density": kwargs["density"],
+        "iterations": rounds,
+        "schedule": kwargs["schedule"],
+        "scope": kwargs["scope"],
+        "seed": kwargs["seed"],
+        "granularity": kwargs["granularity"],
+        "min_layer_density": kwargs.get("min_layer_density", 0.0),
+    }
     if method == "ntksap":
         out |= {k: kwargs.get(k, ScorerOptions.default(k)) for k in PAPER_OPTIONS}
     out |= {k: True for k in ("invert", "shuffle") if spec.get(k)}
-    out |= {"input_shape": kwargs["input_shape"], "device": kwargs["device"], "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    out |= {
+        "input_shape": kwargs["input_shape"],
+        "device": kwargs["device"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     return out
 
 
@@ -281,8 +360,11 @@ def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"masks: {args.out}")
     if args.report:
         with open(args.report, "w") as f:
-            f.write(markdown_report(masks, settings, seconds, title=f"{args.method} pruning report: {spec['model']}",
-                                    channels=channels))
+            f.write(
+                markdown_report(
+                    masks, settings, seconds, title=f"{args.method} pruning report: {spec['model']}", channels=channels
+                )
+            )
         print(f"report: {args.report}")
     if args.plot:
         plot_layer_density(masks, args.plot, title=f"{spec['model']}, {args.method}, density {args.density}")

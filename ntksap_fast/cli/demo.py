@@ -5,10 +5,11 @@ ResNet-20, 5 draws x 100 inputs per round, 20 rounds, final density 0.05, on the
 density) and the timing. Extra arguments go to the CLI and override these, e.g.
 ``python -m ntksap_fast.cli.demo --iterations 5 --report report.md``.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .app import main as cli_main
 

@@ -9,6 +9,7 @@
 
 Every model is randomly initialised (never pretrained weights); ``num_classes=`` is passed when given.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,8 +39,9 @@ def _user_factory(spec: str) -> Callable[..., object]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model {spec!r}: cannot import {module_name!r} ({err}); put its folder on PYTHONPATH "
-                         "or run from it") from None
+        raise ValueError(
+            f"model {spec!r}: cannot import {module_name!r} ({err}); put its folder on PYTHONPATH or run from it"
+        ) from None
     except Exception as err:  # the user's module failed while importing
         raise ValueError(f"model {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
     finally:
@@ -50,8 +52,9 @@ def _user_factory(spec: str) -> Callable[..., object]:
     except AttributeError:
         raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
     if not callable(factory):
-        raise ValueError(f"model {spec!r}: {attr!r} is a {type(factory).__name__}, expected a callable returning "
-                         "a torch.nn.Module")
+        raise ValueError(
+            f"model {spec!r}: {attr!r} is a {type(factory).__name__}, expected a callable returning a torch.nn.Module"
+        )
     return factory
 
 
@@ -68,8 +71,10 @@ def build_model(name: str, num_classes: int | None = None, seed: int | None = No
     source, colon, rest = name.partition(":")
     if not colon:
         if name not in MODELS:
-            raise ValueError(f"model: unknown model {name!r}; choose one of {sorted(MODELS)}, torchvision:NAME, "
-                             "timm:NAME or package.module:callable")
+            raise ValueError(
+                f"model: unknown model {name!r}; choose one of {sorted(MODELS)}, torchvision:NAME, "
+                "timm:NAME or package.module:callable"
+            )
         make = functools.partial(MODELS[name], **kwargs)
     elif source == "torchvision":
         import torchvision
@@ -93,8 +98,9 @@ def build_model(name: str, num_classes: int | None = None, seed: int | None = No
         try:
             model = make()
         except (ValueError, TypeError) as err:
-            raise ValueError(f"model {name!r}{' with num_classes=%d' % num_classes if kwargs else ''}: "
-                             f"{type(err).__name__}: {err}") from None
+            raise ValueError(
+                f"model {name!r}{f' with num_classes={num_classes}' if kwargs else ''}: {type(err).__name__}: {err}"
+            ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model

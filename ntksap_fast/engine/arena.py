@@ -44,12 +44,13 @@ weights to ``weight_orig`` (the hook's product with ``weight_mask`` then changes
 sampled weights are already zero where the mask is), and ``start_mask`` reads the existing masks:
 those entries start pruned and stay pruned.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -67,8 +68,9 @@ FanIn = Callable[[str, torch.Size], int]
 def shape_fan_in(local_name: str, shape: torch.Size) -> int:
     """The default fan-in, ``shape[1] * prod(shape[2:])`` (PyTorch's ``(out, in, *kernel)`` layout)."""
     if len(shape) < 2:
-        raise ValueError(f"a prunable tensor needs at least 2 dimensions for its fan-in, got shape {tuple(shape)} "
-                         f"for {local_name!r}")
+        raise ValueError(
+            f"a prunable tensor needs at least 2 dimensions for its fan-in, got shape {tuple(shape)} for {local_name!r}"
+        )
     return int(shape[1]) * math.prod(int(s) for s in shape[2:])
 
 
@@ -88,8 +90,9 @@ class LayerRule:
 _RULES: dict[type | str, LayerRule] = {}
 
 
-def register_layer(layer: type | str, prunable: Iterable[str] | Callable[[str], bool] = ("weight",),
-                   fan_in: FanIn | None = None) -> None:
+def register_layer(
+    layer: type | str, prunable: Iterable[str] | Callable[[str], bool] = ("weight",), fan_in: FanIn | None = None
+) -> None:
     """Declares how NTK-SAP prunes a layer type (also subclasses; the most derived registration wins).
 
     Args:
@@ -175,8 +178,11 @@ def _public_names(model: nn.Module) -> dict[str, tuple[str, str | None, nn.Modul
     out = {}
     for module_name, module in model.named_modules(remove_duplicate=True):
         prefix = f"{module_name}." if module_name else ""
-        pruned = {hook._tensor_name for hook in module._forward_pre_hooks.values()
-                  if isinstance(hook, prune.BasePruningMethod)}
+        pruned = {
+            hook._tensor_name
+            for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, prune.BasePruningMethod)
+        }
         for local, _ in module.named_parameters(recurse=False):
             base = local[: -len("_orig")] if local.endswith("_orig") else None
             if base in pruned:
@@ -220,7 +226,8 @@ class Arena:
                 "model has nothing to prune: no Conv1d/2d/3d or Linear weight, MultiheadAttention input "
                 "projection, LSTM/GRU/RNN weight or registered layer type (ntksap_fast.register_layer) found; "
                 "pass params= to name the tensors"
-                if params is None else "params selected no parameter of the model"
+                if params is None
+                else "params selected no parameter of the model"
             )
         slots, offset = [], 0
         for n in selected:
@@ -231,8 +238,9 @@ class Arena:
             try:
                 fan_in = int((rule.fan_in if rule is not None else shape_fan_in)(local, p.shape))
             except ValueError as err:
-                raise ValueError(f"params: prunable tensor {n!r}: {err}; NTK-SAP samples weights from "
-                                 "N(0, 2 / fan_in)") from err
+                raise ValueError(
+                    f"params: prunable tensor {n!r}: {err}; NTK-SAP samples weights from N(0, 2 / fan_in)"
+                ) from err
             if fan_in < 1:
                 raise ValueError(f"the fan-in of {n!r} must be >= 1, got {fan_in} (see register_layer)")
             slots.append(Slot(n, p.shape, offset, p.numel(), fan_in, math.sqrt(2.0 / fan_in), path, mask))
@@ -275,19 +283,28 @@ class Arena:
         lead = flat.shape[:-1]
         return {s.name: flat[..., s.offset : s.stop].view(*lead, *s.shape) for s in self.slots}
 
-    def flatten(self, tensors: Mapping[str, torch.Tensor], *, argname: str, dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+    def flatten(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        argname: str,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """One flat buffer from per-tensor values keyed by name; checks names and shapes.
 
         Raises ``ValueError`` naming ``argname`` when a name is missing or unknown or a shape differs.
         """
         if not isinstance(tensors, Mapping):
-            raise TypeError(f"{argname} must be a dict of tensors keyed by parameter name, got {type(tensors).__name__}")
+            raise TypeError(
+                f"{argname} must be a dict of tensors keyed by parameter name, got {type(tensors).__name__}"
+            )
         missing = [n for n in self.names if n not in tensors]
         extra = [n for n in tensors if n not in self._by_name]
         if missing or extra:
             raise ValueError(
-                f"{argname} must have exactly the prunable tensors' names; missing {missing[:5]}, unexpected {extra[:5]}"
+                f"{argname} must have exactly the prunable tensors' names; missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
             )
         flat = torch.empty(self.numel, dtype=dtype, device=device)
         for s in self.slots:

@@ -23,25 +23,37 @@ Dispatch (``resolve_backend``): CUDA tensors use Triton, everything else PyTorch
 is imported) the Triton path runs on CPU tensors. float64 runs are for checking: the Triton
 kernels are float32/bfloat16, so the default picks PyTorch for them.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
-from .arena import Arena
 from ..options import user_stacklevel
+from .arena import Arena
 from .batchnorm import batch_stats
 from .draws import DrawKey, sample_inputs, sample_weights
 from .rng import Stream
 
-__all__ = ["ENV_VAR", "BACKENDS", "check_interpreter", "resolve_backend", "make_backend", "Sampled", "DrawStats", "Backend",
-           "TorchBackend", "TritonBackend"]
+__all__ = [
+    "ENV_VAR",
+    "BACKENDS",
+    "check_interpreter",
+    "resolve_backend",
+    "make_backend",
+    "Sampled",
+    "DrawStats",
+    "Backend",
+    "TorchBackend",
+    "TritonBackend",
+]
 
 ENV_VAR = "NTKSAP_FAST_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -65,9 +77,11 @@ def check_interpreter() -> None:
     old_triton = tuple(int(p) for p in triton.__version__.split(".")[:2]) <= (3, 6)
     new_numpy = tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4)
     if old_triton and new_numpy:
-        raise RuntimeError(f"Triton's interpreter in triton {triton.__version__} cannot run with NumPy {numpy.__version__} "
-                           "(triton-lang/triton#9171): install triton >= 3.7 or numpy < 2.4 to run the Triton "
-                           "kernels on CPU tensors")
+        raise RuntimeError(
+            f"Triton's interpreter in triton {triton.__version__} cannot run with NumPy {numpy.__version__} "
+            "(triton-lang/triton#9171): install triton >= 3.7 or numpy < 2.4 to run the Triton "
+            "kernels on CPU tensors"
+        )
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -98,8 +112,11 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
         return "torch"
     if not _triton_installed():
         if not _warned_no_triton:
-            warnings.warn("triton is not installed: CUDA tensors use the PyTorch path (slower)", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+            warnings.warn(
+                "triton is not installed: CUDA tensors use the PyTorch path (slower)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
             _warned_no_triton = True
         return "torch"
     return "triton"
@@ -173,8 +190,14 @@ class Backend:
         """Differentiable scalar ``sum((out_clean - out_pert)**2)``; never called inside vmap."""
         raise NotImplementedError
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
-                   stats: DrawStats | None = None) -> None:
+    def accumulate(
+        self,
+        grad: torch.Tensor,
+        sampled: Sampled,
+        g_clean: torch.Tensor,
+        g_pert: torch.Tensor,
+        stats: DrawStats | None = None,
+    ) -> None:
         """``grad += sum_d theta_d*(g_c+g_p) + eps*z_d*g_p`` for ``(D, N)`` gradients ``g_clean``, ``g_pert``.
 
         ``grad``: flat ``(N,)`` in ``dtype``, updated in place (as are ``stats``); ``g_clean`` may be
@@ -219,8 +242,14 @@ class TorchBackend(Backend):
     def loss(self, out_clean: torch.Tensor, out_pert: torch.Tensor) -> torch.Tensor:
         return (out_clean - out_pert).square().sum()
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
-                   stats: DrawStats | None = None) -> None:
+    def accumulate(
+        self,
+        grad: torch.Tensor,
+        sampled: Sampled,
+        g_clean: torch.Tensor,
+        g_pert: torch.Tensor,
+        stats: DrawStats | None = None,
+    ) -> None:
         theta, z = sampled.noise  # type: ignore[misc]
         sum_grad = g_clean.add_(g_pert)
         if stats is None:
@@ -245,8 +274,10 @@ class TritonBackend(Backend):
         from ..kernels import fd_loss, ops, philox, sample_draw
 
         if self.device.type == "cpu" and philox.use_libdevice():
-            raise ValueError("triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on "
-                             "CPU tensors; set TRITON_INTERPRET=1 before importing triton")
+            raise ValueError(
+                "triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on "
+                "CPU tensors; set TRITON_INTERPRET=1 before importing triton"
+            )
         self._ops, self._fd_loss = ops, fd_loss
         self._philox, self._sample_draw = philox, sample_draw
         self.table = sample_draw.StdTable.from_arena(self.arena, self.device)
@@ -268,8 +299,9 @@ class TritonBackend(Backend):
         d, n = len(self.draws), self.arena.numel
         w_clean = torch.empty(d, n, dtype=self.dtype, device=self.device)
         w_pert = torch.empty_like(w_clean)
-        self._sample_draw.sample_draws_into(w_clean, w_pert, self.table, self.key, self.draw_buffer[:d],
-                                            self.epsilon, self.mask)
+        self._sample_draw.sample_draws_into(
+            w_clean, w_pert, self.table, self.key, self.draw_buffer[:d], self.epsilon, self.mask
+        )
         return Sampled(list(self.draws), w_clean, w_pert, None)
 
     def inputs(self, k: int, input_shape: tuple[int, ...], rows: range) -> torch.Tensor:
@@ -289,19 +321,36 @@ class TritonBackend(Backend):
         # The custom autograd.Function has no vmap rule: the engine calls this outside vmap.
         return self._fd_loss.fd_loss(out_clean, out_pert)
 
-    def accumulate(self, grad: torch.Tensor, sampled: Sampled, g_clean: torch.Tensor, g_pert: torch.Tensor,
-                   stats: DrawStats | None = None) -> None:
+    def accumulate(
+        self,
+        grad: torch.Tensor,
+        sampled: Sampled,
+        g_clean: torch.Tensor,
+        g_pert: torch.Tensor,
+        stats: DrawStats | None = None,
+    ) -> None:
         d, table = g_clean.shape[0], self.table
-        args = (grad, g_clean.contiguous(), g_pert.contiguous(), table.offsets, table.std, self.key,
-                self.draw_buffer[:d], self.epsilon, table.steps, self.mask)
+        args = (
+            grad,
+            g_clean.contiguous(),
+            g_pert.contiguous(),
+            table.offsets,
+            table.std,
+            self.key,
+            self.draw_buffer[:d],
+            self.epsilon,
+            table.steps,
+            self.mask,
+        )
         if stats is None:
             self._ops.mask_grad(*args)
         else:
             self._ops.mask_grad_stats(*args, stats.odd, stats.sq)
 
 
-def make_backend(name: str, arena: Arena, seed: int, epsilon: float, device: torch.device, dtype: torch.dtype,
-                 max_group: int = 1) -> Backend:
+def make_backend(
+    name: str, arena: Arena, seed: int, epsilon: float, device: torch.device, dtype: torch.dtype, max_group: int = 1
+) -> Backend:
     """The backend called ``name`` (``resolve_backend``'s answer) for a scorer."""
     if name == "triton":
         return TritonBackend(arena, seed, epsilon, device, dtype, max_group=max_group)

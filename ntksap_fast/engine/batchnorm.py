@@ -12,9 +12,10 @@ instead of the module's running buffers, which are never read or written:
   ``record`` forward of the whole draw). ``check_replayed()`` after the forward refuses a model
   that made fewer calls than were recorded.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,14 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(out_dtype), var.to(out_dtype)
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-              bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
     """``F.batch_norm`` in eval mode with the given statistics: ``(x - mean) / sqrt(var + eps) * w + b``.
 
     ``x``: ``(B, C, *spatial)``; the rest ``(C,)``. On the CPU, float32/float64 inputs run it as one
@@ -73,8 +80,10 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: to
     return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
-_DIFFER = ("the model's BatchNorm calls differ between passes of one draw; "
-           "NTK-SAP needs a forward that does the same computation every call")
+_DIFFER = (
+    "the model's BatchNorm calls differ between passes of one draw; "
+    "NTK-SAP needs a forward that does the same computation every call"
+)
 
 
 class CleanStatsBatchNorm(TorchFunctionMode):
@@ -86,8 +95,9 @@ class CleanStatsBatchNorm(TorchFunctionMode):
         stats_fn: the statistics of ``record`` mode (default ``batch_stats``).
     """
 
-    def __init__(self, stats: list[tuple[torch.Tensor, torch.Tensor]], mode: str,
-                 stats_fn: StatsFn = batch_stats) -> None:
+    def __init__(
+        self, stats: list[tuple[torch.Tensor, torch.Tensor]], mode: str, stats_fn: StatsFn = batch_stats
+    ) -> None:
         super().__init__()
         if mode not in ("record", "replay"):
             raise ValueError(f"mode must be record or replay, got {mode!r}")
@@ -107,8 +117,9 @@ class CleanStatsBatchNorm(TorchFunctionMode):
             return func(*args, **kwargs)
         return self._batch_norm(*args, **kwargs)
 
-    def _batch_norm(self, input, running_mean=None, running_var=None, weight=None, bias=None,
-                    training=False, momentum=0.1, eps=1e-5):
+    def _batch_norm(
+        self, input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+    ):
         index = self.calls
         self.calls += 1
         if self.mode == "record":

@@ -27,6 +27,7 @@ code object and stops compiling one after ``torch._dynamo.config.recompile_limit
 which a process that makes scorers for several models would otherwise reach, silently running the
 rest eagerly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ BACKEND = "inductor"
 def _own_copy(fn: Callable) -> Callable:
     """``fn`` (a bound method) with a code object of its own, so dynamo's cache of it is this engine's."""
     func = fn.__func__
-    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
-                              func.__closure__)
+    copy = types.FunctionType(
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
     return types.MethodType(copy, fn.__self__)
 
 
@@ -81,11 +83,20 @@ class CompiledDraw:
     def __init__(self, runner, backend: Backend) -> None:
         self.runner, self.backend, self.arena = runner, backend, runner.arena
         self.error: str | None = None
-        self._compiled = {step: torch.compile(_own_copy(step), backend=BACKEND, fullgraph=True)
-                          for step in (self._whole, self._record, self._micro)}
+        self._compiled = {
+            step: torch.compile(_own_copy(step), backend=BACKEND, fullgraph=True)
+            for step in (self._whole, self._record, self._micro)
+        }
 
-    def draw(self, sampled: Sampled, x: torch.Tensor, grad: torch.Tensor, stats: DrawStats | None,
-             micro: int | None = None, dynamic_batch: bool = False) -> None:
+    def draw(
+        self,
+        sampled: Sampled,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        stats: DrawStats | None,
+        micro: int | None = None,
+        dynamic_batch: bool = False,
+    ) -> None:
         """Adds the draw whose weights are ``sampled`` (one draw, ``(1, N)``) and inputs ``x`` ``(B, *shape)``
         to ``grad`` (and ``stats``), in micro-batches of ``micro`` inputs when given and smaller than
         ``B``. ``dynamic_batch``: the round's draws differ in size (one graph for every size)."""
@@ -108,13 +119,21 @@ class CompiledDraw:
             try:
                 return self._compiled[step](*args)
             except torch._dynamo.exc.TorchDynamoException as err:  # an unsupported model: eagerly from now on
-                self.error = "; ".join(f"{type(e).__name__}: {(str(e).strip() or ' ').splitlines()[0]}"
-                                       for e in (err, err.__cause__) if e is not None)
+                self.error = "; ".join(
+                    f"{type(e).__name__}: {(str(e).strip() or ' ').splitlines()[0]}"
+                    for e in (err, err.__cause__)
+                    if e is not None
+                )
                 log.warning("NTK-SAP: the draw step could not be compiled, running eagerly (%s)", self.error)
         return step(*args)
 
-    def _loss(self, clean: dict[str, torch.Tensor], pert: dict[str, torch.Tensor], x: torch.Tensor,
-              recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    def _loss(
+        self,
+        clean: dict[str, torch.Tensor],
+        pert: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """``sum((f_clean - f_pert)**2)`` for inputs ``x``, both branches normalised with the clean branch's
         BatchNorm statistics: recorded by the clean forward, or ``recorded`` (the whole draw's)."""
         replayed = recorded is not None
@@ -127,8 +146,9 @@ class CompiledDraw:
         bn_pert.check_replayed()
         return (out_clean - out_pert).square().sum()
 
-    def _gradients(self, sampled: Sampled, x: torch.Tensor,
-                   recorded: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gradients(
+        self, sampled: Sampled, x: torch.Tensor, recorded: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss's gradients with respect to the clean and the perturbed weights, each flat ``(1, N)``."""
         arena: Arena = self.arena
         clean, pert = arena.views(sampled.w_clean[0]), arena.views(sampled.w_pert[0])
@@ -145,8 +165,9 @@ class CompiledDraw:
             self.runner(self.arena.views(sampled.w_clean[0]), x, bn)
         return recorded
 
-    def _micro(self, sampled: Sampled, x: torch.Tensor, recorded: list[tuple[torch.Tensor, torch.Tensor]],
-               g_flat: torch.Tensor) -> None:
+    def _micro(
+        self, sampled: Sampled, x: torch.Tensor, recorded: list[tuple[torch.Tensor, torch.Tensor]], g_flat: torch.Tensor
+    ) -> None:
         g_clean, g_pert = self._gradients(sampled, x, recorded)
         g_flat[0:1].add_(g_clean)
         g_flat[1:2].add_(g_pert)

@@ -30,16 +30,25 @@ keep running channels-last. In practice: the strided 1x1 shortcuts of narrow net
 guarding a ResNet-50 stem (3 channels, 7x7, stride 2) costs 1.75x on that layer's forward and
 weight gradient (measured, batch 16, 2 threads), for a kernel without the faulty workspace.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CHANNEL_BLOCK", "CONV_FUNCTIONS", "is_affected", "needs_guard", "safe_conv_args", "guarded_conv",
-           "ConvGuard"]
+__all__ = [
+    "CHANNEL_BLOCK",
+    "CONV_FUNCTIONS",
+    "is_affected",
+    "needs_guard",
+    "safe_conv_args",
+    "guarded_conv",
+    "ConvGuard",
+]
 
 #: Largest oneDNN channel block on x86 CPUs (AVX-512; AVX2 uses 8). Multiples of it are safe.
 CHANNEL_BLOCK = 16
@@ -70,8 +79,11 @@ def is_affected(weight_shape: Sequence[int], stride: int | Sequence[int]) -> boo
     if len(weight_shape) < 3:
         raise ValueError(f"weight_shape must be (out, in/groups, *kernel), got {tuple(weight_shape)}")
     spatial = len(weight_shape) - 2
-    return (all(int(k) == 1 for k in weight_shape[2:]) and any(s > 1 for s in _strides(stride, spatial))
-            and int(weight_shape[1]) % CHANNEL_BLOCK != 0)
+    return (
+        all(int(k) == 1 for k in weight_shape[2:])
+        and any(s > 1 for s in _strides(stride, spatial))
+        and int(weight_shape[1]) % CHANNEL_BLOCK != 0
+    )
 
 
 def _batched(t: torch.Tensor) -> bool:
@@ -89,8 +101,9 @@ def needs_guard(input: torch.Tensor, weight: torch.Tensor, stride: int | Sequenc
     return not (input.is_contiguous() and weight.is_contiguous())
 
 
-def safe_conv_args(input: torch.Tensor, weight: torch.Tensor,
-                   stride: int | Sequence[int] = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_conv_args(
+    input: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input, weight)`` in a layout that avoids the bug: contiguous copies when guarded.
 
     Returns the arguments themselves when :func:`needs_guard` is False. Both are made contiguous
@@ -122,8 +135,11 @@ def guarded_conv(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
     input, weight, stride = bound.get("input"), bound.get("weight"), bound.get("stride", 1)
-    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or not needs_guard(
-            input, weight, stride):
+    if (
+        not isinstance(input, torch.Tensor)
+        or not isinstance(weight, torch.Tensor)
+        or not needs_guard(input, weight, stride)
+    ):
         return func(*args, **kwargs)
     layout = _memory_format(input)
     safe = dict(zip(("input", "weight"), safe_conv_args(input, weight, stride)))

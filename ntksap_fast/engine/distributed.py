@@ -5,6 +5,7 @@ them and every rank then selects the same mask. The counters make each draw's ra
 same wherever it runs, so the result equals a one-process run up to float summation order.
 Works with gloo (CPU tensors) and NCCL (CUDA tensors); launch with ``torchrun``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,12 +25,14 @@ class DrawShare:
     group: dist.ProcessGroup | None = None
 
     @classmethod
-    def current(cls, process_group: dist.ProcessGroup | None = None) -> "DrawShare":
+    def current(cls, process_group: dist.ProcessGroup | None = None) -> DrawShare:
         """The default group when ``torch.distributed`` is initialised, else a one-process share."""
         if process_group is None and not (dist.is_available() and dist.is_initialized()):
             return cls()
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}"
+            )
         return cls(dist.get_rank(process_group), dist.get_world_size(process_group), process_group)
 
     @property

@@ -7,6 +7,7 @@ Draw ``s`` of round ``t`` under ``seed`` has
 * ``x``: inputs ``~ N(0, 1)`` of shape ``(batch_size, *input_shape)`` (stream INPUTS, element =
   row-major index into that tensor, so any slice of rows has the numbers the whole draw has).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ class DrawKey:
     draw: int
 
 
-def sample_weights(arena: Arena, key: DrawKey, stream: Stream, std: torch.Tensor | None,
-                   keep: torch.Tensor | None = None) -> torch.Tensor:
+def sample_weights(
+    arena: Arena, key: DrawKey, stream: Stream, std: torch.Tensor | None, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Flat float32 CPU vector of one draw's weights (``std`` given) or perturbation (``std=None``).
 
     Args:

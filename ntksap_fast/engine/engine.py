@@ -19,23 +19,24 @@ size in a CUDA graph (``ntksap_fast.engine.graphs``) and replayed with new count
 What differs between the PyTorch path and the Triton path sits behind a backend
 (``ntksap_fast.engine.backend``). An ``Engine`` is built once per scorer and reused for every round.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..options import OutputFn
 from .arena import Arena
 from .backend import Backend, DrawStats, make_backend
 from .batchnorm import CleanStatsBatchNorm
 from .compiled import CompiledDraw
 from .conv_guard import ConvGuard
 from .graphs import DrawGraphs
-from ..options import OutputFn
 from .plan import ScorerConfig
 
 __all__ = ["Engine", "ModelRunner", "preserved_state"]
@@ -87,14 +88,24 @@ class ModelRunner:
     narrow-channel bug).
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, device: torch.device, dtype: torch.dtype = torch.float32,
-                 param_dtype: torch.dtype = torch.float32, output: OutputFn | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arena: Arena,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        param_dtype: torch.dtype = torch.float32,
+        output: OutputFn | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.model, self.arena, self.output = model, arena, output
         self.device, self.dtype, self.param_dtype = device, dtype, param_dtype
         self.rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-        self.masked = [(model.get_submodule(s.name.rpartition(".")[0]), s.name.rpartition(".")[2])
-                       for s in arena.slots if s.mask is not None]
+        self.masked = [
+            (model.get_submodule(s.name.rpartition(".")[0]), s.name.rpartition(".")[2])
+            for s in arena.slots
+            if s.mask is not None
+        ]
         self.fixed: dict[str, torch.Tensor] = {}
         prunable = set(arena.params)
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -127,28 +138,35 @@ class ModelRunner:
 
     def run(self, x: torch.Tensor, bn: CleanStatsBatchNorm | None = None) -> torch.Tensor:
         """The bound model's output (``param_dtype``) for input batch ``x``."""
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
-                    if self.dtype == torch.bfloat16 else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+            if self.dtype == torch.bfloat16
+            else contextlib.nullcontext()
+        )
         guard = ConvGuard() if self.device.type == "cpu" else contextlib.nullcontext()
         with autocast, guard, bn if bn is not None else contextlib.nullcontext():
             out = self.model(_channels_last(x))
         if self.output is not None:
             out = self.output(out)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
-                            "that picks the tensor to compare, e.g. output=lambda out: out['logits']")
+            raise TypeError(
+                f"the model returned {type(out).__name__}, not a tensor: pass output=, a function "
+                "that picks the tensor to compare, e.g. output=lambda out: out['logits']"
+            )
         return out.to(self.param_dtype)
 
-    def __call__(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                 bn: CleanStatsBatchNorm | None = None) -> torch.Tensor:
+    def __call__(
+        self, weights: dict[str, torch.Tensor], x: torch.Tensor, bn: CleanStatsBatchNorm | None = None
+    ) -> torch.Tensor:
         with self.bound(weights):
             return self.run(x, bn)
 
     def weights(self) -> torch.Tensor:
         """The model's prunable values as one flat ``param_dtype`` buffer on the device (through
         ``transform``); a masked tensor's entries as its ``torch.nn.utils.prune`` product."""
-        flat = self.arena.flatten(self.arena.values(self.model), argname="model", dtype=self.param_dtype,
-                                  device=self.device)
+        flat = self.arena.flatten(
+            self.arena.values(self.model), argname="model", dtype=self.param_dtype, device=self.device
+        )
         return flat.mul_(self.arena.start_mask(self.model, self.device))
 
     def check_input_shape(self, input_shape: tuple[int, ...]) -> None:
@@ -207,19 +225,28 @@ class Engine:
         seed, epsilon: the prune's seed and perturbation size.
     """
 
-    def __init__(self, runner: ModelRunner, input_shape: tuple[int, ...], config: ScorerConfig, seed: int,
-                 epsilon: float) -> None:
+    def __init__(
+        self, runner: ModelRunner, input_shape: tuple[int, ...], config: ScorerConfig, seed: int, epsilon: float
+    ) -> None:
         self.arena, self.input_shape, self.config, self.runner = runner.arena, input_shape, config, runner
-        self.backend: Backend = make_backend(config.backend, self.arena, seed, epsilon, config.device,
-                                             config.param_dtype, max_group=config.draw_batch)
+        self.backend: Backend = make_backend(
+            config.backend, self.arena, seed, epsilon, config.device, config.param_dtype, max_group=config.draw_batch
+        )
         self.grad = torch.zeros(self.arena.numel, dtype=config.param_dtype, device=config.device)
         self.stats: DrawStats | None = None
         self.graphs = DrawGraphs(config.device) if config.graphs and self.backend.capturable else None
         self.compiled = CompiledDraw(runner, self.backend) if config.compile else None
 
-    def mask_gradient(self, mask: torch.Tensor, round: int, batch_sizes: Sequence[int],
-                      draw_ids: Sequence[int] | None = None, on_draw: Callable[[], None] | None = None,
-                      stats: bool = False, accumulate: bool = False) -> torch.Tensor:
+    def mask_gradient(
+        self,
+        mask: torch.Tensor,
+        round: int,
+        batch_sizes: Sequence[int],
+        draw_ids: Sequence[int] | None = None,
+        on_draw: Callable[[], None] | None = None,
+        stats: bool = False,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
         """``G = sum over draws of dL_s/dm``: flat ``param_dtype`` ``(N,)`` on the device.
 
         The returned tensor is the engine's own buffer, overwritten by the next call.
@@ -250,7 +277,7 @@ class Engine:
             if len(group) > 1:
                 self._batched_draws(batch_size, draw_stats)
             elif self.graphs is not None:
-                self.graphs.run((batch_size, stats), lambda: self._one_draw(batch_size, draw_stats, mixed))
+                self.graphs.run((batch_size, stats), lambda n=batch_size: self._one_draw(n, draw_stats, mixed))
             else:
                 self._one_draw(batch_size, draw_stats, mixed)
             if on_draw is not None:
@@ -264,8 +291,14 @@ class Engine:
         backend, arena, runner = self.backend, self.arena, self.runner
         sampled = backend.sample()
         if self.compiled is not None:
-            self.compiled.draw(sampled, backend.inputs(0, self.input_shape, range(batch_size)), self.grad, stats,
-                               self.config.micro_batch, dynamic_batch=mixed_sizes)
+            self.compiled.draw(
+                sampled,
+                backend.inputs(0, self.input_shape, range(batch_size)),
+                self.grad,
+                stats,
+                self.config.micro_batch,
+                dynamic_batch=mixed_sizes,
+            )
             return
         clean, pert = _leaves(arena, sampled.w_clean[0]), _leaves(arena, sampled.w_pert[0])
         micro = min(self.config.micro_batch or batch_size, batch_size)
@@ -280,8 +313,9 @@ class Engine:
         g_flat = torch.empty(2, arena.numel, dtype=sampled.w_clean.dtype, device=sampled.w_clean.device)
         for i in range(n_micro):
             x = inputs[i * micro : (i + 1) * micro]
-            bn_clean = CleanStatsBatchNorm(stats_bn, "record" if n_micro == 1 else "replay",
-                                           stats_fn=backend.batch_stats)
+            bn_clean = CleanStatsBatchNorm(
+                stats_bn, "record" if n_micro == 1 else "replay", stats_fn=backend.batch_stats
+            )
             out_clean = runner(clean, x, bn_clean)
             bn_pert = CleanStatsBatchNorm(stats_bn, "replay")
             out_pert = runner(pert, x, bn_pert)
@@ -309,8 +343,9 @@ class Engine:
             order = (0, 1, *range(3, x.dim()), 2)
             x = x.permute(order).contiguous().permute(0, 1, x.dim() - 1, *range(2, x.dim() - 1))
 
-        def draw_outputs(clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor],
-                         xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def draw_outputs(
+            clean_w: dict[str, torch.Tensor], pert_w: dict[str, torch.Tensor], xs: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             stats_bn: list[tuple[torch.Tensor, torch.Tensor]] = []
             out_clean = runner(clean_w, xs, CleanStatsBatchNorm(stats_bn, "record", stats_fn=backend.batch_stats))
             bn_pert = CleanStatsBatchNorm(stats_bn, "replay")

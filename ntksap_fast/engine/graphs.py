@@ -13,9 +13,10 @@ the graphs are switched off for the scorer, the reason is kept in ``error``, and
 Graphs are keyed by what changes the captured work: the draw size, whether statistics are
 gathered, and PyTorch's TF32 flags.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -65,7 +66,7 @@ class DrawGraphs:
             try:
                 with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
                     draw()
-            except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+            except Exception as err:
                 text = str(err).strip()
                 self.error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
         if self.error is not None:

@@ -27,6 +27,7 @@ activations allocated for the scorer's life, fit only when whole draws fit in ``
 the usable memory. The scorer's settings are decided from this plan in
 ``ntksap_fast.engine.plan.resolve``.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MemoryPlan", "plan", "usable_bytes", "device_usable_bytes", "host_usable_bytes", "measure_bytes_per_input",
-           "HEADROOM", "GRAPH_SHARE", "HOST_OVERHEAD"]
+__all__ = [
+    "MemoryPlan",
+    "plan",
+    "usable_bytes",
+    "device_usable_bytes",
+    "host_usable_bytes",
+    "measure_bytes_per_input",
+    "HEADROOM",
+    "GRAPH_SHARE",
+    "HOST_OVERHEAD",
+]
 
 #: Share of the usable memory one draw may take.
 HEADROOM = 0.7
@@ -115,8 +125,10 @@ def _cgroup_room(proc: Path, cgroup_root: Path) -> int | None:
         if controllers == "":  # v2: "0::/path"
             mount, files = cgroup_root, ("memory.max", "memory.current", "memory.stat", "inactive_file")
         elif "memory" in controllers.split(","):  # v1: "4:memory:/path"
-            mount, files = cgroup_root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat",
-                                                     "total_inactive_file")
+            mount, files = (
+                cgroup_root / "memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
+            )
         else:
             continue
         folder = mount / path.strip("/")
@@ -129,8 +141,9 @@ def _cgroup_room(proc: Path, cgroup_root: Path) -> int | None:
     return max(min(rooms), 0) if rooms else None
 
 
-def host_usable_bytes(proc: str | os.PathLike = "/proc",
-                      cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+def host_usable_bytes(
+    proc: str | os.PathLike = "/proc", cgroup_root: str | os.PathLike = "/sys/fs/cgroup"
+) -> int | None:
     """Host memory this process can still allocate: ``MemAvailable`` of ``/proc/meminfo``, or the room
     under a cgroup memory limit where that is less; None where neither can be read (not Linux)."""
     available = None

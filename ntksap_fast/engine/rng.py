@@ -20,6 +20,7 @@ extension is loaded, and these PyTorch ops otherwise (or with ``NTKSAP_FAST_NO_E
 (meta) implementations of those ops live here (the C++ library names this module as their home),
 so they trace under torch.compile / FakeTensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,23 @@ import torch
 
 from .._build import loader as _ext
 
-__all__ = ["Stream", "philox4x32", "normal", "normal_at", "PHILOX_ROUNDS", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0",
-           "PHILOX_W1", "BOX_MULLER_SHIFT", "BOX_MULLER_SCALE", "TWO_PI", "MASK32", "check_counters", "MAX_DRAW"]
+__all__ = [
+    "Stream",
+    "philox4x32",
+    "normal",
+    "normal_at",
+    "PHILOX_ROUNDS",
+    "PHILOX_M0",
+    "PHILOX_M1",
+    "PHILOX_W0",
+    "PHILOX_W1",
+    "BOX_MULLER_SHIFT",
+    "BOX_MULLER_SCALE",
+    "TWO_PI",
+    "MASK32",
+    "check_counters",
+    "MAX_DRAW",
+]
 
 # The generator's constants, one home for the PyTorch twin and the Triton kernels; csrc/philox.cpp
 # spells them out in C++ and tests/test_rng.py checks that they agree.
@@ -137,7 +153,13 @@ def _box_muller(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def normal(
-    seed: int, round: int, draw: int, stream: Stream, numel: int, *, offset: int = 0,
+    seed: int,
+    round: int,
+    draw: int,
+    stream: Stream,
+    numel: int,
+    *,
+    offset: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Standard normals of elements ``offset .. offset + numel - 1`` of one stream.

@@ -12,6 +12,7 @@ process-wide), which races with other threads creating files. (``tempfile.mkstem
 files, which survived the rename: masks others on a shared folder could not read.) Writing over an
 existing file keeps that file's permission bits, as ``open()`` does.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -11,13 +11,15 @@ other value is refused. Besides the arguments, the masks depend on the model's n
 tensors (biases, normalisation parameters, buffers), which the prune reads but never resamples:
 ``model_digest`` fingerprints them, so a model with other biases does not resume silently.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

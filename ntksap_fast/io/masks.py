@@ -15,6 +15,7 @@ File formats (chosen by the extension when saving, recognised by content when lo
 
 Metadata values are JSON values (tuples are stored as lists; dtypes, devices and paths as strings).
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,8 +25,9 @@ import json
 import os
 import pickle
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +35,16 @@ from torch.nn.utils import prune
 
 from ._atomic import atomic_write
 
-__all__ = ["Masks", "apply_masks", "unmasked_copy", "save_masks", "load_masks", "mask_density",
-           "check_mask_path", "MASK_EXTENSIONS"]
+__all__ = [
+    "Masks",
+    "apply_masks",
+    "unmasked_copy",
+    "save_masks",
+    "load_masks",
+    "mask_density",
+    "check_mask_path",
+    "MASK_EXTENSIONS",
+]
 
 #: Extensions ``save_masks`` writes: safetensors, or ``torch.save``.
 MASK_EXTENSIONS = (".pt", ".pth", ".safetensors")
@@ -60,13 +70,13 @@ class Masks(dict):
         super().__init__(*args, **kwargs)
         self.metadata: dict[str, Any] = dict(metadata or {})
 
-    def copy(self) -> "Masks":
+    def copy(self) -> Masks:
         return Masks(self, metadata=self.metadata)
 
-    def __copy__(self) -> "Masks":
+    def __copy__(self) -> Masks:
         return self.copy()
 
-    def __deepcopy__(self, memo: dict) -> "Masks":
+    def __deepcopy__(self, memo: dict) -> Masks:
         return Masks(copy.deepcopy(dict(self), memo), metadata=copy.deepcopy(self.metadata, memo))
 
     def __reduce_ex__(self, protocol: int):
@@ -152,8 +162,9 @@ def _check_against_model(masks: Mapping[str, torch.Tensor], model: nn.Module, ar
         if tensor is None:
             raise ValueError(f"{argname}: the model has no parameter named {name!r}")
         if m.shape != tensor.shape:
-            raise ValueError(f"{argname}[{name!r}] has shape {tuple(m.shape)}, the model's parameter has "
-                             f"{tuple(tensor.shape)}")
+            raise ValueError(
+                f"{argname}[{name!r}] has shape {tuple(m.shape)}, the model's parameter has {tuple(tensor.shape)}"
+            )
 
 
 def check_mask_path(path: str | os.PathLike) -> str:
@@ -165,8 +176,10 @@ def check_mask_path(path: str | os.PathLike) -> str:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     suffix = Path(path).suffix.lower()
     if suffix not in MASK_EXTENSIONS:
-        raise ValueError(f"path {os.fspath(path)!r}: unknown mask file extension {suffix or '(none)'!r}; "
-                         f"use one of {', '.join(MASK_EXTENSIONS)}")
+        raise ValueError(
+            f"path {os.fspath(path)!r}: unknown mask file extension {suffix or '(none)'!r}; "
+            f"use one of {', '.join(MASK_EXTENSIONS)}"
+        )
     return "safetensors" if suffix == ".safetensors" else "torch"
 
 
@@ -180,8 +193,10 @@ def _jsonable(value: Any, key: str) -> Any:
         return [_jsonable(v, key) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v, key) for k, v in value.items()}
-    raise TypeError(f"metadata[{key!r}]: {type(value).__name__} is not storable; use str, int, float, bool, "
-                    "None, or lists/dicts of them")
+    raise TypeError(
+        f"metadata[{key!r}]: {type(value).__name__} is not storable; use str, int, float, bool, "
+        "None, or lists/dicts of them"
+    )
 
 
 def _package_version() -> str:
@@ -190,8 +205,9 @@ def _package_version() -> str:
     return __version__
 
 
-def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
-               metadata: Mapping[str, Any] | None = None) -> None:
+def save_masks(
+    masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> None:
     """Writes ``masks`` and their metadata to ``path`` (``.safetensors``, or ``.pt``/``.pth``).
 
     The metadata written is ``masks.metadata`` (for a :class:`Masks`) updated with ``metadata``,
@@ -252,17 +268,18 @@ def _read(path: str) -> tuple[Mapping, str | None]:
     if start[8:9] == b"{":  # safetensors: an 8-byte header size, then the JSON header
         return _read_safetensors(path, where)
     if start[:4] != _ZIP_MAGIC and start[:1] != b"\x80":
-        raise ValueError(f"{where} is neither a safetensors file nor a torch.save file "
-                         f"(it starts with {start[:8]!r})")
+        raise ValueError(f"{where} is neither a safetensors file nor a torch.save file (it starts with {start[:8]!r})")
     try:
         with warnings.catch_warnings():  # random bytes make the unpickler warn about a "protocol"
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # the weights-only unpickler refused a class or function
-            raise ValueError(f"{where} holds objects other than tensors and plain Python values; it was not "
-                             "written by save_masks and is not loaded (unpickling arbitrary objects is "
-                             "unsafe)") from None
+            raise ValueError(
+                f"{where} holds objects other than tensors and plain Python values; it was not "
+                "written by save_masks and is not loaded (unpickling arbitrary objects is "
+                "unsafe)"
+            ) from None
         raise ValueError(f"{where} is a truncated or corrupt torch.save file (unreadable pickle data)") from None
     except Exception as err:  # RuntimeError from the zip reader, EOFError, ...: truncated or corrupt
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -272,8 +289,9 @@ def _read(path: str) -> tuple[Mapping, str | None]:
     return content, None
 
 
-def load_masks(path: str | os.PathLike, model: nn.Module | None = None, *,
-               with_metadata: bool = False) -> Masks | tuple[Masks, dict[str, Any]]:
+def load_masks(
+    path: str | os.PathLike, model: nn.Module | None = None, *, with_metadata: bool = False
+) -> Masks | tuple[Masks, dict[str, Any]]:
     """Reads masks written by ``save_masks`` (or a ``torch.save`` dict of bool tensors).
 
     Args:
@@ -320,4 +338,3 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
     _check_masks(masks)
     total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
-

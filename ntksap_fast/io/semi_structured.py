@@ -10,6 +10,7 @@ depends on the GPU and the shapes (pytorch/pytorch#153825: it can be slower on H
 
 Not run by the test suite, which has no GPU: only its checks and its refusal on a CPU are tested.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ _log = logging.getLogger("ntksap_fast")
 def _check_cuda(model: nn.Module) -> None:
     devices = sorted({p.device.type for p in model.parameters()})
     if devices != ["cuda"]:
-        raise ValueError(f"model must be on a CUDA device: PyTorch's semi-structured sparse tensors are CUDA only; "
-                         f"its parameters are on {devices or 'no device (it has none)'}")
+        raise ValueError(
+            f"model must be on a CUDA device: PyTorch's semi-structured sparse tensors are CUDA only; "
+            f"its parameters are on {devices or 'no device (it has none)'}"
+        )
 
 
 def _convert(weight: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,9 @@ def to_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor] | Non
         module.weight = nn.Parameter(sparse, requires_grad=False)
         converted.append(name)
     if not converted:
-        raise ValueError(f"no Linear weight of the model could be converted to a semi-structured sparse tensor: "
-                         f"{dense or 'the model has no Linear layer'}")
+        raise ValueError(
+            f"no Linear weight of the model could be converted to a semi-structured sparse tensor: "
+            f"{dense or 'the model has no Linear layer'}"
+        )
     _log.info("semi-structured 2:4 weights: %s; dense: %s", converted, dense)
     return out

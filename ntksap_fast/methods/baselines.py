@@ -3,7 +3,8 @@
 Every method scores the arena's flat vector of prunable weights (``ntksap_fast.engine.arena``); the
 one prune loop (``ntksap_fast.select.loop``) keeps exactly ``keep_count`` entries after each round
 of the schedule (largest scores win, ties to the lower flat index, pruned entries never come back),
-globally or per layer, with the same checkpoints, callbacks and metadata for every method. Scores, "higher = kept" (``w`` prunable weights, ``m`` mask,
+globally or per layer, with the same checkpoints, callbacks and metadata for every method. Scores,
+"higher = kept" (``w`` prunable weights, ``m`` mask,
 ``g = sum over batches of dL/dw`` at the masked weights ``m * w``):
 
 * ``ntksap``: NTK-SAP through one ``NtkSapScorer`` (set up once for all rounds, either scope).
@@ -32,10 +33,12 @@ statistics) on ``data``, batches of ``(inputs, targets)``, summing ``loss_fn`` g
 batches (pass only as many batches as you want scored). The model is never modified: the methods
 run it through ``torch.func.functional_call`` with detached copies of its tensors.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,8 +77,14 @@ class _Net:
     ``|.|`` copies of every floating tensor.
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, device: torch.device, absolute: bool = False,
-                 output: OutputFn | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arena: Arena,
+        device: torch.device,
+        absolute: bool = False,
+        output: OutputFn | None = None,
+    ) -> None:
         dtype = torch.float64 if absolute else arena.values(model)[arena.names[0]].dtype
         self.device = device
         self.runner = ModelRunner(model, arena, device, dtype, dtype, output, transform=torch.abs if absolute else None)
@@ -95,8 +104,10 @@ class _Net:
             count += 1
             yield batch[0].to(self.device), batch[1].to(self.device)
         if count == 0:
-            raise ValueError("data yielded no batches (a generator is used up after one pass; iter_snip and "
-                             "grasp read data more than once: pass a list or a DataLoader)")
+            raise ValueError(
+                "data yielded no batches (a generator is used up after one pass; iter_snip and "
+                "grasp read data more than once: pass a list or a DataLoader)"
+            )
 
     def loss_grad(self, flat: torch.Tensor, data: Batches, loss_fn: LossFn) -> torch.Tensor:
         """``sum over batches of d loss_fn(f(x; flat), y) / d flat``, same shape as ``flat``."""
@@ -114,6 +125,7 @@ def _fixed(scores: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
 def _snip(net: _Net, data: Batches, loss_fn: LossFn) -> Callable[[torch.Tensor, int], torch.Tensor]:
     def score(mask: torch.Tensor, round: int) -> torch.Tensor:  # signed g * w: |.| is the weight score
         return net.loss_grad(net.weights * mask, data, loss_fn) * net.weights * mask
+
     return score
 
 
@@ -126,6 +138,7 @@ def _grasp(net: _Net, data: Batches, loss_fn: LossFn) -> Callable[[torch.Tensor,
             (grad,) = torch.autograd.grad(loss_fn(net(w, x), y), w, create_graph=True)
             hg += torch.autograd.grad((grad * g).sum(), w)[0]
         return w.detach() * hg  # = -S_GraSP: keeping the highest keeps the lowest S
+
     return score
 
 
@@ -136,6 +149,7 @@ def _synflow(net: _Net, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor,
         w = (net.weights * mask).requires_grad_(True)
         (grad,) = torch.autograd.grad(net(w, ones).sum(), w)
         return (grad * w).detach()  # >= 0: |.| is the weight score
+
     return score
 
 
@@ -146,9 +160,17 @@ class _BaselineScoring:
     ticks_per_round = 0  # the loop counts rounds
     has_stats = False
 
-    def __init__(self, name: str, model: nn.Module, arena: Arena, device: torch.device,
-                 score_fn: Callable[[torch.Tensor, int], torch.Tensor], settings: dict[str, Any],
-                 input_shape: Sequence[int] | None, output: OutputFn | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        arena: Arena,
+        device: torch.device,
+        score_fn: Callable[[torch.Tensor, int], torch.Tensor],
+        settings: dict[str, Any],
+        input_shape: Sequence[int] | None,
+        output: OutputFn | None,
+    ) -> None:
         self.name, self.model, self.arena, self.device = name, model, arena, device
         self.score_fn, self.settings = score_fn, settings
         self.input_shape, self.output = input_shape, output
@@ -160,8 +182,9 @@ class _BaselineScoring:
     def start_mask(self) -> torch.Tensor:
         return self.arena.start_mask(self.model, self.device)  # a model carrying masks starts from them
 
-    def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
-                     tick: Callable[[], None]) -> tuple[torch.Tensor, None]:
+    def round_scores(
+        self, mask: torch.Tensor, round: int, density: float, options: PruneOptions, tick: Callable[[], None]
+    ) -> tuple[torch.Tensor, None]:
         """``score_fn``'s per-entry contributions: signed for channels, their absolute value for the
         weight score (GraSP's is signed: its kept score is ``w * Hg`` itself)."""
         contributions = self.score_fn(mask, round)
@@ -186,8 +209,10 @@ def _check_method(method, iterations, data, loss_fn, ntksap_options) -> int:
     if iterations is None:
         iterations = DEFAULT_ITERATIONS.get(method, 1)
     elif method not in DEFAULT_ITERATIONS and iterations != 1:
-        raise ValueError(f"iterations: method {method!r} is one shot (iterations=1); iterative methods are "
-                         f"{tuple(DEFAULT_ITERATIONS)}")
+        raise ValueError(
+            f"iterations: method {method!r} is one shot (iterations=1); iterative methods are "
+            f"{tuple(DEFAULT_ITERATIONS)}"
+        )
     if method in DATA_METHODS and data is None:
         raise ValueError(f"method {method!r} needs data: an iterable of (inputs, targets) batches, e.g. a DataLoader")
     if not callable(loss_fn):
@@ -200,9 +225,17 @@ def _check_method(method, iterations, data, loss_fn, ntksap_options) -> int:
     return iterations
 
 
-def _baseline(method: str, model: nn.Module, arena: Arena, device: torch.device, seed: int,
-              input_shape: Sequence[int] | None, data: Batches | None, loss_fn: LossFn,
-              output: OutputFn | None) -> _BaselineScoring:
+def _baseline(
+    method: str,
+    model: nn.Module,
+    arena: Arena,
+    device: torch.device,
+    seed: int,
+    input_shape: Sequence[int] | None,
+    data: Batches | None,
+    loss_fn: LossFn,
+    output: OutputFn | None,
+) -> _BaselineScoring:
     """The scoring of a method other than NTK-SAP, with what its masks depend on (``settings``)."""
     settings: dict[str, Any] = {}
     if method == "random":
@@ -288,11 +321,13 @@ def prune(
         raise TypeError(f"output must be a callable picking the output tensor, got {type(output).__name__}")
     options = PruneOptions(**{k: v for k, v in locals().items() if k in PruneOptions.names()})
     if method == "ntksap":
-        scoring = NtkSapScorer(model, input_shape, seed=seed, params=params, device=device, output=output,
-                               **ntksap_options)
+        scoring = NtkSapScorer(
+            model, input_shape, seed=seed, params=params, device=device, output=output, **ntksap_options
+        )
         return run_prune(scoring, options, checkpoint=checkpoint, progress=progress, on_round=on_round)
     arena = Arena(model, params)
     with preserved_state(model):
-        scoring = _baseline(method, model, arena, resolve_device(model, device), seed, input_shape, data, loss_fn,
-                            output)
+        scoring = _baseline(
+            method, model, arena, resolve_device(model, device), seed, input_shape, data, loss_fn, output
+        )
         return run_prune(scoring, options, checkpoint=checkpoint, progress=progress, on_round=on_round)

@@ -9,14 +9,15 @@ entries matter, or only how many each layer keeps?
 
 Re-initialising the weights before training is the third check; it belongs to the training code.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from ..options import check_density, check_seed
 from ..io.masks import Masks, _check_masks
+from ..options import check_density, check_seed
 from ..select.schedule import keep_count
 from ..select.topk import masked_topk_
 
@@ -43,8 +44,9 @@ def shuffle_masks(masks: Mapping[str, torch.Tensor], seed: int) -> Masks:
     return Masks(shuffled, metadata={**getattr(masks, "metadata", {}), "shuffle_seed": seed})
 
 
-def keep_lowest(scores: Mapping[str, torch.Tensor], density: float,
-                masks: Mapping[str, torch.Tensor] | None = None) -> Masks:
+def keep_lowest(
+    scores: Mapping[str, torch.Tensor], density: float, masks: Mapping[str, torch.Tensor] | None = None
+) -> Masks:
     """Masks that keep the LOWEST scores: the inverted-scores sanity check (Frankle et al. 2021).
 
     Args:
@@ -57,7 +59,8 @@ def keep_lowest(scores: Mapping[str, torch.Tensor], density: float,
         :class:`Masks` with exactly ``keep_count(N, density) = N - floor((1 - density) N)`` True
         entries over all tensors (``N`` their total size), the lowest scores among the unpruned
         entries, globally; ties to the lower flat index (tensors in the dict's order, each
-        row-major), ``-0.0 == 0.0``, as the library's top-k. ``metadata``: ``{"invert": True}`` (the key the prune loop writes).
+        row-major), ``-0.0 == 0.0``, as the library's top-k. ``metadata``: ``{"invert": True}`` (the
+        key the prune loop writes).
     Raises:
         ValueError: ``density`` outside (0, 1]; names or shapes of ``masks`` other than ``scores``';
             fewer unpruned entries than the count; a NaN score at an unpruned entry.
@@ -73,15 +76,20 @@ def keep_lowest(scores: Mapping[str, torch.Tensor], density: float,
     if masks is not None:
         _check_masks(masks)
         if list(masks) != list(scores):
-            raise ValueError(f"masks must have the names of scores in the same order, got {list(masks)} "
-                             f"for scores {list(scores)}")
+            raise ValueError(
+                f"masks must have the names of scores in the same order, got {list(masks)} for scores {list(scores)}"
+            )
         for name, m in masks.items():
             if m.shape != scores[name].shape:
-                raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)}, scores[{name!r}] has "
-                                 f"{tuple(scores[name].shape)}")
+                raise ValueError(
+                    f"masks[{name!r}] has shape {tuple(m.shape)}, scores[{name!r}] has {tuple(scores[name].shape)}"
+                )
     flat = torch.cat([s.detach().reshape(-1) for s in scores.values()])
-    keep = (torch.ones(flat.shape, dtype=torch.bool, device=flat.device) if masks is None
-            else torch.cat([m.reshape(-1) for m in masks.values()]).to(flat.device))
+    keep = (
+        torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+        if masks is None
+        else torch.cat([m.reshape(-1) for m in masks.values()]).to(flat.device)
+    )
     masked_topk_(-flat, keep, keep_count(flat.numel(), density))  # the largest -score: the lowest score
     out, start = {}, 0
     for name, s in scores.items():

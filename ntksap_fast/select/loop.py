@@ -22,13 +22,15 @@ What goes into a checkpoint's settings is derived, never written out by hand: th
 tensors the masks depend on (``Scoring.digest``). A new option is covered once it says whether it
 changes the masks.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -77,8 +79,11 @@ class PruneOptions:
     iterations: int = _loop_option(20, "rounds T: after round t the kept fraction is density_schedule(...)[t-1]")
     schedule: str = _loop_option("exponential", "kept fraction after round t: d**(t/T) or 1-(1-d)t/T")
     scope: str = _loop_option("global", "one top-k over all tensors, or per tensor ('layer')")
-    granularity: str = _loop_option("weight", "what is kept or removed together: 'weight' (entries), 'channel' "
-                                    "(whole channels) or 'N:M' (N of every M along the input dim, e.g. '2:4')")
+    granularity: str = _loop_option(
+        "weight",
+        "what is kept or removed together: 'weight' (entries), 'channel' "
+        "(whole channels) or 'N:M' (N of every M along the input dim, e.g. '2:4')",
+    )
     min_layer_density: float = _loop_option(0.0, "each tensor keeps at least this fraction of its entries")
     invert: bool = _loop_option(False, "keep the LOWEST scores each round (the inverted-scores sanity check)")
     target_overlap: float | None = _loop_option(None, "add draws to a round until its split-half overlap reaches this")
@@ -94,8 +99,9 @@ class PruneOptions:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if isinstance(self.granularity, str) and self.granularity not in GRANULARITIES and ":" not in self.granularity:
-            raise ValueError(f"granularity must be one of {GRANULARITIES} or 'N:M' (e.g. '2:4'), "
-                             f"got {self.granularity!r}")
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES} or 'N:M' (e.g. '2:4'), got {self.granularity!r}"
+            )
         if self.granularity not in GRANULARITIES:  # N:M: TypeError/ValueError naming granularity
             set_("granularity", "{}:{}".format(*parse_nm(self.granularity)))
         set_("min_layer_density", check_float("min_layer_density", self.min_layer_density))
@@ -114,24 +120,35 @@ class PruneOptions:
             if self.target_overlap is None:
                 raise ValueError("max_draws applies with target_overlap only")
         if self.scope == "layer" and self.min_layer_density != 0.0:
-            raise ValueError("min_layer_density applies to scope='global'; scope='layer' already keeps the same "
-                             "fraction of every tensor")
+            raise ValueError(
+                "min_layer_density applies to scope='global'; scope='layer' already keeps the same "
+                "fraction of every tensor"
+            )
         if self.stats and self.scope != "global":
-            raise ValueError("stats and target_overlap apply to scope='global' (the statistics are those of the "
-                             "global top-k)")
+            raise ValueError(
+                "stats and target_overlap apply to scope='global' (the statistics are those of the global top-k)"
+            )
         if self.granularity != "weight" and self.scope != "global":
-            raise ValueError(f"granularity={self.granularity!r} applies to scope='global': scope='layer' keeps a "
-                             "fraction of each tensor, and a channel spans several tensors (N:M keeps N of every M "
-                             "in each group already)")
+            raise ValueError(
+                f"granularity={self.granularity!r} applies to scope='global': scope='layer' keeps a "
+                "fraction of each tensor, and a channel spans several tensors (N:M keeps N of every M "
+                "in each group already)"
+            )
         if self.granularity != "weight" and self.stats:
-            raise ValueError(f"stats and target_overlap apply to granularity='weight' (the split-half overlap is "
-                             f"that of the entries' top-k), not {self.granularity!r}")
+            raise ValueError(
+                f"stats and target_overlap apply to granularity='weight' (the split-half overlap is "
+                f"that of the entries' top-k), not {self.granularity!r}"
+            )
         if self.granularity not in GRANULARITIES and self.min_layer_density != 0.0:
-            raise ValueError(f"min_layer_density does not apply to granularity={self.granularity!r}: every eligible "
-                             "tensor keeps N/M of its entries")
+            raise ValueError(
+                f"min_layer_density does not apply to granularity={self.granularity!r}: every eligible "
+                "tensor keeps N/M of its entries"
+            )
         if self.stats and self.invert:
-            raise ValueError("invert does not combine with stats or target_overlap: the split-half overlap measures "
-                             "how stable the choice of the highest scores is, not of the lowest")
+            raise ValueError(
+                "invert does not combine with stats or target_overlap: the split-half overlap measures "
+                "how stable the choice of the highest scores is, not of the lowest"
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -185,8 +202,9 @@ class Scoring(Protocol):
     def start_mask(self) -> torch.Tensor:
         """A new flat bool ``(N,)`` mask on ``device``: the masks the model carries (else all True)."""
 
-    def round_scores(self, mask: torch.Tensor, round: int, density: float, options: PruneOptions,
-                     tick: Callable[[], None]) -> tuple[torch.Tensor, RoundStats | None]:
+    def round_scores(
+        self, mask: torch.Tensor, round: int, density: float, options: PruneOptions, tick: Callable[[], None]
+    ) -> tuple[torch.Tensor, RoundStats | None]:
         """Flat float ``(N,)`` scores of round ``round`` for the flat bool ``mask`` (higher = kept;
         only unpruned entries are read) and, with ``options.stats``, the round's ``RoundStats`` at
         ``density``. With ``options.granularity == "channel"``: the signed per-entry contributions
@@ -203,8 +221,9 @@ class Scoring(Protocol):
         """A digest of the model tensors its masks depend on."""
 
 
-def select_round_(arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, options: PruneOptions,
-                  method: str) -> None:
+def select_round_(
+    arena: Arena, scores: torch.Tensor, mask: torch.Tensor, density: float, options: PruneOptions, method: str
+) -> None:
     """Updates the flat ``mask`` in place: keeps ``keep_count(N, density)`` entries (at most the unpruned
     ones), the highest ``scores`` (the lowest with ``invert``), by ``options.scope``.
 
@@ -233,20 +252,38 @@ def build_selector(scoring: Scoring, options: PruneOptions) -> ChannelSelector |
         if scoring.name not in CHANNEL_METHODS:
             raise ValueError(f"granularity='channel' applies to methods {CHANNEL_METHODS}, not {scoring.name!r}")
         shape = resolve_input_shape(scoring.model, scoring.input_shape)
-        return ChannelSelector(scoring.model, scoring.arena, shape, output=scoring.output, device=scoring.device,
-                               min_layer_density=options.min_layer_density, invert=options.invert,
-                               random_seed=scoring.unit_seed)
+        return ChannelSelector(
+            scoring.model,
+            scoring.arena,
+            shape,
+            output=scoring.output,
+            device=scoring.device,
+            min_layer_density=options.min_layer_density,
+            invert=options.invert,
+            random_seed=scoring.unit_seed,
+        )
     return NMSelector(scoring.model, scoring.arena, options.granularity, options.density, invert=options.invert)
 
 
 def checkpoint_settings(scoring: Scoring, options: PruneOptions) -> dict[str, Any]:
     """The settings a checkpoint is written with and must match to resume (see the module docstring)."""
-    return {"method": scoring.name, **options.mask_settings(), **scoring.mask_settings(),
-            "tensors": [(s.name, tuple(s.shape)) for s in scoring.arena.slots], "model_digest": scoring.digest()}
+    return {
+        "method": scoring.name,
+        **options.mask_settings(),
+        **scoring.mask_settings(),
+        "tensors": [(s.name, tuple(s.shape)) for s in scoring.arena.slots],
+        "model_digest": scoring.digest(),
+    }
 
 
-def run(scoring: Scoring, options: PruneOptions, *, checkpoint: str | os.PathLike | None = None,
-        progress: bool | None = None, on_round: Callable[..., None] | None = None) -> Masks:
+def run(
+    scoring: Scoring,
+    options: PruneOptions,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    on_round: Callable[..., None] | None = None,
+) -> Masks:
     """Prunes with ``scoring`` over ``options.iterations`` rounds (see the module docstring).
 
     Args:
@@ -281,8 +318,12 @@ def run(scoring: Scoring, options: PruneOptions, *, checkpoint: str | os.PathLik
     rounds: list[dict] = []
     show = scoring.is_main and progress is not False
     per_round = max(scoring.ticks_per_round, 1)
-    with tqdm(total=(options.iterations - done) * per_round, desc=scoring.name, unit="draw" if scoring.ticks_per_round
-              else "round", disable=(None if progress is None else False) if show else True) as bar:
+    with tqdm(
+        total=(options.iterations - done) * per_round,
+        desc=scoring.name,
+        unit="draw" if scoring.ticks_per_round else "round",
+        disable=(None if progress is None else False) if show else True,
+    ) as bar:
         tick = (lambda: bar.update(1)) if scoring.ticks_per_round else (lambda: None)
         for t in range(done, options.iterations):
             bar.set_postfix(round=f"{t + 1}/{options.iterations}", density=f"{densities[t]:.4f}")
@@ -300,8 +341,12 @@ def run(scoring: Scoring, options: PruneOptions, *, checkpoint: str | os.PathLik
             if on_round is not None:
                 masks_now = {n: v.clone() for n, v in arena.views(mask).items()}
                 on_round(t + 1, masks_now, info) if options.stats else on_round(t + 1, masks_now)
-    metadata = {"method": scoring.name, **options.metadata(), **scoring.metadata(),
-                **(step.metadata() if step is not None else {})}
+    metadata = {
+        "method": scoring.name,
+        **options.metadata(),
+        **scoring.metadata(),
+        **(step.metadata() if step is not None else {}),
+    }
     if options.stats:
         metadata["rounds"] = rounds
     return Masks({n: v.clone() for n, v in arena.views(mask).items()}, metadata=metadata)

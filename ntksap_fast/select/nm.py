@@ -25,6 +25,7 @@ of its entries: its ``min(k_t, unpruned)`` highest-scoring unpruned entries, tie
 index. ``k_T = N``; ``k_t`` never grows, and pruned entries never come back. Entries already pruned
 (a model carrying masks) count as pruned within their group, so such a group may end below ``N``.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def parse_nm(granularity: str) -> tuple[int, int]:
     """``(N, M)`` of an ``"N:M"`` string with ``1 <= N < M`` and ``M >= 2``; else ``ValueError``/``TypeError``
     naming ``granularity``."""
     if not isinstance(granularity, str):
-        raise TypeError(f"granularity must be a string such as 'weight', 'channel' or '2:4', "
-                        f"got {type(granularity).__name__}")
+        raise TypeError(
+            f"granularity must be a string such as 'weight', 'channel' or '2:4', got {type(granularity).__name__}"
+        )
     match = _NM.fullmatch(granularity)
     if match is None:
         raise ValueError(f"granularity {granularity!r} is not of the form 'N:M' with integers N and M (e.g. '2:4')")
@@ -56,8 +58,10 @@ def parse_nm(granularity: str) -> tuple[int, int]:
     if m < 2:
         raise ValueError(f"granularity {granularity!r}: M must be >= 2, got M={m}")
     if not 1 <= n < m:
-        raise ValueError(f"granularity {granularity!r}: N must be in [1, M - 1] = [1, {m - 1}] (N >= M prunes "
-                         f"nothing, N = 0 everything), got N={n}")
+        raise ValueError(
+            f"granularity {granularity!r}: N must be in [1, M - 1] = [1, {m - 1}] (N >= M prunes "
+            f"nothing, N = 0 everything), got N={n}"
+        )
     return n, m
 
 
@@ -129,8 +133,10 @@ def select_nm_(scores: torch.Tensor, mask: torch.Tensor, slots: Sequence[Slot], 
         ValueError: a NaN score at an unpruned entry (naming the tensor); ``mask`` unchanged then.
     """
     if scores.shape != mask.shape or mask.dtype != torch.bool or mask.dim() != 1:
-        raise ValueError(f"scores and mask must be 1-D of one length, mask bool; got {tuple(scores.shape)} and "
-                         f"{tuple(mask.shape)} {mask.dtype}")
+        raise ValueError(
+            f"scores and mask must be 1-D of one length, mask bool; got {tuple(scores.shape)} and "
+            f"{tuple(mask.shape)} {mask.dtype}"
+        )
     updates = []
     for slot in slots:
         group_mask = nm_groups(mask[slot.offset : slot.stop], slot.shape, m)
@@ -157,13 +163,16 @@ class NMSelector:
     why it stays dense.
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, granularity: str, density: float, *,
-                 invert: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, arena: Arena, granularity: str, density: float, *, invert: bool = False
+    ) -> None:
         self.n, self.m = parse_nm(granularity)
         self.invert = invert
         if abs(float(density) - self.n / self.m) > _DENSITY_TOLERANCE:
-            raise ValueError(f"density must be N/M = {self.n / self.m:g} with granularity={granularity!r} (every "
-                             f"eligible tensor keeps {self.n} of each {self.m} entries), got {density}")
+            raise ValueError(
+                f"density must be N/M = {self.n / self.m:g} with granularity={granularity!r} (every "
+                f"eligible tensor keeps {self.n} of each {self.m} entries), got {density}"
+            )
         self.granularity = f"{self.n}:{self.m}"
         self.eligible: list[Slot] = []
         self.dense: dict[str, str] = {}

@@ -1,4 +1,5 @@
 """The pruning schedule: kept fraction after each round, and how many entries that keeps."""
+
 from __future__ import annotations
 
 import math

@@ -14,11 +14,13 @@ entries of all tensors together. So the total is exactly ``n_keep``, pruned entr
 back, and ties go to the lower flat index in both steps (as in ``ntksap_fast.select.topk``). With
 ``d_min = 0`` this is exactly ``masked_topk_(scores, mask, n_keep)``.
 """
+
 from __future__ import annotations
 
 import numbers
 import operator
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -36,8 +38,10 @@ class _SlotLike(Protocol):
 def _spans(slots_or_sizes: Sequence[_SlotLike] | Sequence[int], length: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of each tensor; they must tile ``[0, length)`` in order."""
     if isinstance(slots_or_sizes, (str, bytes, torch.Tensor)) or not isinstance(slots_or_sizes, Sequence):
-        raise TypeError("slots_or_sizes must be a sequence of arena slots (.offset, .numel) or of ints, "
-                        f"got {type(slots_or_sizes).__name__}")
+        raise TypeError(
+            "slots_or_sizes must be a sequence of arena slots (.offset, .numel) or of ints, "
+            f"got {type(slots_or_sizes).__name__}"
+        )
     spans, start = [], 0
     for i, item in enumerate(slots_or_sizes):
         if isinstance(item, numbers.Integral) and not isinstance(item, bool):
@@ -47,8 +51,10 @@ def _spans(slots_or_sizes: Sequence[_SlotLike] | Sequence[int], length: int) -> 
         else:
             raise TypeError(f"slots_or_sizes[{i}] must be an int or have .offset and .numel, got {type(item).__name__}")
         if numel < 0 or offset != start:
-            raise ValueError(f"slots_or_sizes[{i}] covers [{offset}, {offset + numel}); the tensors must tile "
-                             f"[0, {length}) in order, so it should start at {start} with a size >= 0")
+            raise ValueError(
+                f"slots_or_sizes[{i}] covers [{offset}, {offset + numel}); the tensors must tile "
+                f"[0, {length}) in order, so it should start at {start} with a size >= 0"
+            )
         spans.append((offset, offset + numel))
         start = offset + numel
     if start != length:
@@ -82,8 +88,13 @@ def _segment_sums(mask: torch.Tensor, spans: list[tuple[int, int]]) -> list[int]
     return counts.tolist()
 
 
-def select_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int,
-            slots_or_sizes: Sequence[_SlotLike] | Sequence[int], min_layer_density: float = 0.0) -> torch.Tensor:
+def select_(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    n_keep: int,
+    slots_or_sizes: Sequence[_SlotLike] | Sequence[int],
+    min_layer_density: float = 0.0,
+) -> torch.Tensor:
     """Keep exactly ``n_keep`` unpruned entries, each tensor at least its floor; ``mask`` in place.
 
     Args:
@@ -110,8 +121,9 @@ def select_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int,
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.shape != mask.shape:
-        raise ValueError(f"scores and mask must have the same 1-D shape, got {tuple(scores.shape)} and "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"scores and mask must have the same 1-D shape, got {tuple(scores.shape)} and {tuple(mask.shape)}"
+        )
     spans = _spans(slots_or_sizes, mask.shape[0])
     if density == 0.0:
         return masked_topk_(scores, mask, n_keep)
@@ -123,9 +135,11 @@ def select_(scores: torch.Tensor, mask: torch.Tensor, n_keep: int,
         raise ValueError(f"n_keep must be in [0, number of unpruned entries = {unpruned}], got {n_keep}")
     total_floor = sum(floors)
     if total_floor > n_keep:
-        raise ValueError(f"min_layer_density={min_layer_density} asks the tensors to keep at least "
-                         f"{total_floor} entries in all (each at least its floor), more than n_keep={n_keep}; "
-                         "lower min_layer_density or raise the density")
+        raise ValueError(
+            f"min_layer_density={min_layer_density} asks the tensors to keep at least "
+            f"{total_floor} entries in all (each at least its floor), more than n_keep={n_keep}; "
+            "lower min_layer_density or raise the density"
+        )
     floor_mask = mask.clone()
     for i, ((a, b), f) in enumerate(zip(spans, floors)):
         if f == 0:

@@ -37,6 +37,7 @@ unit's entries; density still counts prunable weights, so structured and unstruc
 compare at equal size). Removed units never come back. A budget that removing every removable
 unit cannot meet is a ``ValueError``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -73,9 +74,19 @@ class ChannelSelector:
     can be pruned (with each group's reason).
     """
 
-    def __init__(self, model: nn.Module, arena: Arena, input_shape: Sequence[int], *, output: Callable | None = None,
-                 device: torch.device | str = "cpu", min_layer_density: float = 0.0, invert: bool = False,
-                 random_seed: int | None = None, normalisation: str = NORMALISATIONS[0]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arena: Arena,
+        input_shape: Sequence[int],
+        *,
+        output: Callable | None = None,
+        device: torch.device | str = "cpu",
+        min_layer_density: float = 0.0,
+        invert: bool = False,
+        random_seed: int | None = None,
+        normalisation: str = NORMALISATIONS[0],
+    ) -> None:
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
         work = working_copy(model)
@@ -126,8 +137,10 @@ class ChannelSelector:
         bad = torch.isnan(unit) & alive
         if bad.any():
             groups = sorted({units.roots[g] for g in units.group_of[bad].tolist()})
-            raise ValueError(f"NaN in the channel scores of the groups rooted at {groups}: the model's output or "
-                             "gradient is not finite")
+            raise ValueError(
+                f"NaN in the channel scores of the groups rooted at {groups}: the model's output or "
+                "gradient is not finite"
+            )
         if self.invert:
             unit = -unit
         key = torch.where(alive, unit, float("-inf"))
@@ -150,9 +163,11 @@ class ChannelSelector:
         lo, hi = 0, int(candidates.numel())
         least = others + units.kept(counts, keep_after(hi))
         if least > n_keep:
-            raise ValueError(f"density {density_t:.6g} cannot be reached with granularity='channel': removing every "
-                             f"removable channel keeps {least} of {self.arena.numel} prunable weights (each group "
-                             "keeps at least one channel; frozen groups keep all theirs); raise the density")
+            raise ValueError(
+                f"density {density_t:.6g} cannot be reached with granularity='channel': removing every "
+                f"removable channel keeps {least} of {self.arena.numel} prunable weights (each group "
+                "keeps at least one channel; frozen groups keep all theirs); raise the density"
+            )
         while lo < hi:  # the fewest removals with kept <= n_keep (the count never grows with k)
             mid = (lo + hi) // 2
             if others + units.kept(counts, keep_after(mid)) <= n_keep:
@@ -163,5 +178,9 @@ class ChannelSelector:
 
     def metadata(self) -> dict:
         """What the masks' metadata records of the channel selection."""
-        return {"granularity": "channel", "channel_normalisation": self.normalisation,
-                "channel_units": self.units.count, "channel_frozen": dict(self.units.frozen)}
+        return {
+            "granularity": "channel",
+            "channel_normalisation": self.normalisation,
+            "channel_units": self.units.count,
+            "channel_frozen": dict(self.units.frozen),
+        }

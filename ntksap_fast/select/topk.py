@@ -30,10 +30,10 @@ use; if that fails too, a pure-PyTorch implementation with the same semantics is
 warning says why. Setting the environment variable ``NTKSAP_FAST_NO_EXT=1`` forces the PyTorch
 implementation.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 
@@ -77,7 +77,7 @@ def extension_available() -> bool:
     return _ext.load() and all(_ext.has_kernel(op, "CPU") for op in _OPS)
 
 
-def extension_error() -> Optional[str]:
+def extension_error() -> str | None:
     """Why the compiled extension is unavailable, or ``None`` when it is loaded."""
     return None if extension_available() else _ext.error() or "masked_topk ops not registered"
 
@@ -102,9 +102,7 @@ def _check_args(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> int:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if scores.dtype not in _SCORE_DTYPES:
-        raise TypeError(
-            f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}"
-        )
+        raise TypeError(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if isinstance(n_keep, bool) or isinstance(n_keep, torch.Tensor) and n_keep.dim() != 0:
@@ -118,13 +116,9 @@ def _check_args(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> int:
     if mask.dim() != 1:
         raise ValueError(f"mask must be 1-D, got shape {tuple(mask.shape)}")
     if scores.shape[0] != mask.shape[0]:
-        raise ValueError(
-            f"scores and mask must have the same length, got {scores.shape[0]} and {mask.shape[0]}"
-        )
+        raise ValueError(f"scores and mask must have the same length, got {scores.shape[0]} and {mask.shape[0]}")
     if scores.device != mask.device:
-        raise ValueError(
-            f"scores and mask must be on the same device, got {scores.device} and {mask.device}"
-        )
+        raise ValueError(f"scores and mask must be on the same device, got {scores.device} and {mask.device}")
     if not 0 <= n_keep <= mask.shape[0]:
         raise ValueError(f"n_keep must be in [0, number of unpruned entries], got {n_keep}")
     return n_keep
@@ -153,9 +147,7 @@ def masked_topk_torch(scores: torch.Tensor, mask: torch.Tensor, n_keep: int) -> 
     idx = mask.nonzero().squeeze(1)
     count = idx.numel()
     if n_keep > count:
-        raise ValueError(
-            f"n_keep must be in [0, number of unpruned entries = {count}], got {n_keep}"
-        )
+        raise ValueError(f"n_keep must be in [0, number of unpruned entries = {count}], got {n_keep}")
     sel = scores[idx]
     if count and bool(torch.isnan(sel).any()):
         first = int(idx[torch.isnan(sel)][0])

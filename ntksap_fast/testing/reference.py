@@ -36,12 +36,13 @@ after the first differ from DESIGN.md's by O(1/n) for n values per channel.)
 Tests use it as the oracle (``tests/test_oracle*.py``, ``tests/test_multiround.py``); benchmarks as
 the baseline.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import numbers
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -162,8 +163,10 @@ def reference_scores(
     bns = [m for m in net.modules() if isinstance(m, _BN_TYPES)]
     if any(bn.running_mean is None for bn in bns):
         raise ValueError("the reference needs BatchNorm layers with running statistics (track_running_stats=True)")
-    leaves = {name: flat_mask[offsets[k] : offsets[k + 1]].view(shape).to(device, dtype).requires_grad_(True)
-              for k, (name, shape) in enumerate(layout)}
+    leaves = {
+        name: flat_mask[offsets[k] : offsets[k + 1]].view(shape).to(device, dtype).requires_grad_(True)
+        for k, (name, shape) in enumerate(layout)
+    }
     grad = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in layout}
     for draw in range(draws):
         theta, z = {}, {}
@@ -244,8 +247,19 @@ def reference_prune(
     sizes = [shape.numel() for _, shape in layout]
     mask = torch.ones(sum(sizes), dtype=torch.bool)
     for t, d_t in enumerate(_schedule(density, iterations, schedule), start=1):
-        scores = reference_scores(model, params, mask, input_shape, draws=draws, batch_size=batch_size,
-                                  epsilon=epsilon, seed=seed, round=t - 1, dtype=dtype, device=device)
+        scores = reference_scores(
+            model,
+            params,
+            mask,
+            input_shape,
+            draws=draws,
+            batch_size=batch_size,
+            epsilon=epsilon,
+            seed=seed,
+            round=t - 1,
+            dtype=dtype,
+            device=device,
+        )
         if scope == "global":
             mask = _keep_top(scores, mask, len(mask) - math.floor((1.0 - d_t) * len(mask)))
         else:

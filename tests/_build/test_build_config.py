@@ -2,6 +2,7 @@
 devices a build has code for, one home for the sources and flags of the three build paths
 (setup.py, the just-in-time build, CMake), and an sdist that carries every file the sources
 include. No compiler or GPU needed: the builds are observed, not run."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -143,8 +144,15 @@ def test_gencode_flags_equal_torchs_for_the_same_list(monkeypatch):
 
 
 def test_env_flag():
-    for value, on in (("1", True), ("yes", True), (" TRUE ", True), ("0", False), ("", False), ("false", False),
-                      (" No", False)):
+    for value, on in (
+        ("1", True),
+        ("yes", True),
+        (" TRUE ", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        (" No", False),
+    ):
         assert config.env_flag("X", {"X": value}) is on, value
     assert config.env_flag("X", {}) is False
 
@@ -182,7 +190,9 @@ def test_cuda_compiler_says_why_not(tmp_path, monkeypatch):
     nvcc = _fake_nvcc(tmp_path / "cuda")
     assert config.cuda_compiler("13.0", {"CUDA_HOME": str(tmp_path / "cuda")}) == (nvcc, "")
     assert config.cuda_compiler("13.0", {"CUDA_HOME": str(tmp_path / "cuda"), "NTKSAP_FAST_NO_CUDA": "1"}) == (
-        None, "NTKSAP_FAST_NO_CUDA is set")
+        None,
+        "NTKSAP_FAST_NO_CUDA is set",
+    )
     assert config.cuda_compiler(None, {"CUDA_HOME": str(tmp_path / "cuda")}) == (None, "torch is a build without CUDA")
     none, why = config.cuda_compiler("13.0", {})
     assert none is None and why == f"nvcc not found (looked for {tmp_path / 'none' / 'bin' / 'nvcc'}; set CUDA_HOME)"
@@ -257,8 +267,12 @@ def test_jit_build_uses_the_configured_sources_and_flags(monkeypatch, tmp_path):
     flags, files = json.loads(cmd[4]), cmd[5:]
     src = config.sources(ROOT)
     assert files == [str(ROOT / p) for p in src.cpp]
-    assert flags == {"cxx": list(config.CXX_FLAGS), "link": list(config.LINK_FLAGS), "nvcc": None,
-                     "include": str(ROOT / config.INCLUDE_DIR)}
+    assert flags == {
+        "cxx": list(config.CXX_FLAGS),
+        "link": list(config.LINK_FLAGS),
+        "nvcc": None,
+        "include": str(ROOT / config.INCLUDE_DIR),
+    }
 
 
 def test_jit_build_with_a_gpu_takes_the_nvcc_of_the_one_rule(monkeypatch, tmp_path):
@@ -296,8 +310,12 @@ def test_cmake_reads_the_configuration(tmp_path):
     text = (ROOT / "CMakeLists.txt").read_text()
     code = "\n".join(line.split("#")[0] for line in text.splitlines())
     assert not re.search(r"csrc/\w+\.(cpp|cu)|-O3|-gencode|\b90\b|/usr/local/cuda|CUDA_HOME|CUDA_PATH", code)
-    home = subprocess.run([sys.executable, str(ROOT / "ntksap_fast" / "_build" / "config.py"), "--cuda-home"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    home = subprocess.run(
+        [sys.executable, str(ROOT / "ntksap_fast" / "_build" / "config.py"), "--cuda-home"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     nvcc = config.find_nvcc()
     assert home == (os.path.dirname(os.path.dirname(nvcc)) if nvcc else "")
     out = tmp_path / "config.cmake"
@@ -326,23 +344,50 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 def test_sdist_carries_every_source_and_what_it_includes(tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(
-        ROOT, tree,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "cmake-build", "*.egg-info",
-                                      "__pycache__", "*.so", ".pytest_cache", ".benchmarks", "results"),
+        ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "cmake-build",
+            "*.egg-info",
+            "__pycache__",
+            "*.so",
+            ".pytest_cache",
+            ".benchmarks",
+            "results",
+        ),
     )
     env = dict(os.environ, NTKSAP_FAST_NO_EXT_BUILD="1")
     proc = subprocess.run(
         [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
-        cwd=tree, env=env, capture_output=True, text=True,
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sdist,) = (tmp_path / "dist").glob("ntksap_fast-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     src = config.sources(ROOT)
-    needed = {*src.cpp, *src.cuda, src.module, src.test, "LICENSE", "README.md", "setup.py", "pyproject.toml",
-              "CMakeLists.txt", "ntksap_fast/_build/config.py", "ntksap_fast/_build/loader.py",
-              "ntksap_fast/_build/check.py", "ntksap_fast/py.typed"}
+    needed = {
+        *src.cpp,
+        *src.cuda,
+        src.module,
+        src.test,
+        "LICENSE",
+        "README.md",
+        "setup.py",
+        "pyproject.toml",
+        "CMakeLists.txt",
+        "ntksap_fast/_build/config.py",
+        "ntksap_fast/_build/loader.py",
+        "ntksap_fast/_build/check.py",
+        "ntksap_fast/py.typed",
+    }
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "triton_kernels").glob("*.py")}
     for path in [*src.cpp, *src.cuda, src.module, src.test]:
         todo = [ROOT / path]

@@ -2,6 +2,7 @@
 known answers of the Philox normals are the PyTorch twin's. No compiled library needed: the check's
 logic runs against ops written with the twin (the check of the built module itself is in
 test_ext_loader.py)."""
+
 from __future__ import annotations
 
 import re
@@ -53,14 +54,23 @@ def test_philox_known_answers_are_the_twins(monkeypatch):
     monkeypatch.setenv("NTKSAP_FAST_NO_EXT", "1")
     seed = check.PHILOX_KEY[0] + (check.PHILOX_KEY[1] << 32)
     for case, compute in (
-        (check.PHILOX_NORMAL, lambda draw, stream, case: rng.normal(
-            seed, check.PHILOX_ROUND, draw, stream, len(case["values"]), offset=case["offset"])),
-        (check.PHILOX_NORMAL_AT, lambda draw, stream, case: rng.normal_at(
-            seed, check.PHILOX_ROUND, draw, stream, torch.tensor(case["index"]))),
+        (
+            check.PHILOX_NORMAL,
+            lambda draw, stream, case: rng.normal(
+                seed, check.PHILOX_ROUND, draw, stream, len(case["values"]), offset=case["offset"]
+            ),
+        ),
+        (
+            check.PHILOX_NORMAL_AT,
+            lambda draw, stream, case: rng.normal_at(
+                seed, check.PHILOX_ROUND, draw, stream, torch.tensor(case["index"])
+            ),
+        ),
     ):
         draw, stream = divmod(case["tag"], 4)
-        torch.testing.assert_close(compute(draw, rng.Stream(stream), case), torch.tensor(case["values"]),
-                                   rtol=0, atol=check.PHILOX_ATOL)
+        torch.testing.assert_close(
+            compute(draw, rng.Stream(stream), case), torch.tensor(case["values"]), rtol=0, atol=check.PHILOX_ATOL
+        )
 
 
 class _TwinOps:

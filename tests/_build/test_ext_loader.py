@@ -5,6 +5,7 @@ compiler when $CXX/$CC point elsewhere, and importing ntksap_fast registers the 
 
 Anything that could crash runs in a subprocess, so the test process cannot die.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,9 +22,9 @@ import pytest
 import torch
 
 from _requires_ext import ext_missing
+from ntksap_fast._build import check as _ext_check
 from ntksap_fast._build import config as _build_config
 from ntksap_fast._build import loader as _ext
-from ntksap_fast._build import check as _ext_check
 from ntksap_fast.select import topk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +155,7 @@ def test_build_checked_rebuilds_with_the_system_compiler(broken_lib, cache, tmp_
     another one; without an override there is nothing to retry and the reason is returned."""
     good = built_module()
     fake = tmp_path / "custom-g++"
-    fake.write_text("#!/bin/sh\nexec g++ \"$@\"\n")
+    fake.write_text('#!/bin/sh\nexec g++ "$@"\n')
     fake.chmod(0o755)
     builds = []
 

@@ -1,4 +1,5 @@
 """Reports: tables, collapse rule, markdown, plots, and the empirical NTK against closed forms."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from ntksap_fast.analysis.report import (channel_table, check_ntk_size, collapsed_layers, empirical_ntk, layer_table,
-                                markdown_report, model_flops, ntk_eigenvalues, plot_layer_density, plot_ntk_spectrum)
+from ntksap_fast.analysis.report import (
+    channel_table,
+    check_ntk_size,
+    collapsed_layers,
+    empirical_ntk,
+    layer_table,
+    markdown_report,
+    model_flops,
+    ntk_eigenvalues,
+    plot_layer_density,
+    plot_ntk_spectrum,
+)
 from ntksap_fast.io.masks import Masks
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -63,8 +74,9 @@ def test_mlp_ntk_matches_jacrev_and_leaves_model_alone():
     params = dict(model.named_parameters())
 
     def f(w0, w2):
-        return functional_call(model, {**params, "0.weight": w0 * masks["0.weight"],
-                                       "2.weight": w2 * masks["2.weight"]}, (x,)).reshape(-1)
+        return functional_call(
+            model, {**params, "0.weight": w0 * masks["0.weight"], "2.weight": w2 * masks["2.weight"]}, (x,)
+        ).reshape(-1)
 
     jacs = jacrev(f, argnums=(0, 1))(params["0.weight"].detach(), params["2.weight"].detach())
     jac = torch.cat([j.reshape(6, -1) * m.reshape(1, -1) for j, m in zip(jacs, masks.values())], 1)
@@ -85,8 +97,10 @@ def test_check_ntk_size_agrees_with_the_computation():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # P = 32, O = 3
     assert check_ntk_size(model, input_shape=(5,), batch_size=8) == 8 * 3 * 32
     before = [m.training for m in model.modules()]
-    for limit, words in ((8 * 32 - 1, "at least batch \\* params = 256"),
-                         (8 * 3 * 32 - 1, "batch \\* outputs \\* params = 768")):
+    for limit, words in (
+        (8 * 32 - 1, "at least batch \\* params = 256"),
+        (8 * 3 * 32 - 1, "batch \\* outputs \\* params = 768"),
+    ):
         with pytest.raises(ValueError, match=words):
             check_ntk_size(model, input_shape=(5,), batch_size=8, max_jacobian_entries=limit)
         with pytest.raises(ValueError, match=words):
@@ -161,8 +175,14 @@ plot_ntk_spectrum(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]), {str(tmp_p
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 assert "matplotlib.pyplot" not in sys.modules
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d.png").read_bytes()[:8] == PNG and (tmp_path / "s.png").read_bytes()[:8] == PNG
 
@@ -190,16 +210,26 @@ def test_ntk_of_a_model_carrying_masks_equals_the_ntk_with_those_masks():
 
 def _channel_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 2),
+    )
 
 
 def test_channel_table_counts_kept_channels_and_the_flops_before_and_after():
     """Written out: 2 FLOPs per multiply-add; conv 3->4 (3x3) and conv 4->6 (1x1) on 8x8, Linear 6->2.
     Removing channel 1 of the first conv leaves 3 of its outputs and 3 of the second conv's inputs."""
     model = _channel_net()
-    masks = {"0.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool), "3.weight": torch.ones(6, 4, 1, 1, dtype=torch.bool),
-             "6.weight": torch.ones(2, 6, dtype=torch.bool)}
+    masks = {
+        "0.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool),
+        "3.weight": torch.ones(6, 4, 1, 1, dtype=torch.bool),
+        "6.weight": torch.ones(2, 6, dtype=torch.bool),
+    }
     masks["0.weight"][1] = False
     masks["3.weight"][:, 1] = False
     dense = 2 * (4 * 3 * 9 * 64 + 6 * 4 * 64 + 6 * 2)
@@ -211,4 +241,3 @@ def test_channel_table_counts_kept_channels_and_the_flops_before_and_after():
     assert f"FLOPs per input: {dense:,} dense, {after:,} exported ({after / dense:.3f} of dense)" in text
     report = markdown_report(masks, {"model": "toy"}, 1.0, channels=text)
     assert "## Channels and FLOPs" in report and text in report
-

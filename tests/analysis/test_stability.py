@@ -1,5 +1,6 @@
 """Stability figures (split-half overlap, relative standard error), target_overlap, the collapse
 guard and the metadata of the masks, through the public API."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,16 @@ SHAPE = (3, 8, 8)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def _per_draw(model: nn.Module, draws: int, batch: int, mask: torch.Tensor) -> torch.Tensor:
@@ -65,16 +74,35 @@ def test_round_stats_limits():
 def test_target_overlap_adds_draws_in_counter_order():
     model = _net()
     rounds = []
-    got = ntk_sap_prune(model, 0.3, SHAPE, iterations=1, draws=2, batch_size=4, target_overlap=1.0, max_draws=5,
-                        progress=False, on_round=lambda t, masks, info: rounds.append(info))
+    got = ntk_sap_prune(
+        model,
+        0.3,
+        SHAPE,
+        iterations=1,
+        draws=2,
+        batch_size=4,
+        target_overlap=1.0,
+        max_draws=5,
+        progress=False,
+        on_round=lambda t, masks, info: rounds.append(info),
+    )
     assert [r.draws for r in rounds] == [5]  # overlap 1.0 is not reached: the round takes max_draws
     want = ntk_sap_prune(model, 0.3, SHAPE, iterations=1, draws=5, batch_size=4, progress=False)
     for n in want:
         assert torch.equal(got[n], want[n])
     assert got.metadata["rounds"][0]["draws"] == 5
     easy = []
-    ntk_sap_prune(model, 0.3, SHAPE, iterations=2, draws=2, batch_size=4, target_overlap=1e-9, progress=False,
-                  on_round=lambda t, masks, info: easy.append(info.draws))
+    ntk_sap_prune(
+        model,
+        0.3,
+        SHAPE,
+        iterations=2,
+        draws=2,
+        batch_size=4,
+        target_overlap=1e-9,
+        progress=False,
+        on_round=lambda t, masks, info: easy.append(info.draws),
+    )
     assert easy == [2, 2]  # reached at once: no draw added
     with pytest.raises(ValueError, match="max_draws"):
         ntk_sap_prune(model, 0.3, SHAPE, iterations=1, draws=2, batch_size=4, max_draws=5)
@@ -85,13 +113,23 @@ def test_target_overlap_adds_draws_in_counter_order():
 def test_stats_reach_on_round_and_metadata():
     model = _net()
     seen = []
-    masks = ntk_sap_prune(model, 0.2, SHAPE, iterations=3, draws=3, batch_size=4, stats=True, progress=False,
-                          on_round=lambda t, m, info: seen.append((t, info.round, info.draws)))
+    masks = ntk_sap_prune(
+        model,
+        0.2,
+        SHAPE,
+        iterations=3,
+        draws=3,
+        batch_size=4,
+        stats=True,
+        progress=False,
+        on_round=lambda t, m, info: seen.append((t, info.round, info.draws)),
+    )
     assert seen == [(1, 0, 3), (2, 1, 3), (3, 2, 3)]
     assert [r["round"] for r in masks.metadata["rounds"]] == [0, 1, 2]
     plain = []
-    ntk_sap_prune(model, 0.2, SHAPE, iterations=2, draws=3, batch_size=4, progress=False,
-                  on_round=lambda t, m: plain.append(t))
+    ntk_sap_prune(
+        model, 0.2, SHAPE, iterations=2, draws=3, batch_size=4, progress=False, on_round=lambda t, m: plain.append(t)
+    )
     assert plain == [1, 2]
 
 
@@ -118,11 +156,17 @@ def test_collapse_guard_keeps_a_floor_in_every_tensor():
 
 def test_masks_carry_what_made_them(tmp_path):
     model = _net()
-    masks = ntk_sap_prune(model, 0.25, SHAPE, iterations=2, draws=2, batch_size=[4, 3], epsilon=0.02, seed=7,
-                          progress=False)
+    masks = ntk_sap_prune(
+        model, 0.25, SHAPE, iterations=2, draws=2, batch_size=[4, 3], epsilon=0.02, seed=7, progress=False
+    )
     meta = masks.metadata
     assert (meta["method"], meta["density"], meta["iterations"], meta["seed"], meta["epsilon"]) == (
-        "ntksap", 0.25, 2, 7, 0.02)
+        "ntksap",
+        0.25,
+        2,
+        7,
+        0.02,
+    )
     assert meta["batch_sizes"] == [4, 3] and meta["dtype"] == "float32"
     path = tmp_path / "m.safetensors"
     save_masks(masks, path)

@@ -1,4 +1,5 @@
 """The ``ntksap`` command line end to end on tiny runs, its errors, and the demo wrapper."""
+
 from __future__ import annotations
 
 import math
@@ -11,11 +12,11 @@ import torch
 
 import ntksap_fast
 from ntksap_fast import NtkSapScorer, density_schedule, load_masks
+from ntksap_fast.analysis.report import model_flops
 from ntksap_fast.cli import app as cli
 from ntksap_fast.cli.app import build_parser, main
-from ntksap_fast.analysis.report import model_flops
-from ntksap_fast.cli.sources import build_model, default_input_shape
 from ntksap_fast.cli.demo import main as demo_main
+from ntksap_fast.cli.sources import build_model, default_input_shape
 from ntksap_fast.methods.sanity import keep_lowest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,8 +30,21 @@ def keep_n(n: int, d: float) -> int:
 
 def test_prune_resnet20_writes_masks_report_plot(tmp_path, capsys):
     out, report, plot = tmp_path / "masks.pt", tmp_path / "report.md", tmp_path / "density.png"
-    code = main(["prune", "resnet20", "--density", "0.1", *TINY, "--out", str(out), "--report", str(report),
-                 "--plot", str(plot)])
+    code = main(
+        [
+            "prune",
+            "resnet20",
+            "--density",
+            "0.1",
+            *TINY,
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0
     masks = load_masks(out)
     total = sum(m.numel() for m in masks.values())
@@ -47,8 +61,25 @@ def test_prune_resnet20_writes_masks_report_plot(tmp_path, capsys):
 
 def test_torchvision_model_safetensors(tmp_path, capsys):
     out = tmp_path / "masks.safetensors"
-    code = main(["prune", "torchvision:squeezenet1_1", "--num-classes", "3", "--input-shape", "3,32,32",
-                 "--method", "synflow", "--density", "0.2", "--iterations", "2", "--no-progress", "--out", str(out)])
+    code = main(
+        [
+            "prune",
+            "torchvision:squeezenet1_1",
+            "--num-classes",
+            "3",
+            "--input-shape",
+            "3,32,32",
+            "--method",
+            "synflow",
+            "--density",
+            "0.2",
+            "--iterations",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     masks = load_masks(out)
     assert masks["classifier.1.weight"].shape == (3, 512, 1, 1)
@@ -70,35 +101,44 @@ def test_demo_wrapper(capsys):
     assert "total" in printed and "time:" in printed
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["prune", "resnet99"], "unknown model 'resnet99'"),
-    (["prune", "torchvision:nonesuch"], "torchvision has no model 'nonesuch'"),
-    (["prune", "--preset", "mnist"], "invalid choice: 'mnist'"),
-    (["prune"], "give a model"),
-    (["prune", "resnet20", "--method", "snip"], "needs training data"),
-    (["prune", "resnet20", "--method", "magnitude", "--draws", "2"], "--draws apply to --method ntksap only"),
-    (["prune", "resnet20", "--input-shape", "3,x"], "comma-separated positive ints"),
-    (["prune", "resnet20", "--num-classes", "0"], "--num-classes must be >= 1"),
-    (["prune", "resnet20", "--draws", "0"], "draws must be >= 1"),
-    (["prune", "resnet20", "--density", "1.5"], "density must be in (0, 1]"),
-    (["prune", "resnet20", "--plot", "out.jpg"], "expected a .png path"),
-    (["prune", "resnet20", "--out", "/no/such/folder/m.pt"], "does not exist"),
-    (["prune", "resnet20", "--out", "masks.bin"], "--out: path 'masks.bin': unknown mask file extension '.bin'"),
-    (["prune", "resnet20", "--out", "masks"], "unknown mask file extension '(none)'"),
-    (["prune", "torchvision:resnet18", "--iterations", "1"], "input_shape is needed"),
-    (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["prune", "resnet20", "--min-layer-density", "1.5"], "min_layer_density must be in [0, 1]"),
-    (["prune", "resnet20", "--device", "cuda:x"], "--device: Invalid device string: 'cuda:x'"),
-    (["prune", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
-    (["prune", ":make"], "expected NAME, torchvision:NAME, timm:NAME or package.module:callable"),
-    (["prune", "os.path:sep"], "'sep' is a str, expected a callable"),
-    # the library's rules of which arguments combine (PruneOptions), reported as they are
-    (["prune", "resnet20", "--invert", "--target-overlap", "0.5"], "invert does not combine with stats or target_overlap"),
-    (["prune", "resnet20", "--scope", "layer", "--min-layer-density", "0.1"], "min_layer_density applies to scope='global'"),
-    (["prune", "resnet20", "--max-draws", "9"], "max_draws applies with target_overlap only"),
-    (["prune", "resnet20", "--method", "magnitude", "--target-overlap", "0.5"], "apply to method 'ntksap'"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["prune", "resnet99"], "unknown model 'resnet99'"),
+        (["prune", "torchvision:nonesuch"], "torchvision has no model 'nonesuch'"),
+        (["prune", "--preset", "mnist"], "invalid choice: 'mnist'"),
+        (["prune"], "give a model"),
+        (["prune", "resnet20", "--method", "snip"], "needs training data"),
+        (["prune", "resnet20", "--method", "magnitude", "--draws", "2"], "--draws apply to --method ntksap only"),
+        (["prune", "resnet20", "--input-shape", "3,x"], "comma-separated positive ints"),
+        (["prune", "resnet20", "--num-classes", "0"], "--num-classes must be >= 1"),
+        (["prune", "resnet20", "--draws", "0"], "draws must be >= 1"),
+        (["prune", "resnet20", "--density", "1.5"], "density must be in (0, 1]"),
+        (["prune", "resnet20", "--plot", "out.jpg"], "expected a .png path"),
+        (["prune", "resnet20", "--out", "/no/such/folder/m.pt"], "does not exist"),
+        (["prune", "resnet20", "--out", "masks.bin"], "--out: path 'masks.bin': unknown mask file extension '.bin'"),
+        (["prune", "resnet20", "--out", "masks"], "unknown mask file extension '(none)'"),
+        (["prune", "torchvision:resnet18", "--iterations", "1"], "input_shape is needed"),
+        (["prune", "resnet20", "--method", "magnitude", "--iterations", "3"], "one shot"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["prune", "resnet20", "--min-layer-density", "1.5"], "min_layer_density must be in [0, 1]"),
+        (["prune", "resnet20", "--device", "cuda:x"], "--device: Invalid device string: 'cuda:x'"),
+        (["prune", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
+        (["prune", ":make"], "expected NAME, torchvision:NAME, timm:NAME or package.module:callable"),
+        (["prune", "os.path:sep"], "'sep' is a str, expected a callable"),
+        # the library's rules of which arguments combine (PruneOptions), reported as they are
+        (
+            ["prune", "resnet20", "--invert", "--target-overlap", "0.5"],
+            "invert does not combine with stats or target_overlap",
+        ),
+        (
+            ["prune", "resnet20", "--scope", "layer", "--min-layer-density", "0.1"],
+            "min_layer_density applies to scope='global'",
+        ),
+        (["prune", "resnet20", "--max-draws", "9"], "max_draws applies with target_overlap only"),
+        (["prune", "resnet20", "--method", "magnitude", "--target-overlap", "0.5"], "apply to method 'ntksap'"),
+    ],
+)
 def test_bad_arguments_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
         main([*argv, "--no-progress"] if argv[0] == "prune" else argv)
@@ -108,8 +148,14 @@ def test_bad_arguments_exit_2(argv, words, capsys):
 
 
 def test_help_shows_example():
-    proc = subprocess.run([sys.executable, "-m", "ntksap_fast", "prune", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ntksap_fast", "prune", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert "example:" in proc.stdout and "ntksap prune --preset cifar10" in proc.stdout
     assert "--input-shape" in proc.stdout
@@ -119,10 +165,32 @@ def test_out_records_the_settings(tmp_path):
     out = tmp_path / "masks.safetensors"
     assert main(["prune", "resnet20", "--density", "0.1", *TINY, "--seed", "3", "--out", str(out)]) == 0
     meta = load_masks(out).metadata
-    assert {k: meta[k] for k in ("model", "method", "density", "iterations", "schedule", "draws", "batch_size",
-                                 "epsilon", "seed", "scope")} == {
-        "model": "resnet20", "method": "ntksap", "density": 0.1, "iterations": 2, "schedule": "exponential",
-        "draws": 1, "batch_size": 2, "epsilon": 0.01, "seed": 3, "scope": "global"}
+    assert {
+        k: meta[k]
+        for k in (
+            "model",
+            "method",
+            "density",
+            "iterations",
+            "schedule",
+            "draws",
+            "batch_size",
+            "epsilon",
+            "seed",
+            "scope",
+        )
+    } == {
+        "model": "resnet20",
+        "method": "ntksap",
+        "density": 0.1,
+        "iterations": 2,
+        "schedule": "exponential",
+        "draws": 1,
+        "batch_size": 2,
+        "epsilon": 0.01,
+        "seed": 3,
+        "scope": "global",
+    }
     assert meta["dtype"] in ("float32", "torch.float32")
     assert meta["fingerprint"].startswith("sha256:") and meta["package_version"] == ntksap_fast.__version__
 
@@ -138,17 +206,41 @@ def test_build_model_is_seeded_and_restores_the_global_rng():
     assert not torch.equal(a["fc.bias"], c["fc.bias"]) and not torch.equal(a["conv1.weight"], c["conv1.weight"])
 
 
-@pytest.mark.parametrize("extra", [["--method", "magnitude"], ["--draws", "1", "--batch-size", "2", "--iterations", "3"]],
-                         ids=["magnitude", "ntksap"])
+@pytest.mark.parametrize(
+    "extra",
+    [["--method", "magnitude"], ["--draws", "1", "--batch-size", "2", "--iterations", "3"]],
+    ids=["magnitude", "ntksap"],
+)
 @pytest.mark.slow
 def test_two_processes_give_identical_masks(tmp_path, extra):
     """Same command, same seed, two processes: the same mask file, bit for bit (issue 14.7)."""
     outs = [tmp_path / f"run{i}.safetensors" for i in range(2)]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "ntksap_fast", "prune", "resnet20", "--density", "0.1",
-                               "--seed", "0", *extra, "--no-progress", "--out", str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for out in outs]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ntksap_fast",
+                "prune",
+                "resnet20",
+                "--density",
+                "0.1",
+                "--seed",
+                "0",
+                *extra,
+                "--no-progress",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -185,9 +277,29 @@ def test_min_layer_density_keeps_every_layer(tmp_path):
 
 def test_cli_shows_the_scorers_decisions_and_stability(tmp_path, capsys):
     report = tmp_path / "r.md"
-    code = main(["prune", "resnet20", "--density", "0.2", "--iterations", "2", "--draws", "3", "--batch-size", "4",
-                 "--input-shape", "3,16,16", "--no-progress", "--report", str(report), "--target-overlap", "0.99",
-                 "--max-draws", "4"])
+    code = main(
+        [
+            "prune",
+            "resnet20",
+            "--density",
+            "0.2",
+            "--iterations",
+            "2",
+            "--draws",
+            "3",
+            "--batch-size",
+            "4",
+            "--input-shape",
+            "3,16,16",
+            "--no-progress",
+            "--report",
+            str(report),
+            "--target-overlap",
+            "0.99",
+            "--max-draws",
+            "4",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "scorer: device cpu, dtype float32, backend torch, micro_batch None" in out
@@ -258,9 +370,29 @@ def test_user_module_on_pythonpath_writes_masks(tmp_path):
     (tmp_path / "lib" / "mymodels.py").write_text(USER_MODELS)
     (tmp_path / "run").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "lib"), ROOT]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "ntksap_fast", "prune", "mymodels:tiny_cnn", "--input-shape", "3,16,16",
-                           "--num-classes", "7", "--density", "0.2", *TINY, "--out", "masks.safetensors"],
-                          cwd=tmp_path / "run", env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ntksap_fast",
+            "prune",
+            "mymodels:tiny_cnn",
+            "--input-shape",
+            "3,16,16",
+            "--num-classes",
+            "7",
+            "--density",
+            "0.2",
+            *TINY,
+            "--out",
+            "masks.safetensors",
+        ],
+        cwd=tmp_path / "run",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     masks = load_masks(tmp_path / "run" / "masks.safetensors")
     assert list(masks) == ["0.weight", "4.weight"] and masks["4.weight"].shape == (7, 4)
@@ -278,9 +410,11 @@ def test_user_module_in_the_current_folder_and_its_errors(tmp_path, monkeypatch,
     assert model[4].out_features == 3 and sys.path == path_before  # found in the current folder, path restored
     again = build_model("ntksap_cli_user_models:tiny_cnn", num_classes=3, seed=1)
     assert torch.equal(model[0].weight, again[0].weight)  # seeded
-    for name, words in (("ntksap_cli_user_models:not_a_model", "returned a int, expected a torch.nn.Module"),
-                        ("ntksap_cli_user_models:missing", "has no attribute 'missing'"),
-                        ("ntksap_cli_user_models:no_classes", "with num_classes=5: TypeError")):
+    for name, words in (
+        ("ntksap_cli_user_models:not_a_model", "returned a int, expected a torch.nn.Module"),
+        ("ntksap_cli_user_models:missing", "has no attribute 'missing'"),
+        ("ntksap_cli_user_models:no_classes", "with num_classes=5: TypeError"),
+    ):
         with pytest.raises(SystemExit) as info:
             main(["prune", name, "--num-classes", "5", "--input-shape", "3,8,8", "--no-progress"])
         assert info.value.code == 2 and words in capsys.readouterr().err
@@ -289,8 +423,30 @@ def test_user_module_in_the_current_folder_and_its_errors(tmp_path, monkeypatch,
 
 def test_timm_resnet18_writes_masks(tmp_path, capsys):
     out = tmp_path / "masks.pt"
-    assert main(["prune", "timm:resnet18", "--input-shape", "3,64,64", "--num-classes", "10", "--density", "0.1",
-                 "--draws", "1", "--batch-size", "2", "--iterations", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "timm:resnet18",
+                "--input-shape",
+                "3,64,64",
+                "--num-classes",
+                "10",
+                "--density",
+                "0.1",
+                "--draws",
+                "1",
+                "--batch-size",
+                "2",
+                "--iterations",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     masks = load_masks(out)
     assert masks["fc.weight"].shape == (10, 512) and len(masks) == 21
     total = sum(m.numel() for m in masks.values())
@@ -300,6 +456,7 @@ def test_timm_resnet18_writes_masks(tmp_path, capsys):
 
 def test_timm_input_shape_comes_from_pretrained_cfg(capsys):
     import timm  # the test extra installs it
+
     assert default_input_shape(timm.create_model("resnet18", pretrained=False)) == (3, 224, 224)
     assert default_input_shape(build_model("resnet20")) == (3, 32, 32)
     assert main(["prune", "timm:mobilevit_xxs", "--method", "magnitude", "--density", "0.5", "--no-progress"]) == 0
@@ -317,8 +474,12 @@ def test_invert_keeps_the_lowest_scores_each_round(tmp_path, capsys):
     assert ", invert True," in first and f"device {'cuda' if torch.cuda.is_available() else 'cpu'}" in first
     masks = load_masks(out)
     assert masks.metadata["invert"] is True
-    scorer, want = NtkSapScorer(build_model("resnet20", seed=0), (3, 16, 16), draws=1, batch_size=2,
-                                device=masks.metadata["device"]), None
+    scorer, want = (
+        NtkSapScorer(
+            build_model("resnet20", seed=0), (3, 16, 16), draws=1, batch_size=2, device=masks.metadata["device"]
+        ),
+        None,
+    )
     for t, d in enumerate(density_schedule(0.1, 2)):
         want = keep_lowest(scorer.scores(want, round=t), d, want)
     assert list(masks) == list(want) and all(torch.equal(masks[n], want[n].cpu()) for n in want)
@@ -343,8 +504,25 @@ def test_shuffle_keeps_each_layers_count(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_channel_granularity_reports_kept_channels_and_flops(tmp_path, capsys):
     out, report = tmp_path / "masks.safetensors", tmp_path / "report.md"
-    code = main(["prune", "resnet20", "--method", "magnitude", "--granularity", "channel", "--density", "0.3",
-                 "--input-shape", "3,16,16", "--no-progress", "--out", str(out), "--report", str(report)])
+    code = main(
+        [
+            "prune",
+            "resnet20",
+            "--method",
+            "magnitude",
+            "--granularity",
+            "channel",
+            "--density",
+            "0.3",
+            "--input-shape",
+            "3,16,16",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert ", granularity channel," in printed.splitlines()[0]
@@ -359,12 +537,15 @@ def test_channel_granularity_reports_kept_channels_and_flops(tmp_path, capsys):
     assert "## Channels and FLOPs" in report.read_text()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--granularity", "blocks"], "granularity must be one of ('weight', 'channel') or 'N:M'"),
-    (["--granularity", "channel", "--scope", "layer"], "granularity='channel' applies to scope='global'"),
-    (["--granularity", "channel", "--shuffle"], "--shuffle shuffles entries within each tensor"),
-    (["--granularity", "2:4", "--density", "0.3"], "density must be N/M = 0.5"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--granularity", "blocks"], "granularity must be one of ('weight', 'channel') or 'N:M'"),
+        (["--granularity", "channel", "--scope", "layer"], "granularity='channel' applies to scope='global'"),
+        (["--granularity", "channel", "--shuffle"], "--shuffle shuffles entries within each tensor"),
+        (["--granularity", "2:4", "--density", "0.3"], "density must be N/M = 0.5"),
+    ],
+)
 def test_bad_granularity_exits_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
         main(["prune", "resnet20", "--method", "magnitude", *argv, "--no-progress"])

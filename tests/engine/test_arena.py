@@ -1,4 +1,5 @@
 """The arena: prunable tensors by layer rule (register_layer, fan-in) and models that carry masks."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ FAST = dict(draws=2, batch_size=4)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
 
 
 class Dense(nn.Module):
@@ -69,6 +78,7 @@ def test_gpt2_conv1d_rule_by_qualified_name_without_importing_transformers():
 
 def test_gpt2_conv1d_of_transformers_samples_with_its_input_dimension():
     from transformers import pytorch_utils  # the test extra installs it
+
     layer = pytorch_utils.Conv1D(12, 5)  # nf=12 outputs, nx=5 inputs: weight (5, 12)
     assert tuple(layer.weight.shape) == (5, 12)
     assert Arena(nn.Sequential(layer)).slots[0].fan_in == 5
@@ -76,8 +86,11 @@ def test_gpt2_conv1d_of_transformers_samples_with_its_input_dimension():
 
 def _masks(model: nn.Module, density: float, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters() if n.endswith("weight")
-            and p.dim() > 1}
+    return {
+        n: torch.rand(p.shape, generator=g) < density
+        for n, p in model.named_parameters()
+        if n.endswith("weight") and p.dim() > 1
+    }
 
 
 def _state(model: nn.Module) -> tuple:
@@ -88,8 +101,12 @@ def _state(model: nn.Module) -> tuple:
 
 
 def _same_state(a: tuple, b: tuple) -> bool:
-    return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1] == b[1]
-            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]))
+    return (
+        a[0].keys() == b[0].keys()
+        and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        and a[1] == b[1]
+        and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    )
 
 
 @pytest.mark.parametrize("how", ["apply_masks", "l1_unstructured"])
@@ -102,8 +119,10 @@ def test_model_carrying_masks_keeps_public_names_and_starts_from_its_masks(how):
         for m in masked.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 torch_prune.l1_unstructured(m, "weight", amount=0.4)
-    existing = {n: m.weight_mask.bool() for n, m in [(f"{k}.weight", v) for k, v in masked.named_modules()
-                                                     if hasattr(v, "weight_mask")]}
+    existing = {
+        n: m.weight_mask.bool()
+        for n, m in [(f"{k}.weight", v) for k, v in masked.named_modules() if hasattr(v, "weight_mask")]
+    }
     arena = Arena(masked)
     assert arena.names == [n for n, p in plain.named_parameters() if n.endswith("weight") and p.dim() > 1]
     assert arena.params == [n.replace("weight", "weight_orig") for n in arena.names]
@@ -127,8 +146,11 @@ def test_re_pruning_a_masked_model_to_a_lower_density(how):
         first = ntk_sap_prune(model, 0.4, SHAPE, iterations=2, progress=False, **FAST)
         apply_masks(model, first)
     else:
-        torch_prune.global_unstructured([(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
-                                        pruning_method=torch_prune.L1Unstructured, amount=0.6)
+        torch_prune.global_unstructured(
+            [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+            pruning_method=torch_prune.L1Unstructured,
+            amount=0.6,
+        )
     # The starting mask as the model holds it: the modules' weight_mask buffers (Arena.start_mask, which
     # reads them for the scorer, is under test here).
     start_masks = {f"{n}.weight": m.weight_mask.bool() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
@@ -139,7 +161,9 @@ def test_re_pruning_a_masked_model_to_a_lower_density(how):
     def flat_and_start(masks):
         """The masks and the starting mask as flat vectors, in the masks' order (every layer is there)."""
         assert set(masks) == set(start_masks)
-        return torch.cat([m.reshape(-1) for m in masks.values()]), torch.cat([start_masks[n].reshape(-1) for n in masks])
+        return torch.cat([m.reshape(-1) for m in masks.values()]), torch.cat(
+            [start_masks[n].reshape(-1) for n in masks]
+        )
 
     for rounds in (1, 3):  # round 1 of 3 keeps more than the model has: nothing more goes then
         seen = []

@@ -1,6 +1,7 @@
 """The BatchNorm mode's arithmetic: ``normalize`` against aten's eval-mode ``F.batch_norm``.
 
 On CPU tensors float32/float64 take the multiply-add path, bfloat16 the ``F.batch_norm`` path."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,10 @@ from ntksap_fast.engine.batchnorm import normalize
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape,channels_last", [((6, 5), False), ((4, 5, 7), False), ((3, 5, 6, 4), True),
-                                                 ((3, 5, 6, 4), False), ((2, 5, 3, 4, 2), True)])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((6, 5), False), ((4, 5, 7), False), ((3, 5, 6, 4), True), ((3, 5, 6, 4), False), ((2, 5, 3, 4, 2), True)],
+)
 @pytest.mark.parametrize("affine", [True, False])
 def test_normalize_equals_eval_batch_norm_forward_and_backward(dtype, shape, channels_last, affine):
     g = torch.Generator().manual_seed(0)

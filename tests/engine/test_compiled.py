@@ -6,6 +6,7 @@ costs seconds of C++ compilation per graph on a CPU. Inductor's own numerics (fu
 reordered float32 sums) are held to the float64 oracle in tests/test_oracle.py and
 tests/test_oracle_precision.py, and to reproducibility here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,7 @@ def _graphs() -> int:
 
 def test_a_five_round_prune_compiles_one_graph_for_every_round_draw_and_size(traced):
     model, shape = MODELS["tiny_resnet"][0](), MODELS["tiny_resnet"][1]
-    kwargs = dict(density=0.2, iterations=5, draws=3, batch_size=[6, 6, 4], seed=4, epsilon=0.02, dtype=F64,
-                  stats=True)
+    kwargs = dict(density=0.2, iterations=5, draws=3, batch_size=[6, 6, 4], seed=4, epsilon=0.02, dtype=F64, stats=True)
     counters.clear()
     got = ntk_sap_prune(model, input_shape=shape, compile=True, **kwargs)
     # 15 draws of two sizes, 5 masks, 5 round counters: one graph (mark the batch dim static and the
@@ -68,15 +68,20 @@ def test_micro_batched_draws_compile_two_graphs_and_equal_eager_ones(traced):
 
 
 def _vit() -> nn.Module:
-    return torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
-                                                mlp_dim=16, num_classes=3)
+    return torchvision.models.VisionTransformer(
+        image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3
+    )
 
 
 ARCHITECTURES = {  # one graph each (fullgraph=True), scores as the eager engine's
     "resnet20": (resnet20, (3, 8, 8)),
     "vgg16_bn": (lambda: vgg16_bn(num_classes=10), (3, 32, 32)),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(  # three inverted residual blocks, one with its skip
-        num_classes=10, width_mult=0.25, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2]]), (3, 16, 16)),
+    "mobilenet_v2": (
+        lambda: torchvision.models.mobilenet_v2(  # three inverted residual blocks, one with its skip
+            num_classes=10, width_mult=0.25, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2]]
+        ),
+        (3, 16, 16),
+    ),
     "vit": (_vit, (3, 8, 8)),
 }
 

@@ -6,6 +6,7 @@ Run as a script it is the subprocess worker: ``python tests/engine/test_conv_gua
 one JSON case per stdin line and prints one JSON result per line; ``... resnet THREADS`` scores a
 width-4 ResNet with the guard.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,15 +23,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ntksap_fast.engine.conv_guard import CHANNEL_BLOCK, ConvGuard, guarded_conv, is_affected, needs_guard, safe_conv_args
+from ntksap_fast.engine.conv_guard import (
+    CHANNEL_BLOCK,
+    ConvGuard,
+    guarded_conv,
+    is_affected,
+    needs_guard,
+    safe_conv_args,
+)
 
 # glibc's checking allocator turns most heap overruns into an immediate abort (else detection
 # depends on the heap's state); used when present, the test is valid without it too.
 _MALLOC_DEBUG = "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
 _SPATIAL = {1: (24,), 2: (12, 12), 3: (6, 6, 6)}
 _CL = {2: torch.channels_last, 3: torch.channels_last_3d}
-_FUNCS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
-          (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
+_FUNCS = {
+    (1, False): F.conv1d,
+    (2, False): F.conv2d,
+    (3, False): F.conv3d,
+    (1, True): F.conv_transpose1d,
+    (2, True): F.conv_transpose2d,
+    (3, True): F.conv_transpose3d,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,10 +52,26 @@ _FUNCS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
 # ----------------------------------------------------------------------------------------------
 def test_rule_on_known_shapes() -> None:
     assert CHANNEL_BLOCK == 16
-    affected = [((8, 4, 1, 1), 2), ((8, 4, 1, 1), (1, 2)), ((8, 24, 1, 1), 2), ((8, 1, 1, 1), 3),
-                ((8, 8, 1, 1), 2), ((8, 4, 1), (2,)), ((8, 4, 1, 1, 1), 2), ((64, 33, 1, 1), (2, 2))]
-    safe = [((8, 4, 1, 1), 1), ((8, 16, 1, 1), 2), ((128, 64, 1, 1), 2), ((8, 48, 1, 1, 1), (2, 2, 2)),
-            ((16, 3, 7, 7), 2), ((8, 4, 3, 3), 2), ((8, 4, 1, 3), 2), ((8, 4, 3), 2)]
+    affected = [
+        ((8, 4, 1, 1), 2),
+        ((8, 4, 1, 1), (1, 2)),
+        ((8, 24, 1, 1), 2),
+        ((8, 1, 1, 1), 3),
+        ((8, 8, 1, 1), 2),
+        ((8, 4, 1), (2,)),
+        ((8, 4, 1, 1, 1), 2),
+        ((64, 33, 1, 1), (2, 2)),
+    ]
+    safe = [
+        ((8, 4, 1, 1), 1),
+        ((8, 16, 1, 1), 2),
+        ((128, 64, 1, 1), 2),
+        ((8, 48, 1, 1, 1), (2, 2, 2)),
+        ((16, 3, 7, 7), 2),
+        ((8, 4, 3, 3), 2),
+        ((8, 4, 1, 3), 2),
+        ((8, 4, 3), 2),
+    ]
     assert all(is_affected(shape, stride) for shape, stride in affected)
     assert not any(is_affected(shape, stride) for shape, stride in safe)
 
@@ -53,8 +83,9 @@ def test_needs_guard_looks_at_device_and_layout() -> None:
     assert needs_guard(x.contiguous(memory_format=torch.channels_last), w, 2)
     assert needs_guard(x, torch.randn(8, 8, 1, 1)[:, ::2], 2)  # a non-contiguous weight
     assert not needs_guard(x.contiguous(memory_format=torch.channels_last), w, 1)
-    assert not needs_guard(torch.empty(2, 4, 8, 8, device="meta").contiguous(memory_format=torch.channels_last),
-                           w.to("meta"), 2)
+    assert not needs_guard(
+        torch.empty(2, 4, 8, 8, device="meta").contiguous(memory_format=torch.channels_last), w.to("meta"), 2
+    )
     xs, ws = safe_conv_args(x.contiguous(memory_format=torch.channels_last), w, 2)
     assert xs.is_contiguous() and ws.is_contiguous()
     x16 = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -94,8 +125,7 @@ def _grid() -> list[list]:
     """``[dim, c_in, c_out, kernel, stride, groups, transposed, mode]`` cases."""
     cases = []
     channels = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 32, 33)
-    for dim, c_in, c_out, k, stride, groups in itertools.product(
-            (1, 2, 3), channels, (4, 16), (1, 3), (1, 2), (1, 2)):
+    for dim, c_in, c_out, k, stride, groups in itertools.product((1, 2, 3), channels, (4, 16), (1, 3), (1, 2), (1, 2)):
         if c_in % groups or (dim != 2 and c_out != 4):
             continue
         cases.append([dim, c_in, c_out, k, stride, groups, False, "module"])
@@ -105,8 +135,7 @@ def _grid() -> list[list]:
     return cases
 
 
-def _run_case(dim: int, c_in: int, c_out: int, k: int, stride: int, groups: int, transposed: bool,
-              mode: str) -> float:
+def _run_case(dim: int, c_in: int, c_out: int, k: int, stride: int, groups: int, transposed: bool, mode: str) -> float:
     """Largest relative error of the guarded float32 channels-last gradients against float64 NCHW."""
     gen = torch.Generator().manual_seed(c_in * 1000 + c_out * 10 + k)
     draws = 3 if mode == "vmap" else 1
@@ -126,8 +155,9 @@ def _run_case(dim: int, c_in: int, c_out: int, k: int, stride: int, groups: int,
             with ConvGuard():
                 ys = torch.func.vmap(conv)(xs, ws)
         elif mode == "function":
-            ys = torch.stack([guarded_conv(func, xs[i], ws[i], None, stride, k // 2, groups=groups)
-                              for i in range(draws)])
+            ys = torch.stack(
+                [guarded_conv(func, xs[i], ws[i], None, stride, k // 2, groups=groups) for i in range(draws)]
+            )
         else:
             with ConvGuard():
                 ys = torch.stack([conv(xs[i], ws[i]) for i in range(draws)])
@@ -151,8 +181,14 @@ def _run_grid(cases: list[list], threads: int, timeout: float = 120.0, malloc_de
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if malloc_debug and os.path.exists(_MALLOC_DEBUG):
         env.update(LD_PRELOAD=_MALLOC_DEBUG, MALLOC_CHECK_="3")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "grid", str(threads)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "grid", str(threads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     proc.stdin.write("".join(json.dumps(c) + "\n" for c in cases))
     proc.stdin.close()
     results: dict[str, object] = {}
@@ -212,8 +248,11 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Identity())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
@@ -224,10 +263,19 @@ def narrow_resnet(widths: tuple[int, int, int] = (4, 8, 16)) -> nn.Module:
     """ResNet-8 for 3x32x32 with stages of ``widths`` channels: its stride-2 1x1 shortcuts see 4
     and 8 input channels, the shapes oneDNN's bug corrupts memory on (issue 14.2)."""
     torch.manual_seed(0)
-    blocks = [_Block(c_in, c_out, stride) for c_in, c_out, stride in
-              ((widths[0], widths[0], 1), (widths[0], widths[1], 2), (widths[1], widths[2], 2))]
-    return nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
-                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[2], 10))
+    blocks = [
+        _Block(c_in, c_out, stride)
+        for c_in, c_out, stride in ((widths[0], widths[0], 1), (widths[0], widths[1], 2), (widths[1], widths[2], 2))
+    ]
+    return nn.Sequential(
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[2], 10),
+    )
 
 
 def _resnet_worker() -> None:
@@ -247,8 +295,13 @@ def test_width4_resnet_scores_guarded() -> None:
     """Unguarded, this crashes (one thread) or hangs (two) on an AVX2 CPU; guarded, its scores
     equal float64 ones to float32 rounding (measured: <= 7e-6; bound 1e-4)."""
     for threads in (1, 2):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "resnet", str(threads)], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "resnet", str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         errors = json.loads(proc.stdout.strip().splitlines()[-1])
         assert len(errors) == 10 and max(errors.values()) < 1e-4, errors

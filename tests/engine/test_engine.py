@@ -1,5 +1,6 @@
 """ntksap_fast.engine.engine: the model's modes kept, draws grouped for batching, a round's draws split over
 calls add up to the whole round (with the split-half statistics), batched draws equal sequential ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ SHAPE = (3, 6, 6)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
-                         nn.Linear(6 * 4 * 4, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)
+    )
 
 
 def _engine(model: nn.Module, **config) -> Engine:

@@ -1,5 +1,6 @@
 """ntksap_fast.engine.graphs: one CUDA graph per draw key, replayed with the buffers' new contents; after a
 capture failure the reason is kept and draws run eagerly. Only the eager fallback runs without a GPU."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """ntksap_fast.engine.memory: the memory plan from fake allocator states, fake /proc and cgroup files and a
 draw whose saved tensors are known (no GPU needed)."""
+
 from __future__ import annotations
 
 import torch
@@ -40,23 +41,42 @@ def _fake_host(tmp_path, meminfo_kib: int, cgroup_line: str, files: dict[str, st
 def test_host_usable_bytes_is_mem_available_or_the_cgroup_room(tmp_path):
     mib = 2**20
     # no limit (v1 writes "none" as 2**63 rounded to pages): MemAvailable
-    proc, root = _fake_host(tmp_path / "a", 20 * 2**20, "4:memory:/job", {
-        "memory/job/memory.limit_in_bytes": "9223372036854771712", "memory/job/memory.usage_in_bytes": "5000"})
+    proc, root = _fake_host(
+        tmp_path / "a",
+        20 * 2**20,
+        "4:memory:/job",
+        {"memory/job/memory.limit_in_bytes": "9223372036854771712", "memory/job/memory.usage_in_bytes": "5000"},
+    )
     assert memory.host_usable_bytes(proc, root) == 20 * GIB
     # v2: limit 4 GiB, 3 GiB used of which 1 GiB inactive page cache (dropped before a kill): 2 GiB room;
     # a parent's tighter limit (1.5 GiB, 1 GiB used) wins
-    proc, root = _fake_host(tmp_path / "b", 20 * 2**20, "0::/user/job", {
-        "user/job/memory.max": str(4 * GIB), "user/job/memory.current": str(3 * GIB),
-        "user/job/memory.stat": f"anon 100\ninactive_file {GIB}\nactive_file 7\n",
-        "user/memory.max": "max", "user/memory.current": str(3 * GIB)})
+    proc, root = _fake_host(
+        tmp_path / "b",
+        20 * 2**20,
+        "0::/user/job",
+        {
+            "user/job/memory.max": str(4 * GIB),
+            "user/job/memory.current": str(3 * GIB),
+            "user/job/memory.stat": f"anon 100\ninactive_file {GIB}\nactive_file 7\n",
+            "user/memory.max": "max",
+            "user/memory.current": str(3 * GIB),
+        },
+    )
     assert memory.host_usable_bytes(proc, root) == 2 * GIB
     (root / "memory.max").write_text(str(1536 * mib))
     (root / "memory.current").write_text(str(GIB))
     assert memory.host_usable_bytes(proc, root) == 512 * mib
     # v1 below MemAvailable; a cgroup path not under the mount (a cgroup namespace): the mount's own files
-    proc, root = _fake_host(tmp_path / "c", 20 * 2**20, "9:cpu,memory:/elsewhere", {
-        "memory/memory.limit_in_bytes": str(8 * GIB), "memory/memory.usage_in_bytes": str(7 * GIB),
-        "memory/memory.stat": f"cache 5\ntotal_inactive_file {GIB}\n"})
+    proc, root = _fake_host(
+        tmp_path / "c",
+        20 * 2**20,
+        "9:cpu,memory:/elsewhere",
+        {
+            "memory/memory.limit_in_bytes": str(8 * GIB),
+            "memory/memory.usage_in_bytes": str(7 * GIB),
+            "memory/memory.stat": f"cache 5\ntotal_inactive_file {GIB}\n",
+        },
+    )
     assert memory.host_usable_bytes(proc, root) == 2 * GIB
     # MemAvailable below the room; nothing readable: None
     proc, root = _fake_host(tmp_path / "d", 2**20, "0::/", {"memory.max": str(8 * GIB), "memory.current": "0"})

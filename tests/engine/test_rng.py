@@ -1,6 +1,7 @@
 """The Philox-4x32-10 twin: known-answer vectors, the counter contract, and one set of constants for
 the PyTorch twin (ntksap_fast/rng.py), the Triton kernels (triton_kernels/philox.py) and the
 compiled op (csrc/philox.cpp)."""
+
 import math
 import re
 from pathlib import Path
@@ -18,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -49,8 +53,12 @@ def test_normal_at_equals_dense():
 
 def test_counters_select_independent_streams():
     base = normal(1, 2, 3, Stream.WEIGHTS, 4096)
-    for other in (normal(2, 2, 3, Stream.WEIGHTS, 4096), normal(1, 3, 3, Stream.WEIGHTS, 4096),
-                  normal(1, 2, 4, Stream.WEIGHTS, 4096), normal(1, 2, 3, Stream.PERTURBATION, 4096)):
+    for other in (
+        normal(2, 2, 3, Stream.WEIGHTS, 4096),
+        normal(1, 3, 3, Stream.WEIGHTS, 4096),
+        normal(1, 2, 4, Stream.WEIGHTS, 4096),
+        normal(1, 2, 3, Stream.PERTURBATION, 4096),
+    ):
         # Independent N(0,1) samples: correlation ~ N(0, 1/4096), 6 sigma below 0.1.
         assert abs(torch.corrcoef(torch.stack([base, other]))[0, 1]) < 0.1
 
@@ -119,13 +127,12 @@ def test_cpp_philox_and_box_muller_constants_equal_the_twins():
     """csrc/philox.cpp spells the constants out in C++: each must equal rng.py's."""
     text = (ROOT / "csrc" / "philox.cpp").read_text()
     assert int(_cpp_constant(text, "kRounds")) == rng.PHILOX_ROUNDS
-    for name, value in (("kM0", rng.PHILOX_M0), ("kM1", rng.PHILOX_M1), ("kW0", rng.PHILOX_W0),
-                        ("kW1", rng.PHILOX_W1)):
+    for name, value in (("kM0", rng.PHILOX_M0), ("kM1", rng.PHILOX_M1), ("kW0", rng.PHILOX_W0), ("kW1", rng.PHILOX_W1)):
         assert int(_cpp_constant(text, name).rstrip("uU"), 16) == value, name
     assert "r < kRounds" in text, "the round loop must run kRounds rounds"
     assert float(_cpp_constant(text, "kScale").rstrip("f")) == rng.BOX_MULLER_SCALE
     assert _cpp_constant(text, "kTwoPi") == "static_cast<float>(2.0 * M_PI)" and rng.TWO_PI == 2.0 * math.pi
-    box_muller = text[text.index("inline void box_muller"):text.index("void check_word")]
+    box_muller = text[text.index("inline void box_muller") : text.index("void check_word")]
     shifts = re.findall(r">>\s*(\w+)\)", box_muller)
     assert len(shifts) == 2 and all(int(k) == rng.BOX_MULLER_SHIFT for k in shifts), shifts
 
@@ -140,6 +147,14 @@ def test_triton_kernels_take_their_constants_from_the_twin():
     from ntksap_fast.kernels import philox
 
     assert (philox._ROUNDS.value, philox._M0.value, philox._M1.value, philox._W0.value, philox._W1.value) == (
-        rng.PHILOX_ROUNDS, rng.PHILOX_M0, rng.PHILOX_M1, rng.PHILOX_W0, rng.PHILOX_W1)
+        rng.PHILOX_ROUNDS,
+        rng.PHILOX_M0,
+        rng.PHILOX_M1,
+        rng.PHILOX_W0,
+        rng.PHILOX_W1,
+    )
     assert (philox._SHIFT.value, philox._SCALE.value, philox._TWO_PI.value) == (
-        rng.BOX_MULLER_SHIFT, rng.BOX_MULLER_SCALE, rng.TWO_PI)
+        rng.BOX_MULLER_SHIFT,
+        rng.BOX_MULLER_SCALE,
+        rng.TWO_PI,
+    )

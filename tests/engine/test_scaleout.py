@@ -2,6 +2,7 @@
 
 Checkpoint and resume: ``test_checkpoint.py``.
 """
+
 import os
 import subprocess
 import sys
@@ -13,12 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ntksap_fast import ntk_sap_prune, ntk_sap_scores
-from ntksap_fast.models import resnet20
-
 from _dist_prune import KWARGS, build_model
 from _oracle_models import flat
 from _tolerances import assert_float32_close
+from ntksap_fast import ntk_sap_prune, ntk_sap_scores
+from ntksap_fast.models import resnet20
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +29,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # --standalone: the launcher's rendezvous store binds port 0 itself and the workers share it,
     # so no port is picked here and then raced for (torchrun's c10d rendezvous on localhost:0).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "_dist_prune.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "_dist_prune.py"),
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out, weights_only=True)

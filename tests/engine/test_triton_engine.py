@@ -11,6 +11,7 @@ these cases: 3.0e-6 (MLP), 2.1e-6 (convnet, micro-batched), 7.2e-7 (ResNet-8, wh
 at a kink put 11% of the entries near one; those stayed within 1.9e-6); over seeds 3-7 up to
 4.2e-6 (MLP) and 4.0e-6 (convnet).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,17 +21,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import triton  # noqa: E402  (a test dependency: without it the Triton path would go untested)
-from torch import nn  # noqa: E402
+import pytest
+import triton
+from torch import nn
 
-from ntksap_fast import NtkSapScorer, ntk_sap_scores  # noqa: E402
-from ntksap_fast.engine.backend import ENV_VAR, resolve_backend  # noqa: E402
-from ntksap_fast.models import CifarResNet  # noqa: E402
-
-from _oracle_kinks import kink_entries  # noqa: E402
-from _oracle_models import flat  # noqa: E402
-from _tolerances import TRITON_TOL, assert_float32_close  # noqa: E402
+from _oracle_kinks import kink_entries
+from _oracle_models import flat
+from _tolerances import TRITON_TOL, assert_float32_close
+from ntksap_fast import NtkSapScorer, ntk_sap_scores
+from ntksap_fast.engine.backend import ENV_VAR, resolve_backend
+from ntksap_fast.models import CifarResNet
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,8 +42,17 @@ def _mlp() -> nn.Module:
 
 def _convnet() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
-                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
 
 
 def _resnet8() -> nn.Module:
@@ -74,17 +83,19 @@ def assert_triton_close(got: torch.Tensor, want: torch.Tensor, near_kink: torch.
 def _near_kink(model, shape, masks=None, **kwargs) -> torch.Tensor:
     draws = kwargs["draws"]
     batch = kwargs["batch_size"]
-    near, _ = kink_entries(model, shape, masks, draws=draws, batch_size=batch, epsilon=0.01, seed=SEED,
-                           round=ROUND)
+    near, _ = kink_entries(model, shape, masks, draws=draws, batch_size=batch, epsilon=0.01, seed=SEED, round=ROUND)
     return near
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    pytest.param("resnet8", dict(draws=2, batch_size=4), marks=pytest.mark.slow),
-    ("mlp", dict(draws=2, batch_size=[6, 5])),
-    pytest.param("convnet", dict(draws=2, batch_size=5, micro_batch=2), marks=pytest.mark.slow),
-    ("mlp", dict(draws=3, batch_size=6, draw_batch=2)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        pytest.param("resnet8", dict(draws=2, batch_size=4), marks=pytest.mark.slow),
+        ("mlp", dict(draws=2, batch_size=[6, 5])),
+        pytest.param("convnet", dict(draws=2, batch_size=5, micro_batch=2), marks=pytest.mark.slow),
+        ("mlp", dict(draws=3, batch_size=6, draw_batch=2)),
+    ],
+)
 def test_triton_scores_match_torch(monkeypatch, name, kwargs):
     build, shape = CASES[name]
     model = build()
@@ -97,8 +108,11 @@ def test_triton_scores_with_mask(monkeypatch):
     """Pruned entries get score 0 and the rest match the torch path (sparse vs dense sampling)."""
     model = _mlp().to(DEVICE)
     gen = torch.Generator().manual_seed(5)
-    masks = {n: (torch.rand(p.shape, generator=gen) > 0.9).to(DEVICE) for n, p in model.named_parameters()
-             if n.endswith("weight") and p.dim() == 2}
+    masks = {
+        n: (torch.rand(p.shape, generator=gen) > 0.9).to(DEVICE)
+        for n, p in model.named_parameters()
+        if n.endswith("weight") and p.dim() == 2
+    }
     kwargs = dict(draws=2, batch_size=4)
     want = flat(ntk_sap_scores(model, (20,), masks, seed=SEED, round=ROUND, **kwargs))
     monkeypatch.setenv(ENV_VAR, "triton")
@@ -119,8 +133,7 @@ def test_kink_rule_finds_a_placed_kink(monkeypatch):
     model = _mlp()
     kwargs = dict(draws=2, batch_size=[6, 5])
     with _ReluGates() as record:
-        reference_scores(model, None, None, (20,), epsilon=0.01, seed=SEED, round=ROUND, dtype=torch.float64,
-                         **kwargs)
+        reference_scores(model, None, None, (20,), epsilon=0.01, seed=SEED, round=ROUND, dtype=torch.float64, **kwargs)
     first = record.inputs[0]  # the statistics pass of draw 0: the clean ReLU input
     with torch.no_grad():
         model[2].bias[0] -= first[0, 0].float()
@@ -167,9 +180,15 @@ def test_forced_triton_without_triton_is_an_error(monkeypatch):
         assert resolve_backend(torch.device("cuda"), torch.float32) == "torch"
 
 
-@pytest.mark.parametrize("triton_version,numpy_version,refused", [
-    ("3.6.0", "2.4.6", True), ("3.5.1", "2.5.0", True), ("3.8.0", "2.4.6", False), ("3.6.0", "2.3.5", False),
-])
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,refused",
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.5.1", "2.5.0", True),
+        ("3.8.0", "2.4.6", False),
+        ("3.6.0", "2.3.5", False),
+    ],
+)
 def test_interpreter_refused_where_it_cannot_run_the_kernels(monkeypatch, triton_version, numpy_version, refused):
     import numpy
 

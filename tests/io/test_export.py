@@ -1,15 +1,16 @@
 """ntksap_fast.io.export: channel masks -> a smaller dense model that computes what the masked model computes."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from torch import nn
+
 from _arch_models import efficientnet, mobilenet_v3, vit
 from _channel_models import IMAGE, concat_net, resnet8, tiny_vgg, with_random_norms
 from _tiny_models import assert_same_snapshot, snapshot
-from torch import nn
-
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.io.export import export_pruned
 from ntksap_fast.io.masks import Masks, apply_masks, load_masks, save_masks
@@ -33,8 +34,10 @@ def channel_masks(model: nn.Module, shape, density: float, seed: int = 0) -> Mas
     mask = arena.start_mask(model)
     for t, d in enumerate(density_schedule(density, 2)):
         selector.select_(None, mask, t, d)
-    return Masks({n: v.clone() for n, v in arena.views(mask).items()},
-                 metadata={"granularity": "channel", "input_shape": list(shape)})
+    return Masks(
+        {n: v.clone() for n, v in arena.views(mask).items()},
+        metadata={"granularity": "channel", "input_shape": list(shape)},
+    )
 
 
 def masked(model: nn.Module, masks) -> nn.Module:
@@ -65,7 +68,9 @@ def test_removed_channels_still_carry_their_batchnorm_shift_in_the_masked_model(
     its BatchNorm, so cutting only the filters (not their readers) changes the outputs."""
     model = resnet8().double().eval()
     masks = channel_masks(model, IMAGE, 0.4)
-    filters_only = {n: m.flatten(1).any(1).view(-1, *[1] * (m.dim() - 1)).expand_as(m).clone() for n, m in masks.items()}
+    filters_only = {
+        n: m.flatten(1).any(1).view(-1, *[1] * (m.dim() - 1)).expand_as(m).clone() for n, m in masks.items()
+    }
     x = torch.randn(2, *IMAGE, dtype=torch.float64)
     with torch.no_grad():
         assert not torch.allclose(masked(model, filters_only)(x), masked(model, masks)(x))
@@ -107,8 +112,13 @@ def test_masks_and_state_dict_rebuild_the_exported_model(tmp_path, suffix):
 def test_only_channel_masks_export():
     model = resnet8()
     arena = Arena(model)
-    weights = Masks({n: torch.rand(v.shape, generator=torch.Generator().manual_seed(0)) < 0.5
-                     for n, v in arena.values(model).items()}, metadata={"granularity": "weight"})
+    weights = Masks(
+        {
+            n: torch.rand(v.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+            for n, v in arena.values(model).items()
+        },
+        metadata={"granularity": "weight"},
+    )
     with pytest.raises(ValueError, match="only channel masks export.*granularity='weight'"):
         export_pruned(model, weights, IMAGE)
     with pytest.raises(ValueError, match=r"only channel masks export; \d+ pruned entries .*outside removed channels"):

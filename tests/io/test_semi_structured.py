@@ -1,6 +1,7 @@
 """``to_semi_structured``: its checks and CPU refusal; which layers it converts and that the copy
 computes the masked model, with PyTorch's CUDA-only converter replaced by a stand-in on the CPU;
 the real conversion on a GPU (not run without one)."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,12 +41,15 @@ def test_refuses_a_cpu_model() -> None:
         to_semi_structured(model, {"2.weight": _two_of_four((8, 8))})
 
 
-@pytest.mark.parametrize("masks, error, message", [
-    ([], TypeError, "masks must be a dict"),
-    ({"2.weight": torch.ones(8, 8)}, TypeError, r"masks\['2.weight'\] must be a bool tensor"),
-    ({"9.weight": torch.ones(8, 8, dtype=torch.bool)}, ValueError, "no parameter named '9.weight'"),
-    ({"2.weight": torch.ones(8, 4, dtype=torch.bool)}, ValueError, r"masks\['2.weight'\] has shape \(8, 4\)"),
-])
+@pytest.mark.parametrize(
+    "masks, error, message",
+    [
+        ([], TypeError, "masks must be a dict"),
+        ({"2.weight": torch.ones(8, 8)}, TypeError, r"masks\['2.weight'\] must be a bool tensor"),
+        ({"9.weight": torch.ones(8, 8, dtype=torch.bool)}, ValueError, "no parameter named '9.weight'"),
+        ({"2.weight": torch.ones(8, 4, dtype=torch.bool)}, ValueError, r"masks\['2.weight'\] has shape \(8, 4\)"),
+    ],
+)
 def test_checks_masks(masks, error, message) -> None:
     with pytest.raises(error, match=message):
         to_semi_structured(_model(), masks)
@@ -59,8 +63,11 @@ def test_checks_model() -> None:
 def test_converts_2_of_4_linears_only(cpu_converter, caplog) -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    masks = {"0.weight": torch.rand(8, 6) > 0.5, "2.weight": _two_of_four((8, 8)),
-             "4.weight": torch.ones(4, 8, dtype=torch.bool)}
+    masks = {
+        "0.weight": torch.rand(8, 6) > 0.5,
+        "2.weight": _two_of_four((8, 8)),
+        "4.weight": torch.ones(4, 8, dtype=torch.bool),
+    }
     with caplog.at_level("INFO", logger="ntksap_fast"):
         out = to_semi_structured(model, masks)
     assert type(out[2].weight.data) is _Marked and not out[2].weight.requires_grad
@@ -89,8 +96,11 @@ def test_nothing_convertible(cpu_converter, monkeypatch) -> None:
         raise RuntimeError("shape not supported")
 
     monkeypatch.setattr(semi_structured, "_convert", refuse)
-    with pytest.raises(ValueError, match=r"no Linear weight .*'2.weight': 'torch.sparse.to_sparse_semi_structured "
-                                         r"refused it: shape not supported'"):
+    with pytest.raises(
+        ValueError,
+        match=r"no Linear weight .*'2.weight': 'torch.sparse.to_sparse_semi_structured "
+        r"refused it: shape not supported'",
+    ):
         to_semi_structured(_model(), {"2.weight": _two_of_four((8, 8))})
 
 

@@ -9,6 +9,7 @@ chunks of 2 samples, the last of 1; NCHW (256, 130, 2, 2) 33 x 29 chunks of 9, t
 interpreter runs the latter in ~80 s on two cores, so it runs on CUDA devices only; on the CPU the
 batch of 256 is covered as BatchNorm1d input (one sample per chunk).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from _kernels import DEVICES  # noqa: E402
-from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
+from ntksap_fast.kernels import batch_stats as bst
+
+from _kernels import DEVICES
 
 BN_CASES = [  # (shape, channels_last, loc, spread)
     ((6, 5, 7, 3), False, 5, 2),
@@ -63,8 +65,11 @@ def test_clean_stats_match_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,channels_last,loc,spread", GPU_CASES, ids=[
-    f"{'x'.join(map(str, c[0]))}{'-cl' if c[1] else ''}" for c in GPU_CASES])
+@pytest.mark.parametrize(
+    "shape,channels_last,loc,spread",
+    GPU_CASES,
+    ids=[f"{'x'.join(map(str, c[0]))}{'-cl' if c[1] else ''}" for c in GPU_CASES],
+)
 @pytest.mark.slow
 def test_clean_stats_at_gpu_batch_shapes(device, shape, channels_last, loc, spread):
     _check_against_float64(_input(shape, channels_last, loc, spread, 11, device))

@@ -3,6 +3,7 @@
 Tolerances: the loss to 1e-5 relative (summation order); float32 gradients exact; bf16 gradients one
 bf16 ulp.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,16 +11,21 @@ import torch
 
 pytest.importorskip("triton")
 
-from _kernels import BF16_RTOL, DEVICES  # noqa: E402
-from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
+from ntksap_fast.kernels import fd_loss as fdl
+
+from _kernels import BF16_RTOL, DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fd_loss_and_gradient(device):
     g = torch.Generator().manual_seed(6)
-    for shape, dtype in [((1,), torch.float32), ((3,), torch.float32), ((6, 1031), torch.float32),
-                         ((256, 10), torch.float32),  # a 256-input batch's logits
-                         ((4, 7), torch.bfloat16)]:
+    for shape, dtype in [
+        ((1,), torch.float32),
+        ((3,), torch.float32),
+        ((6, 1031), torch.float32),
+        ((256, 10), torch.float32),  # a 256-input batch's logits
+        ((4, 7), torch.bfloat16),
+    ]:
         a = torch.randn(shape, generator=g).to(device, dtype)
         b = (a.float() + 0.01 * torch.randn(shape, generator=g).to(device)).to(dtype)
         go = torch.randn((), generator=g).to(device)

@@ -5,6 +5,7 @@ The statistics ``(odd, sq)`` are held to the same bound: ``odd`` is the odd-numb
 decided by the draw's number, never by its position in a launch (the backend launches one draw at a
 time by default, so every draw sits at position 0).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,23 +13,34 @@ import torch
 
 pytest.importorskip("triton")
 
-from torch import nn  # noqa: E402
+from ntksap_fast.kernels import mask_grad as mg
+from ntksap_fast.kernels import philox
+from ntksap_fast.kernels import sample_draw as sd
+from torch import nn
 
-from _kernels import DEVICES  # noqa: E402
-from ntksap_fast.engine.arena import Arena  # noqa: E402
-from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
-from ntksap_fast.kernels import philox  # noqa: E402
-from ntksap_fast.kernels import sample_draw as sd  # noqa: E402
+from _kernels import DEVICES
+from ntksap_fast.engine.arena import Arena
 
 SIZES = [7, 1, 300, 0, 33, 1029]  # odd sizes, one element, an empty tensor, not multiples of a block
 STDS = [0.5, 1.0, 0.1, 3.0, 0.2, 0.05]
 
 
-def accumulate(G: torch.Tensor, g_c: torch.Tensor, g_p: torch.Tensor, table: sd.StdTable, seed: int, rnd: int,
-               draws: list[int], eps: float, mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+def accumulate(
+    G: torch.Tensor,
+    g_c: torch.Tensor,
+    g_p: torch.Tensor,
+    table: sd.StdTable,
+    seed: int,
+    rnd: int,
+    draws: list[int],
+    eps: float,
+    mask: torch.Tensor | None = None,
+    stats=None,
+) -> torch.Tensor:
     """``mask_grad_accumulate_into`` of ``draws`` in one launch; returns ``G``."""
-    mg.mask_grad_accumulate_into(G, g_c, g_p, table, philox.round_key(seed, rnd, G.device),
-                                 philox.draw_ids(draws, G.device), eps, mask, stats)
+    mg.mask_grad_accumulate_into(
+        G, g_c, g_p, table, philox.round_key(seed, rnd, G.device), philox.draw_ids(draws, G.device), eps, mask, stats
+    )
     return G
 
 

@@ -3,6 +3,7 @@
 Tolerances: Philox words bit-exact; normals ``|a - b| <= NORMAL_TOL * max(1, |b|)`` (2e-6; log/cos/sin
 from different libraries, see the kernel module's docstring).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,18 +11,21 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
+from ntksap_fast.kernels import philox
 
-from _kernels import DEVICES, normal_close  # noqa: E402
-from ntksap_fast.engine import rng  # noqa: E402
-from ntksap_fast.kernels import philox  # noqa: E402
+from _kernels import DEVICES, normal_close
+from ntksap_fast.engine import rng
 
 KAT = [  # Random123 known answers, philox4x32-10
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -69,14 +73,17 @@ def test_philox_words_bit_exact(device):
 
 def _normal(seed: int, rnd: int, draw: int, stream: rng.Stream, numel: int, offset: int, device: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    return philox.normal_into(out, philox.round_key(seed, rnd, device), philox.draw_ids([draw], device), stream,
-                              offset)
+    return philox.normal_into(out, philox.round_key(seed, rnd, device), philox.draw_ids([draw], device), stream, offset)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_normals_match_twin(device):
-    cases = [(0, 0, 0, rng.Stream.WEIGHTS, 4099, 0), (2**64 - 1, 2**32 - 1, 2**30 - 1, rng.Stream.INPUTS, 1, 5),
-             (2**40 + 7, 3, 5, rng.Stream.PERTURBATION, 1001, 3), (9, 1, 2, rng.Stream.WEIGHTS, 6, 2**34 + 1)]
+    cases = [
+        (0, 0, 0, rng.Stream.WEIGHTS, 4099, 0),
+        (2**64 - 1, 2**32 - 1, 2**30 - 1, rng.Stream.INPUTS, 1, 5),
+        (2**40 + 7, 3, 5, rng.Stream.PERTURBATION, 1001, 3),
+        (9, 1, 2, rng.Stream.WEIGHTS, 6, 2**34 + 1),
+    ]
     for seed, rnd, draw, stream, numel, offset in cases:
         got = _normal(seed, rnd, draw, stream, numel, offset, device)
         normal_close(got, rng.normal(seed, rnd, draw, stream, numel, offset=offset))

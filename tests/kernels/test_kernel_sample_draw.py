@@ -3,6 +3,7 @@
 Tolerance: the normals' ``NORMAL_TOL`` scaled by std (``_kernels.weights_close``); entries outside
 the mask exactly 0.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,27 +11,29 @@ import torch
 
 pytest.importorskip("triton")
 
-from torch import nn  # noqa: E402
+from ntksap_fast.kernels import philox
+from ntksap_fast.kernels import sample_draw as sd
+from torch import nn
 
-from _kernels import DEVICES, normal_close, weights_close  # noqa: E402
-from ntksap_fast.engine import rng  # noqa: E402
-from ntksap_fast.engine.arena import Arena  # noqa: E402
-from ntksap_fast.engine.draws import DrawKey, sample_weights  # noqa: E402
-from ntksap_fast.kernels import philox  # noqa: E402
-from ntksap_fast.kernels import sample_draw as sd  # noqa: E402
+from _kernels import DEVICES, normal_close, weights_close
+from ntksap_fast.engine import rng
+from ntksap_fast.engine.arena import Arena
+from ntksap_fast.engine.draws import DrawKey, sample_weights
 
 SIZES = [7, 1, 300, 0, 33, 1029]  # odd sizes, one element, an empty tensor, not multiples of a block
 STDS = [0.5, 1.0, 0.1, 3.0, 0.2, 0.05]
 
 
-def sample(table: sd.StdTable, seed: int, rnd: int, draws: list[int], eps: float,
-           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    table: sd.StdTable, seed: int, rnd: int, draws: list[int], eps: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_draws_into`` of ``draws`` in one launch, as the Triton backend calls it."""
     device = table.offsets.device
     w_clean = torch.empty(len(draws), table.numel, device=device)
     w_pert = torch.empty_like(w_clean)
-    sd.sample_draws_into(w_clean, w_pert, table, philox.round_key(seed, rnd, device), philox.draw_ids(draws, device),
-                         eps, mask)
+    sd.sample_draws_into(
+        w_clean, w_pert, table, philox.round_key(seed, rnd, device), philox.draw_ids(draws, device), eps, mask
+    )
     return w_clean, w_pert
 
 

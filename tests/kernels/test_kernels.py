@@ -3,6 +3,7 @@ engine's round, the package imports without triton, and the compiled path lowers
 
 Each kernel against its twin: ``tests/test_kernel_<module>.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,18 +15,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from torch import nn  # noqa: E402
+from ntksap_fast.kernels import batch_stats as bst
+from ntksap_fast.kernels import fd_loss as fdl
+from ntksap_fast.kernels import mask_grad as mg
+from ntksap_fast.kernels import philox
+from ntksap_fast.kernels import sample_draw as sd
+from torch import nn
 
-from _kernels import DEVICES  # noqa: E402
-from ntksap_fast.engine.arena import Arena  # noqa: E402
-from ntksap_fast.engine.draws import DrawKey, sample_inputs  # noqa: E402
-from ntksap_fast.engine.engine import Engine, ModelRunner  # noqa: E402
-from ntksap_fast.engine.plan import ScorerConfig  # noqa: E402
-from ntksap_fast.kernels import batch_stats as bst  # noqa: E402
-from ntksap_fast.kernels import fd_loss as fdl  # noqa: E402
-from ntksap_fast.kernels import mask_grad as mg  # noqa: E402
-from ntksap_fast.kernels import philox  # noqa: E402
-from ntksap_fast.kernels import sample_draw as sd  # noqa: E402
+from _kernels import DEVICES
+from ntksap_fast.engine.arena import Arena
+from ntksap_fast.engine.draws import DrawKey, sample_inputs
+from ntksap_fast.engine.engine import Engine, ModelRunner
+from ntksap_fast.engine.plan import ScorerConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,11 +52,14 @@ def test_kernels_compose_to_the_engine_mask_gradient(device):
     bn = model[1]
 
     def linear(w: torch.Tensor, slot, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(bias.to(device), h, w[:, slot.offset:slot.stop].view(-1, *slot.shape).transpose(1, 2))
+        return torch.baddbmm(bias.to(device), h, w[:, slot.offset : slot.stop].view(-1, *slot.shape).transpose(1, 2))
 
     def bn_relu(h: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        return torch.relu(torch.nn.functional.batch_norm(h, mean, var, bn.weight.detach().to(device),
-                                                         bn.bias.detach().to(device), False, 0.0, bn.eps))
+        return torch.relu(
+            torch.nn.functional.batch_norm(
+                h, mean, var, bn.weight.detach().to(device), bn.bias.detach().to(device), False, 0.0, bn.eps
+            )
+        )
 
     loss = 0.0
     for d in range(len(draws)):
@@ -76,15 +80,17 @@ def test_kernels_compose_to_the_engine_mask_gradient(device):
 
 
 def test_package_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import ntksap_fast, ntksap_fast.kernels as k\n"
-            "try:\n    import ntksap_fast.kernels.philox\nexcept ImportError:\n    pass\n"
-            "else:\n    raise SystemExit('kernels imported without triton')\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import ntksap_fast, ntksap_fast.kernels as k\n"
+        "try:\n    import ntksap_fast.kernels.philox\nexcept ImportError:\n    pass\n"
+        "else:\n    raise SystemExit('kernels imported without triton')\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-_COMPILE_SM90 = r'''
+_COMPILE_SM90 = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -113,7 +119,7 @@ for fn, sig, const in cases:
     sig = dict(sig, **{k: "constexpr" for k in const})
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32))
 print("compiled", len(cases))
-'''
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the CUDA cases compile and run")

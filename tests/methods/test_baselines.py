@@ -3,6 +3,7 @@
 Models are tiny and float64 so independent computations agree to rounding and no borderline tie
 flips. The reference top-k and keep counts are written here, not imported from the package.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,9 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     """Conv + BN (non-trivial running stats, negative gammas) + Linear; input (2, 5, 5)."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(75, 4)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(75, 4)
+    ).double()
     bn = model[1]
     with torch.no_grad():
         bn.running_mean.copy_(torch.randn(3))
@@ -41,8 +43,13 @@ def cnn() -> nn.Module:
 
 def batches(shape, n_batches=2, batch=5, classes=4, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *shape, generator=gen, dtype=torch.float64),
-             torch.randint(0, classes, (batch,), generator=gen)) for _ in range(n_batches)]
+    return [
+        (
+            torch.randn(batch, *shape, generator=gen, dtype=torch.float64),
+            torch.randint(0, classes, (batch,), generator=gen),
+        )
+        for _ in range(n_batches)
+    ]
 
 
 def weight_names(model: nn.Module) -> list[str]:
@@ -61,6 +68,7 @@ def schedule(d: float, rounds: int, kind: str = "exponential") -> list[float]:
 
 def ref_select(scores: list[torch.Tensor], masks: list[torch.Tensor], d: float, scope: str) -> list[torch.Tensor]:
     """Keep the highest scores among unpruned entries, ties to the lower index, globally or per tensor."""
+
     def top(s: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
         s = s.detach().double().clone()
         s[~m] = -math.inf
@@ -71,14 +79,19 @@ def ref_select(scores: list[torch.Tensor], masks: list[torch.Tensor], d: float, 
 
     if scope == "layer":
         return [top(s.reshape(-1), m.reshape(-1), keep_n(m.numel(), d)).view(m.shape) for s, m in zip(scores, masks)]
-    flat = top(torch.cat([s.reshape(-1) for s in scores]), torch.cat([m.reshape(-1) for m in masks]),
-               keep_n(sum(m.numel() for m in masks), d))
+    flat = top(
+        torch.cat([s.reshape(-1) for s in scores]),
+        torch.cat([m.reshape(-1) for m in masks]),
+        keep_n(sum(m.numel() for m in masks), d),
+    )
     return [f.view(m.shape) for f, m in zip(flat.split([m.numel() for m in masks]), masks)]
 
 
 def as_dict(model, masks):
-    return {f"{n}.weight": m.view(dict(model.named_parameters())[f"{n}.weight"].shape)
-            for n, m in zip(weight_names(model), masks)}
+    return {
+        f"{n}.weight": m.view(dict(model.named_parameters())[f"{n}.weight"].shape)
+        for n, m in zip(weight_names(model), masks)
+    }
 
 
 def assert_masks(got: dict, want: dict) -> None:
@@ -88,8 +101,11 @@ def assert_masks(got: dict, want: dict) -> None:
 
 
 def state(model: nn.Module) -> tuple:
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
 def assert_unchanged(before: tuple, model: nn.Module) -> None:
@@ -133,8 +149,9 @@ def grasp_scores_negated(model, data):
     ws = tuple(dict(work.named_parameters())[n].detach() for n in names)
 
     def loss(*weights):
-        return sum(nn.functional.cross_entropy(functional_call(work, dict(zip(names, weights)), (x,)), y)
-                   for x, y in data)
+        return sum(
+            nn.functional.cross_entropy(functional_call(work, dict(zip(names, weights)), (x,)), y) for x, y in data
+        )
 
     leaves = [w.clone().requires_grad_() for w in ws]
     grads = torch.autograd.grad(loss(*leaves), leaves)
@@ -231,28 +248,30 @@ def test_ntksap_global_delegates_and_layer_rescored():
     for t, d in enumerate(schedule(0.2, 2)):
         s = ntk_sap_scores(model, (2, 5, 5), as_dict(model, masks), round=t, **kw)
         masks = ref_select(list(s.values()), masks, d, "layer")
-    got = prune(model, "ntksap", density=0.2, iterations=2, scope="layer", input_shape=(2, 5, 5),
-                progress=False, **kw)
+    got = prune(model, "ntksap", density=0.2, iterations=2, scope="layer", input_shape=(2, 5, 5), progress=False, **kw)
     assert_masks(got, as_dict(model, masks))
 
 
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, err, words", [
-    (dict(method="snip", density=0.1), ValueError, "needs data"),
-    (dict(method="bogus", density=0.1), ValueError, "method"),
-    (dict(method="magnitude", density=1.5), ValueError, "density"),
-    (dict(method="magnitude", density=0.1, scope="tensor"), ValueError, "scope"),
-    (dict(method="magnitude", density=0.1, schedule="cosine"), ValueError, "schedule"),
-    (dict(method="magnitude", density=0.1, iterations=3), ValueError, "one shot"),
-    (dict(method="synflow", density=0.1, iterations=0), ValueError, "iterations"),
-    (dict(method="synflow", density=0.1, draws=2), TypeError, "ntksap"),
-    (dict(method="ntksap", density=0.1, draw=2), TypeError, "unexpected"),
-    (dict(method="snip", density=0.1, data=[], loss_fn=None), TypeError, "loss_fn"),
-    (dict(method="magnitude", density=0.1, device="gpu7"), ValueError, "device"),
-    (dict(method="snip", density=0.1, data=[(torch.zeros(2, 6),)]), TypeError, "(inputs, targets)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, words",
+    [
+        (dict(method="snip", density=0.1), ValueError, "needs data"),
+        (dict(method="bogus", density=0.1), ValueError, "method"),
+        (dict(method="magnitude", density=1.5), ValueError, "density"),
+        (dict(method="magnitude", density=0.1, scope="tensor"), ValueError, "scope"),
+        (dict(method="magnitude", density=0.1, schedule="cosine"), ValueError, "schedule"),
+        (dict(method="magnitude", density=0.1, iterations=3), ValueError, "one shot"),
+        (dict(method="synflow", density=0.1, iterations=0), ValueError, "iterations"),
+        (dict(method="synflow", density=0.1, draws=2), TypeError, "ntksap"),
+        (dict(method="ntksap", density=0.1, draw=2), TypeError, "unexpected"),
+        (dict(method="snip", density=0.1, data=[], loss_fn=None), TypeError, "loss_fn"),
+        (dict(method="magnitude", density=0.1, device="gpu7"), ValueError, "device"),
+        (dict(method="snip", density=0.1, data=[(torch.zeros(2, 6),)]), TypeError, "(inputs, targets)"),
+    ],
+)
 def test_bad_arguments(kwargs, err, words):
     with pytest.raises(err) as info:
         prune(mlp(), **kwargs)

@@ -1,4 +1,5 @@
 """Sanity-check switches: shuffled masks keep each tensor's count, inverted scores keep the lowest."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ def keep_n(n: int, d: float) -> int:
 
 def random_masks(seed: int = 0) -> Masks:
     gen = torch.Generator().manual_seed(seed)
-    return Masks({"a.weight": torch.rand(6, 5, generator=gen) < 0.3, "b.weight": torch.rand(40, generator=gen) < 0.7,
-                  "c.weight": torch.zeros(3, 2, 2, dtype=torch.bool)}, metadata={"method": "ntksap", "seed": 4})
+    return Masks(
+        {
+            "a.weight": torch.rand(6, 5, generator=gen) < 0.3,
+            "b.weight": torch.rand(40, generator=gen) < 0.7,
+            "c.weight": torch.zeros(3, 2, 2, dtype=torch.bool),
+        },
+        metadata={"method": "ntksap", "seed": 4},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +75,7 @@ def test_shuffle_bad_arguments() -> None:
 def lowest_by_sorting(scores: dict, density: float, masks: dict | None) -> dict:
     """The specification spelled out: sort the unpruned entries by (score, flat index), keep the first."""
     flat = torch.cat([s.reshape(-1) for s in scores.values()]).tolist()
-    alive = ([True] * len(flat) if masks is None else torch.cat([m.reshape(-1) for m in masks.values()]).tolist())
+    alive = [True] * len(flat) if masks is None else torch.cat([m.reshape(-1) for m in masks.values()]).tolist()
     order = sorted((i for i in range(len(flat)) if alive[i]), key=lambda i: (flat[i], i))
     keep = torch.zeros(len(flat), dtype=torch.bool)
     keep[order[: keep_n(len(flat), density)]] = True
@@ -79,12 +86,16 @@ def lowest_by_sorting(scores: dict, density: float, masks: dict | None) -> dict:
     return out
 
 
-@pytest.mark.parametrize("density, with_masks", [(1.0, False), (0.5, False), (0.31, False), (0.05, False),
-                                                 (0.5, True), (0.31, True), (0.05, True)])
+@pytest.mark.parametrize(
+    "density, with_masks",
+    [(1.0, False), (0.5, False), (0.31, False), (0.05, False), (0.5, True), (0.31, True), (0.05, True)],
+)
 def test_keep_lowest_matches_sorting_with_ties(density: float, with_masks: bool) -> None:
     gen = torch.Generator().manual_seed(1)
-    scores = {"a.weight": torch.randint(0, 4, (6, 5), generator=gen).float(),  # few values: many ties
-              "b.weight": torch.randint(0, 4, (40,), generator=gen).double()}
+    scores = {
+        "a.weight": torch.randint(0, 4, (6, 5), generator=gen).float(),  # few values: many ties
+        "b.weight": torch.randint(0, 4, (40,), generator=gen).double(),
+    }
     scores["a.weight"][0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # -0.0 == 0.0
     masks = None
     if with_masks:

@@ -1,5 +1,6 @@
 """select.loop: the one prune loop every method runs through (rounds, selection, checkpoints, callbacks,
 metadata) and PruneOptions, the loop's arguments with the rules of which combine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ SHAPE = (3, 8, 8)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 4 * 4, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)
+    )
 
 
 class _Interrupt(Exception):
@@ -39,20 +41,23 @@ def test_every_entry_point_spells_out_the_loop_arguments_with_their_defaults(ent
             assert params[f.name].default == f.default, f.name
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(density=0.0), ValueError, "density"),
-    (dict(density=0.5, iterations=0), ValueError, "iterations"),
-    (dict(density=0.5, schedule="cosine"), ValueError, "schedule"),
-    (dict(density=0.5, scope="tensor"), ValueError, "scope"),
-    (dict(density=0.5, min_layer_density=1.5), ValueError, "min_layer_density"),
-    (dict(density=0.5, invert=1), TypeError, "invert"),
-    (dict(density=0.5, target_overlap=0.0), ValueError, "target_overlap"),
-    (dict(density=0.5, max_draws=8), ValueError, "max_draws applies with target_overlap only"),
-    (dict(density=0.5, scope="layer", min_layer_density=0.1), ValueError, "min_layer_density applies to scope"),
-    (dict(density=0.5, scope="layer", stats=True), ValueError, "apply to scope='global'"),
-    (dict(density=0.5, invert=True, stats=True), ValueError, "invert does not combine"),
-    (dict(density=0.5, invert=True, target_overlap=0.9), ValueError, "invert does not combine"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(density=0.0), ValueError, "density"),
+        (dict(density=0.5, iterations=0), ValueError, "iterations"),
+        (dict(density=0.5, schedule="cosine"), ValueError, "schedule"),
+        (dict(density=0.5, scope="tensor"), ValueError, "scope"),
+        (dict(density=0.5, min_layer_density=1.5), ValueError, "min_layer_density"),
+        (dict(density=0.5, invert=1), TypeError, "invert"),
+        (dict(density=0.5, target_overlap=0.0), ValueError, "target_overlap"),
+        (dict(density=0.5, max_draws=8), ValueError, "max_draws applies with target_overlap only"),
+        (dict(density=0.5, scope="layer", min_layer_density=0.1), ValueError, "min_layer_density applies to scope"),
+        (dict(density=0.5, scope="layer", stats=True), ValueError, "apply to scope='global'"),
+        (dict(density=0.5, invert=True, stats=True), ValueError, "invert does not combine"),
+        (dict(density=0.5, invert=True, target_overlap=0.9), ValueError, "invert does not combine"),
+    ],
+)
 def test_prune_options_refuse_what_does_not_combine(kwargs, error, words):
     with pytest.raises(error, match=words):
         PruneOptions(**kwargs)
@@ -117,8 +122,15 @@ def test_every_method_reports_each_round_with_exact_counts(method):
     model, seen = _net(), []
     iterations = 3 if method in ("ntksap", "synflow") else 1
     kwargs = dict(draws=1, batch_size=2) if method == "ntksap" else {}
-    masks = prune(model, method, density=0.2, iterations=iterations, input_shape=SHAPE,
-                  on_round=lambda t, m: seen.append((t, sum(int(v.sum()) for v in m.values()))), **kwargs)
+    masks = prune(
+        model,
+        method,
+        density=0.2,
+        iterations=iterations,
+        input_shape=SHAPE,
+        on_round=lambda t, m: seen.append((t, sum(int(v.sum()) for v in m.values()))),
+        **kwargs,
+    )
     total = sum(m.numel() for m in masks.values())
     assert seen == [(t + 1, keep_count(total, d)) for t, d in enumerate(density_schedule(0.2, iterations))]
     assert masks.metadata["method"] == method and masks.metadata["iterations"] == iterations

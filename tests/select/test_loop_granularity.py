@@ -1,12 +1,13 @@
 """select.loop with granularity: PruneOptions' rules, channel NTK-SAP against the float64 oracle, every
 channel method through the one loop, checkpoint/resume and metadata carrying the granularity."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from _channel_models import IMAGE, resnet8
 from torch import nn
 
+from _channel_models import IMAGE, resnet8
 from ntksap_fast import export_pruned, ntk_sap_prune, prune
 from ntksap_fast.io.checkpoint import CheckpointError
 from ntksap_fast.select.loop import PruneOptions
@@ -21,19 +22,31 @@ def _two_groups() -> nn.Module:
     """Channel j of conv 0 is row j of 0.weight and column j of 3.weight; channel j of conv 3 is
     row j of 3.weight and column j of 8.weight. The classifier's outputs and the input stay."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
-                         nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(granularity="block"), ValueError, r"granularity must be one of \('weight', 'channel'\) or 'N:M'"),
-    (dict(granularity=2), TypeError, "granularity must be a string"),
-    (dict(granularity="4:2"), ValueError, "granularity '4:2': N must be"),
-    (dict(granularity="channel", scope="layer"), ValueError, "granularity='channel' applies to scope='global'"),
-    (dict(granularity="2:4", scope="layer"), ValueError, "granularity='2:4' applies to scope='global'"),
-    (dict(granularity="channel", stats=True), ValueError, "apply to granularity='weight'"),
-    (dict(granularity="2:4", min_layer_density=0.1), ValueError, "min_layer_density does not apply"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(granularity="block"), ValueError, r"granularity must be one of \('weight', 'channel'\) or 'N:M'"),
+        (dict(granularity=2), TypeError, "granularity must be a string"),
+        (dict(granularity="4:2"), ValueError, "granularity '4:2': N must be"),
+        (dict(granularity="channel", scope="layer"), ValueError, "granularity='channel' applies to scope='global'"),
+        (dict(granularity="2:4", scope="layer"), ValueError, "granularity='2:4' applies to scope='global'"),
+        (dict(granularity="channel", stats=True), ValueError, "apply to granularity='weight'"),
+        (dict(granularity="2:4", min_layer_density=0.1), ValueError, "min_layer_density does not apply"),
+    ],
+)
 def test_prune_options_check_the_granularity(kwargs, error, words):
     with pytest.raises(error, match=words):
         PruneOptions(density=0.5, **kwargs)
@@ -45,8 +58,9 @@ def test_one_round_of_channel_ntksap_removes_the_lowest_oracle_channel_scores():
     go lowest first (each conv keeps its best) until at most keep_count(N, 0.5) entries remain."""
     model = _two_groups().double()
     settings = dict(draws=2, batch_size=3, epsilon=0.01, seed=3)
-    masks = ntk_sap_prune(model, 0.5, SHAPE, iterations=1, granularity="channel", dtype=torch.float64,
-                          progress=False, **settings)
+    masks = ntk_sap_prune(
+        model, 0.5, SHAPE, iterations=1, granularity="channel", dtype=torch.float64, progress=False, **settings
+    )
     g = reference_scores(model, None, None, SHAPE, dtype=torch.float64, signed=True, **settings)
     g0, g3, g8 = g[:108].view(4, 3, 3, 3), g[108:324].view(6, 4, 3, 3), g[324:].view(5, 6)
     # per multiply-add: both convs have 6 x 6 output positions, the Linear one
@@ -79,8 +93,16 @@ def test_every_channel_method_gives_channel_masks_at_the_density(method):
     data = [(torch.randn(4, *IMAGE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3]))]
     extra = {"ntksap": dict(draws=1, batch_size=2), "snip": dict(data=data), "iter_snip": dict(data=data)}
     iterations = 1 if method in ("magnitude", "random", "snip") else 2
-    masks = prune(model, method, density=0.4, iterations=iterations, granularity="channel", input_shape=IMAGE,
-                  progress=False, **extra.get(method, {}))
+    masks = prune(
+        model,
+        method,
+        density=0.4,
+        iterations=iterations,
+        granularity="channel",
+        input_shape=IMAGE,
+        progress=False,
+        **extra.get(method, {}),
+    )
     total = sum(m.numel() for m in masks.values())
     assert 0.37 * total < sum(int(m.sum()) for m in masks.values()) <= keep_count(total, 0.4)
     assert _is_channel_mask(masks)

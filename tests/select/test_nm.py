@@ -1,5 +1,6 @@
 """N:M selection (``ntksap_fast.select.nm``): parsing, the per-round keep count, the group selection
 against a plain-Python definition, and which tensors stay dense."""
+
 from __future__ import annotations
 
 import math
@@ -34,11 +35,22 @@ def test_parse_nm(text: str, expected: tuple[int, int]) -> None:
     assert parse_nm(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("4:4", "N must be in"), ("5:4", "N must be in"), ("0:4", "N must be in"), ("1:1", "M must be >= 2"),
-    ("0:0", "M must be >= 2"), ("2/4", "not of the form"), ("2:4:8", "not of the form"), ("a:b", "not of the form"),
-    ("-1:4", "not of the form"), ("", "not of the form"), ("channels", "not of the form"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("4:4", "N must be in"),
+        ("5:4", "N must be in"),
+        ("0:4", "N must be in"),
+        ("1:1", "M must be >= 2"),
+        ("0:0", "M must be >= 2"),
+        ("2/4", "not of the form"),
+        ("2:4:8", "not of the form"),
+        ("a:b", "not of the form"),
+        ("-1:4", "not of the form"),
+        ("", "not of the form"),
+        ("channels", "not of the form"),
+    ],
+)
 def test_parse_nm_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as err:
         parse_nm(text)
@@ -119,8 +131,7 @@ def test_is_nm_and_groups() -> None:
     mask[0, 6] = True
     assert not is_nm(mask, 2, 4)
     weight = torch.arange(16).view(1, 4, 2, 2)
-    assert nm_groups(weight, weight.shape, 4).tolist() == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14],
-                                                            [3, 7, 11, 15]]
+    assert nm_groups(weight, weight.shape, 4).tolist() == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
     with pytest.raises(ValueError, match="multiple of M=4"):
         is_nm(torch.ones(2, 6, dtype=torch.bool), 2, 4)
 
@@ -141,15 +152,27 @@ register_layer(TransposedDense, fan_in=lambda name, shape: int(shape[0]))
 
 def test_selector_lists_dense_tensors() -> None:
     """A square (in, out) weight is dense too: its dim 1 is a multiple of M but not its input."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1), nn.Flatten(),
-                          nn.Linear(8, 6), nn.Linear(6, 8), TransposedDense(8, 8), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Conv2d(8, 8, 1),
+        nn.Flatten(),
+        nn.Linear(8, 6),
+        nn.Linear(6, 8),
+        TransposedDense(8, 8),
+        nn.Linear(8, 4),
+    )
     selector = NMSelector(model, Arena(model), "2:4", 0.5)
     assert [s.name for s in selector.eligible] == ["2.weight", "4.weight", "7.weight"]
-    assert selector.metadata() == {"granularity": "2:4", "nm_dense": {
-        "0.weight": "input dimension 3 is not a multiple of M=4",
-        "1.weight": "input dimension 1 is not a multiple of M=4",
-        "5.weight": "input dimension 6 is not a multiple of M=4",
-        "6.weight": "not stored (out, in, *kernel): its layer registers its own fan-in"}}
+    assert selector.metadata() == {
+        "granularity": "2:4",
+        "nm_dense": {
+            "0.weight": "input dimension 3 is not a multiple of M=4",
+            "1.weight": "input dimension 1 is not a multiple of M=4",
+            "5.weight": "input dimension 6 is not a multiple of M=4",
+            "6.weight": "not stored (out, in, *kernel): its layer registers its own fan-in",
+        },
+    }
 
 
 def test_selector_round() -> None:
@@ -186,10 +209,12 @@ def test_selector_density_must_be_n_over_m(density: float) -> None:
 
 def _slot(name: str, shape: tuple[int, ...], offset: int = 0):
     from ntksap_fast.engine.arena import Slot
+
     return Slot(name, torch.Size(shape), offset, math.prod(shape), 1, 1.0, name, None)
 
 
 # ---- granularity="2:4" through the prune loop, every method (the issue's acceptance tests) ---------------
+
 
 class NMNet(nn.Module):
     """Input (3, 6, 6). Stays dense under 2:4: conv1 (3 input channels), the depthwise conv (1), fc1
@@ -211,9 +236,11 @@ class NMNet(nn.Module):
 
 
 NM_SHAPE = (3, 6, 6)
-NM_DENSE = {"conv1.weight": "input dimension 3 is not a multiple of M=4",
-            "depthwise.weight": "input dimension 1 is not a multiple of M=4",
-            "fc1.weight": "input dimension 6 is not a multiple of M=4"}
+NM_DENSE = {
+    "conv1.weight": "input dimension 3 is not a multiple of M=4",
+    "depthwise.weight": "input dimension 1 is not a multiple of M=4",
+    "fc1.weight": "input dimension 6 is not a multiple of M=4",
+}
 NM_FAST = dict(draws=1, batch_size=4, progress=False)
 
 
@@ -234,8 +261,17 @@ def test_every_method_gives_exact_2_of_4(method: str) -> None:
     data = [(torch.randn(8, *NM_SHAPE, generator=gen), torch.randint(0, 4, (8,), generator=gen))]
     extra = dict(draws=1, batch_size=4) if method == "ntksap" else {}
     iterations = 3 if method in DEFAULT_ITERATIONS else 1
-    masks = prune(model, method, density=0.5, granularity="2:4", iterations=iterations, input_shape=NM_SHAPE,
-                  data=data, progress=False, **extra)
+    masks = prune(
+        model,
+        method,
+        density=0.5,
+        granularity="2:4",
+        iterations=iterations,
+        input_shape=NM_SHAPE,
+        data=data,
+        progress=False,
+        **extra,
+    )
     assert all(torch.equal(c, torch.full_like(c, 2)) for c in _group_counts(masks).values())
     assert all(masks[n].all() for n in NM_DENSE)
     assert masks.metadata["granularity"] == "2:4" and masks.metadata["nm_dense"] == NM_DENSE
@@ -254,8 +290,16 @@ def test_one_round_keeps_each_groups_two_highest_ntksap_scores() -> None:
 
 def test_rounds_follow_the_keep_count_and_never_revive() -> None:
     seen = []
-    ntk_sap_prune(_nm_net(2), 0.5, NM_SHAPE, granularity="2:4", iterations=5, schedule="linear",
-                  on_round=lambda t, masks: seen.append(masks), **NM_FAST)
+    ntk_sap_prune(
+        _nm_net(2),
+        0.5,
+        NM_SHAPE,
+        granularity="2:4",
+        iterations=5,
+        schedule="linear",
+        on_round=lambda t, masks: seen.append(masks),
+        **NM_FAST,
+    )
     keeps = [nm_keep(2, 4, d) for d in density_schedule(0.5, 5, "linear")]
     assert keeps == [4, 3, 3, 2, 2]  # (M - N) * progress = 0.4, 0.8, 1.2, 1.6, 2 rounds to 0, 1, 1, 2, 2
     previous = None

@@ -1,4 +1,5 @@
 """ntksap_fast.select.schedule: the keep count and the density schedule against formulas written out here."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Collapse guard: ``select_`` against an independent sort-based selection, and its floor."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ from ntksap_fast.select.selection import select_
 from ntksap_fast.select.topk import masked_topk
 
 
-def reference_select(scores: list[float], mask: list[bool], n_keep: int, sizes: list[int],
-                     min_density: float) -> list[bool]:
+def reference_select(
+    scores: list[float], mask: list[bool], n_keep: int, sizes: list[int], min_density: float
+) -> list[bool]:
     """Plain-Python definition: per-tensor floors first, the rest globally; ties to the lower index."""
     order = lambda idx: sorted(idx, key=lambda i: (-scores[i], i))  # noqa: E731
     keep = [False] * len(scores)

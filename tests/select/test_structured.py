@@ -1,13 +1,14 @@
 """ntksap_fast.select.channel_units and ntksap_fast.select.structured: channel units from Torch-Pruning's
 DependencyGraph, unit scores, and the selection of whole channels to a weight budget."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from _channel_models import IMAGE, concat_net, mixing_net, resnet8, tiny_vgg
-from _tiny_models import assert_same_snapshot, expected_keep, snapshot
 from torch import nn
 
+from _channel_models import IMAGE, concat_net, mixing_net, resnet8, tiny_vgg
+from _tiny_models import assert_same_snapshot, expected_keep, snapshot
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.select.channel_units import channel_units, working_copy
 from ntksap_fast.select.schedule import density_schedule
@@ -33,8 +34,11 @@ def test_resnet_units_follow_the_residual_stream():
     or the shortcut, row j of every block's conv2, column j of the next block's conv1 and shortcut
     (or of the classifier); each block's inner channel is conv1's row and conv2's column."""
     units = _units(resnet8())
-    stream = [_channels(units, "conv1.weight", 0), _channels(units, "layers.1.shortcut.0.weight", 0),
-              _channels(units, "layers.2.shortcut.0.weight", 0)]
+    stream = [
+        _channels(units, "conv1.weight", 0),
+        _channels(units, "layers.1.shortcut.0.weight", 0),
+        _channels(units, "layers.2.shortcut.0.weight", 0),
+    ]
     for s, block in enumerate(("layers.0", "layers.1", "layers.2")):
         assert _channels(units, f"{block}.conv2.weight", 0) == stream[s]
         assert _channels(units, f"{block}.conv1.weight", 0) == _channels(units, f"{block}.conv2.weight", 1)
@@ -53,8 +57,9 @@ def test_flatten_and_concat_map_channels_to_their_slices():
     last = _channels(units, "features.8.weight", 0)
     assert _channels(units, "hidden.weight", 1) == [u for u in last for _ in range(4)]
     units = _units(concat_net())  # cat([left (5), right (7)]) -> merge's 12 input channels
-    assert _channels(units, "merge.weight", 1) == (_channels(units, "left.0.weight", 0)
-                                                   + _channels(units, "right.0.weight", 0))
+    assert _channels(units, "merge.weight", 1) == (
+        _channels(units, "left.0.weight", 0) + _channels(units, "right.0.weight", 0)
+    )
 
 
 def test_groups_that_cannot_be_cut_exactly_stay_whole():
@@ -110,7 +115,9 @@ def _is_channel_mask(arena: Arena, mask: torch.Tensor) -> bool:
     for v in arena.views(mask).values():
         rows = v.reshape(v.shape[0], -1).any(1)
         cols = v.transpose(0, 1).reshape(v.shape[1], -1).any(1)
-        if not torch.equal(v, (rows.view(-1, *[1] * (v.dim() - 1)) & cols.view(1, -1, *[1] * (v.dim() - 2))).expand_as(v)):
+        if not torch.equal(
+            v, (rows.view(-1, *[1] * (v.dim() - 1)) & cols.view(1, -1, *[1] * (v.dim() - 2))).expand_as(v)
+        ):
             return False
     return True
 
@@ -153,7 +160,7 @@ def test_lowest_scores_go_first_ties_to_the_higher_unit():
     gone = torch.nonzero(~selector.alive(mask)).flatten().tolist()
     group_of = selector.units.group_of.tolist()
     removable = [u for u in range(len(group_of)) if u > 0 and group_of[u - 1] == group_of[u]]  # not a group's first
-    assert gone and gone == removable[-len(gone):]
+    assert gone and gone == removable[-len(gone) :]
 
 
 @pytest.mark.parametrize("invert", [False, True])
@@ -195,6 +202,7 @@ def test_a_budget_below_one_channel_per_group_is_refused():
 def test_the_model_is_not_modified():
     model = resnet8().train()
     before = snapshot(model)
-    ChannelSelector(model, Arena(model), IMAGE).select_(torch.randn(Arena(model).numel), Arena(model).start_mask(model),
-                                                        0, 0.5)
+    ChannelSelector(model, Arena(model), IMAGE).select_(
+        torch.randn(Arena(model).numel), Arena(model).start_mask(model), 0, 0.5
+    )
     assert_same_snapshot(before, model)

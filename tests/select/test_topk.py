@@ -7,6 +7,7 @@ the pure-PyTorch fallback) and on every device (cpu; cuda when a CUDA device is 
 A missing or broken compiled extension fails these tests (it does not skip them) unless
 NTKSAP_FAST_ALLOW_NO_EXT=1 says that is expected.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -557,9 +558,7 @@ def test_opcheck(ext, device, dtype):
         mask = (torch.rand(n, generator=g) < 0.5).to(device)
         k = int(mask.sum()) // 2
         torch.library.opcheck(torch.ops.ntksap_fast.masked_topk.default, (scores, mask, k))
-        torch.library.opcheck(
-            torch.ops.ntksap_fast.masked_topk_.default, (scores, mask.clone(), k)
-        )
+        torch.library.opcheck(torch.ops.ntksap_fast.masked_topk_.default, (scores, mask.clone(), k))
 
 
 @pytest.mark.ext
@@ -583,8 +582,7 @@ def test_fake_tensor_shapes(ext):
 # ------------------------------------------------------------------------------------------
 def _zeros(n: int, dtype: torch.dtype) -> torch.Tensor:
     """n zeros of dtype backed by an anonymous private mapping (resident only where written)."""
-    buf = mmap.mmap(-1, n * torch.empty(0, dtype=dtype).element_size(),
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = mmap.mmap(-1, n * torch.empty(0, dtype=dtype).element_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buf, dtype=dtype)
 
 
@@ -639,6 +637,9 @@ def test_one_splitmix64_for_the_cpu_and_cuda_samplers():
         text = (csrc / name).read_text()
         assert re.search(r'#include "(\.\./)?splitmix64\.h"', text), f"{name} does not include splitmix64.h"
         assert "splitmix64(" in text, f"{name} no longer samples with splitmix64"
-    defining = sorted(str(p.relative_to(csrc)) for p in csrc.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")
-                      and re.search(r"uint64_t\s+splitmix64\s*\(", p.read_text()))
+    defining = sorted(
+        str(p.relative_to(csrc))
+        for p in csrc.rglob("*")
+        if p.suffix in (".h", ".cuh", ".cpp", ".cu") and re.search(r"uint64_t\s+splitmix64\s*\(", p.read_text())
+    )
     assert defining == ["splitmix64.h"]
