@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -41,7 +42,7 @@ class ScorerConfig:
         draw_batch: whole draws run together through ``torch.func.vmap``; 1 = in sequence.
         graphs: capture each whole draw size in a CUDA graph and replay it.
         allow_tf32: TF32 policy during the scorer's calls (None: PyTorch's flags).
-        memory: the GPU memory plan's numbers (None off CUDA).
+        memory: the memory plan's numbers (None where none was made: ``resolve``).
         compile: run each whole draw through ``torch.compile`` (``ntksap_fast.engine.compiled``).
     """
 
@@ -94,7 +95,13 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
     ``make_runner(device, dtype, param_dtype)`` builds the model runner (``engine.ModelRunner``) once
     the device and precision are known; it checks ``input_shape`` and, on CUDA, runs two probe
     draws to measure the bytes one input adds (the memory plan, ``ntksap_fast.engine.memory``), which
-    decides the micro-batch (unless given) and CUDA graphs. The runner is returned for the engine.
+    decides the micro-batch (unless given) and CUDA graphs. On the CPU it does the same when
+    ``micro_batch`` is not given and draws are larger than the probe's (``_host_plan``): there the
+    kernel kills a process that runs out of memory, with no Python error. The runner is returned
+    for the engine.
+
+    Raises:
+        MemoryError: on the CPU, when not even one input fits in the memory available.
     """
     device = resolve_device(model, options.device)
     dtype, param_dtype = precision(options.dtype, device)
@@ -104,15 +111,19 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
         draw_batch = 1  # vmap has no batching rule for the fused recurrent ops
     largest = max(options.batch_sizes())
     micro, graphs, plan, per_input = options.micro_batch, False, None, 0.0
+    fixed = 8 * arena.numel * torch.finfo(param_dtype).bits // 8  # weights, noise, gradients, G, stats
+    host_usable = _host_usable(model, input_shape, device, micro, largest, fixed)
     counter = FlopCounterMode(display=False)  # the forward's FLOPs: what compiling would save on
     with tf32_policy(options.allow_tf32):  # the model runs here: under the scorer's TF32 policy
         runner = make_runner(device, dtype, param_dtype)
         with counter if options.compile is None and device.type == "cpu" else contextlib.nullcontext():
             runner.check_input_shape(input_shape)
-        if device.type == "cuda":
-            per_input = memory.measure_bytes_per_input(lambda n: runner.probe_draw(input_shape, n), device)
+        if device.type == "cuda" or host_usable is not None:
+            cuda = device.type == "cuda"  # the CPU's measure needs only the forwards (``memory``)
+            per_input = memory.measure_bytes_per_input(lambda n: runner.probe_draw(input_shape, n, cuda), device)
+    if host_usable is not None:
+        micro, draw_batch, plan = _host_plan(model, input_shape, host_usable, per_input, fixed, largest, draw_batch)
     if device.type == "cuda":
-        fixed = 8 * arena.numel * torch.finfo(param_dtype).bits // 8  # weights, noise, gradients, G, stats
         plan = memory.plan(memory.device_usable_bytes(device), per_input, fixed, largest)
         if micro is None:
             micro = plan.max_inputs
@@ -159,6 +170,56 @@ def _compile(options: ScorerOptions, device: torch.device, model: nn.Module, rou
     decision = round_s > COMPILE_PAYS * compile_s
     log.info("NTK-SAP: compile=%s: a round is estimated at %.0f s, compiling at %.0f s", decision, round_s, compile_s)
     return decision
+
+
+#: Inputs of the larger probe draw (``memory.measure_bytes_per_input``): smaller draws are not planned on the CPU.
+PROBE_INPUTS = 4
+
+
+def _host_usable(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, micro: int | None,
+                 largest: int, fixed: int) -> int | None:
+    """The host memory the CPU plan works with (``memory.host_usable_bytes``), None where no plan is made:
+    off the CPU, with ``micro_batch`` given, draws no larger than the probe's, or memory unknown.
+    ``MemoryError`` before the probe when not even the weight buffers (``fixed`` bytes) fit."""
+    if device.type != "cpu" or micro is not None or largest <= PROBE_INPUTS:
+        return None
+    usable = memory.host_usable_bytes()
+    if usable is None:
+        log.info("NTK-SAP: the host's available memory is unknown here (no /proc/meminfo): whole draws")
+        return None
+    if fixed > memory.HEADROOM * usable:
+        raise _not_enough(model, input_shape, "the weight buffers alone need", fixed, usable)
+    return usable
+
+
+def _host_plan(model: nn.Module, input_shape: tuple[int, ...], usable: int, per_input: float, fixed: int,
+               largest: int, draw_batch: int) -> tuple[int | None, int, memory.MemoryPlan]:
+    """``(micro_batch, draw_batch, plan)`` on the CPU: a pass holds at most what fits in ``HEADROOM`` of the
+    ``usable`` host memory; vmap-batched draws are cut first, then draws are split in equal micro-batches
+    (the fewest passes that fit, each as small as that allows: exact, ``engine.Engine``). ``MemoryError``
+    when one input does not fit."""
+    plan = memory.plan(usable, per_input, fixed, largest * draw_batch)
+    if fixed + per_input > memory.HEADROOM * usable:
+        raise _not_enough(model, input_shape, "one input needs", fixed + per_input, usable)
+    if plan.max_inputs is None:
+        return None, draw_batch, plan
+    if plan.max_inputs >= largest:
+        log.info("NTK-SAP: draw_batch=%d: %d draws of %d inputs at once would need about %s of host memory, "
+                 "%s available", plan.max_inputs // largest, draw_batch, largest,
+                 _gib(fixed + per_input * largest * draw_batch), _gib(usable))
+        return None, plan.max_inputs // largest, plan
+    micro = math.ceil(largest / math.ceil(largest / plan.max_inputs))
+    log.info("NTK-SAP: micro_batch=%d: a draw of %d inputs would need about %s of host memory (%s an input), "
+             "%s available", micro, largest, _gib(fixed + per_input * largest), _gib(per_input), _gib(usable))
+    return micro, 1, plan
+
+
+def _not_enough(model: nn.Module, input_shape: tuple[int, ...], what: str, needed: float, usable: int) -> MemoryError:
+    """The CPU plan's error: ``what`` (``"one input needs"``) ``needed`` bytes, more than fit in ``usable``."""
+    return MemoryError(
+        f"NTK-SAP scorer of {type(model).__name__} with input_shape {tuple(input_shape)}: {what} about "
+        f"{_gib(needed)} of host memory, more than {memory.HEADROOM:.0%} of the {_gib(usable)} available to this "
+        "process; nothing was run. Free memory, or use a smaller model or input")
 
 
 def _gib(n: float) -> str:

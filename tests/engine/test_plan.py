@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -24,8 +25,8 @@ class _Runner:
     def check_input_shape(self, shape):
         self.calls.append(("check", shape))
 
-    def probe_draw(self, shape, n):
-        self.calls.append(("probe", n))
+    def probe_draw(self, shape, n, backward=True):
+        self.calls.append(("probe", n) if backward else ("forwards", n))
 
 
 def _resolve(model, monkeypatch=None, usable=None, per_input=None, **kwargs):
@@ -35,8 +36,9 @@ def _resolve(model, monkeypatch=None, usable=None, per_input=None, **kwargs):
         runners.append((device, dtype, param_dtype, _Runner()))
         return runners[-1][3]
 
-    if usable is not None:  # a CUDA device with these memory figures (no GPU needed)
+    if usable is not None:  # a CUDA device, or the host, with these memory figures (no GPU needed)
         monkeypatch.setattr(plan.memory, "device_usable_bytes", lambda device: usable)
+        monkeypatch.setattr(plan.memory, "host_usable_bytes", lambda: usable)
         monkeypatch.setattr(plan.memory, "measure_bytes_per_input", lambda run, device: (run(2), per_input)[1])
     config, runner = resolve(ScorerOptions(**kwargs), model, Arena(model), (3,), make)
     assert len(runners) == 1 and runner is runners[0][3]  # one runner, handed on to the engine
@@ -78,6 +80,55 @@ def test_resolve_on_cuda_from_the_memory_plan(monkeypatch):
     config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.15 * GIB, micro_batch=256, **kwargs)
     assert config.micro_batch is None
     assert describe(config)["memory"] == "usable 30.0 GiB, 153.6 MiB per input"
+
+
+def test_resolve_on_cpu_from_the_memory_plan(monkeypatch, caplog):
+    """On the CPU (where running out of memory is the kernel's kill, no Python error) the draws are cut to
+    what fits in HEADROOM of the available memory, in equal micro-batches, and the choice is logged."""
+    kwargs = dict(draws=2, batch_size=[256, 100])
+    config, runner = _resolve(_mlp(), monkeypatch, usable=40 * GIB, per_input=0.08 * GIB, **kwargs)
+    assert ("forwards", 2) in runner.calls and (config.micro_batch, config.draw_batch) == (None, 1)  # 20.5 GiB fits
+    with caplog.at_level("INFO", logger="ntksap_fast"):
+        config, _ = _resolve(_mlp(), monkeypatch, usable=20 * GIB, per_input=0.08 * GIB, **kwargs)
+    # 175 inputs fit in 0.7 * 20 GiB: two passes of 128 (not 175 + 81)
+    assert (config.micro_batch, config.draw_batch, config.graphs) == (128, 1, False)
+    assert "micro_batch=128: a draw of 256 inputs would need about 20.5 GiB" in caplog.text
+    assert describe(config)["memory"] == "usable 20.0 GiB, 81.9 MiB per input"
+    # vmap-batched draws are cut before draws are split: 4 x 100 inputs need 32 GiB, 2 x 100 fit
+    config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.08 * GIB, draws=4, batch_size=100,
+                         draw_batch=4)
+    assert (config.micro_batch, config.draw_batch) == (None, 2)
+    # a given micro_batch, or draws no larger than the probe's, are not planned: no probe
+    for options in (dict(micro_batch=64), dict(batch_size=4)):
+        config, runner = _resolve(_mlp(), monkeypatch, usable=GIB, per_input=0.08 * GIB, draws=2, **options)
+        assert runner.calls == [("check", (3,))] and config.memory is None
+
+
+def test_resolve_on_cpu_refuses_what_cannot_fit_before_any_work(monkeypatch):
+    probes = []
+    monkeypatch.setattr(plan.memory, "measure_bytes_per_input", lambda run, device: probes.append(2) or 0.8 * GIB)
+    monkeypatch.setattr(plan.memory, "host_usable_bytes", lambda: GIB)
+    model = _mlp()
+    with pytest.raises(MemoryError, match=r"Sequential with input_shape \(3,\): one input needs about 819.2 MiB of "
+                                          r"host memory, more than 70% of the 1.0 GiB available .* nothing was run"):
+        resolve(ScorerOptions(batch_size=256), model, Arena(model), (3,), lambda *args: _Runner())
+    assert probes == [2]
+    # weight buffers that do not fit are refused before the probe
+    monkeypatch.setattr(plan.memory, "host_usable_bytes", lambda: 100)
+    with pytest.raises(MemoryError, match="the weight buffers alone need about"):
+        resolve(ScorerOptions(batch_size=256), model, Arena(model), (3,), lambda *args: _Runner())
+    assert probes == [2]
+    # memory unknown (no /proc/meminfo): whole draws, no probe
+    monkeypatch.setattr(plan.memory, "host_usable_bytes", lambda: None)
+    config, runner = resolve(ScorerOptions(batch_size=256), model, Arena(model), (3,), lambda *args: _Runner())
+    assert config.micro_batch is None and config.memory is None and probes == [2]
+
+
+def test_the_cpu_probe_is_the_forwards_of_two_small_draws():
+    """Whatever the draws' size, the CPU plan runs the forwards (no backward) of draws of 2 and 4 inputs."""
+    config, runner = _resolve(_mlp(), batch_size=256)
+    assert runner.calls == [("check", (3,)), ("forwards", 2), ("forwards", 4)]
+    assert config.memory is not None and config.memory.per_input == 0  # the stand-in saves nothing
 
 
 def test_describe_writes_the_settled_keys():
