@@ -22,12 +22,18 @@ Cases (the paper's settings):
 * ``imagenet-round``: torchvision ResNet-50, one ``ntk_sap_scores`` round, 39 x 256 + 16 inputs.
 * ``resnet50-8x256``: torchvision ResNet-50, ``ntk_sap_prune`` of one round of 8 draws x 256.
 
-Usage: ``python bench/bench_gpu_e2e.py [--cases a,b] [--dtypes float32,bfloat16] [--out results.json]``;
+``--compile false,true`` runs every case with ``compile=False`` and again with ``compile=True`` (the
+compiled draw step, ntksap_fast.engine.compiled; the cold run then also starts from an empty inductor
+cache, ``TORCHINDUCTOR_CACHE_DIR``).
+
+Usage: ``python bench/bench_gpu_e2e.py [--cases a,b] [--dtypes float32,bfloat16] [--compile false,true]
+[--out results.json]``;
 ``--smoke`` runs tiny settings on whatever device there is (a CPU check that the script works).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -41,7 +47,7 @@ PAPER_SECONDS = {"cifar10-prune": 5.0, "imagenet-round": 24.3, "resnet50-8x256":
 CASES = ("cifar10-prune", "imagenet-round", "resnet50-8x256")
 
 
-def _child(case: str, dtype_name: str, smoke: bool) -> dict:
+def _child(case: str, dtype_name: str, compile: bool, smoke: bool) -> dict:
     import torch
 
     import ntksap_fast
@@ -59,7 +65,7 @@ def _child(case: str, dtype_name: str, smoke: bool) -> dict:
     torch.manual_seed(0)
     model = build_model(preset.model, preset.num_classes).to(device)
     kwargs = dict(input_shape=preset.input_shape, draws=preset.options.draws, batch_size=preset.options.batch_size, device=device,
-                  dtype=dtype)
+                  dtype=dtype, compile=compile)
     iterations = preset.iterations
     if case == "resnet50-8x256":
         kwargs.update(draws=8, batch_size=256)
@@ -107,14 +113,15 @@ def _child(case: str, dtype_name: str, smoke: bool) -> dict:
     sync()
     times["kept"] = time.perf_counter() - start
     scorer = scorer_box[0]
-    return {"case": case, "dtype": dtype_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else "cpu", "torch": torch.__version__, "micro_batch": scorer.config.micro_batch,
+    return {"case": case, "dtype": dtype_name, "compile": scorer.settings()["compile"],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "micro_batch": scorer.config.micro_batch,
             "graphs": scorer.settings()["graphs"], "scorer": repr(scorer), **times}
 
 
-def _run_child(case: str, dtype: str, smoke: bool, cache: str) -> dict:
-    env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, __file__, "--child", case, dtype] + (["--smoke"] if smoke else [])
+def _run_child(case: str, dtype: str, compile: str, smoke: bool, cache: str) -> dict:
+    env = dict(os.environ, TRITON_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, __file__, "--child", case, dtype, compile] + (["--smoke"] if smoke else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
         return {"case": case, "dtype": dtype, "error": res.stderr.strip().splitlines()[-1:] or ["?"]}
@@ -125,31 +132,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--compile", default="false", help="comma list of compile= values: false, true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "DTYPE"))
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "DTYPE", "COMPILE"))
     opts = parser.parse_args()
     if opts.child:
-        print(json.dumps(_child(opts.child[0], opts.child[1], opts.smoke)))
+        print(json.dumps(_child(opts.child[0], opts.child[1], opts.child[2] == "true", opts.smoke)))
         return 0
     rows = []
-    for case in opts.cases.split(","):
-        for dtype in opts.dtypes.split(","):
-            with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-                cold = _run_child(case, dtype, opts.smoke, cache)
-                compiled = sum(1 for _ in Path(cache).rglob("*.cubin"))
-                warm = _run_child(case, dtype, opts.smoke, cache)
-            for label, row in (("cold", cold), ("warm", warm)):
-                row.update(cache=label, kernels_compiled=compiled if label == "cold" else 0)
-                rows.append(row)
-                if "error" in row:
-                    print(f"{case:<15} {dtype:<9} {label:<5} ERROR {row['error']}", flush=True)
-                    continue
-                paper = PAPER_SECONDS[case]
-                print(f"{case:<15} {dtype:<9} {label:<5} first {row['first']:7.2f} s (x{paper / row['first']:5.2f} "
-                      f"vs paper {paper} s)  second {row['second']:7.2f} s  after work {row['after_work']:7.2f} s  "
-                      f"kept scorer {row['kept']:7.2f} s  compiled {row['kernels_compiled']:2d}  "
-                      f"micro_batch {row['micro_batch']}  graphs {row['graphs']}", flush=True)
+    for case, dtype, compile in itertools.product(opts.cases.split(","), opts.dtypes.split(","),
+                                                  opts.compile.split(",")):
+        if compile not in ("false", "true"):
+            parser.error(f"--compile takes false and/or true, got {compile!r}")
+        with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:  # Triton's and inductor's
+            cold = _run_child(case, dtype, compile, opts.smoke, cache)
+            compiled = sum(1 for _ in Path(cache).rglob("*.cubin"))
+            warm = _run_child(case, dtype, compile, opts.smoke, cache)
+        for label, row in (("cold", cold), ("warm", warm)):
+            row.update(cache=label, kernels_compiled=compiled if label == "cold" else 0)
+            rows.append(row)
+            if "error" in row:
+                print(f"{case:<15} {dtype:<9} compile={compile:<5} {label:<5} ERROR {row['error']}", flush=True)
+                continue
+            paper = PAPER_SECONDS[case]
+            print(f"{case:<15} {dtype:<9} compile={compile:<5} {label:<5} first {row['first']:7.2f} s "
+                  f"(x{paper / row['first']:5.2f} vs paper {paper} s)  second {row['second']:7.2f} s  "
+                  f"after work {row['after_work']:7.2f} s  "
+                  f"kept scorer {row['kept']:7.2f} s  compiled {row['kernels_compiled']:2d}  "
+                  f"micro_batch {row['micro_batch']}  graphs {row['graphs']}", flush=True)
     if opts.out:
         Path(opts.out).write_text(json.dumps(rows, indent=1))
     return 0 if all("error" not in r for r in rows) else 1

@@ -21,6 +21,8 @@ Environment:
 * ``NTKSAP_BENCH_SETTINGS``: comma list of settings to run (default all four).
 * ``NTKSAP_BENCH_ROUNDS``: timed rounds per benchmark (default 3; 1 warm-up round before them).
 * ``NTKSAP_BENCH_DRAW_BATCH``: comma list of engine ``draw_batch`` values (default ``1``).
+* ``NTKSAP_BENCH_COMPILE``: comma list of engine ``compile`` values, ``0`` and/or ``1`` (default ``0``);
+  a compiled engine compiles in the warm-up round, outside the timing.
 * ``NTKSAP_BENCH_MICRO_BATCH``: engine ``micro_batch`` (default none).
 * ``NTKSAP_BENCH_SMOKE=1``: tiny settings to check the file runs (2 draws of 2 inputs, small
   images, 1 round, no warm-up); its numbers mean nothing.
@@ -56,6 +58,7 @@ SMOKE = os.environ.get("NTKSAP_BENCH_SMOKE", "0") not in ("", "0")
 ROUNDS = int(os.environ.get("NTKSAP_BENCH_ROUNDS") or (1 if SMOKE else 3))
 WARMUP = 0 if SMOKE else 1
 DRAW_BATCHES = [int(v) for v in (os.environ.get("NTKSAP_BENCH_DRAW_BATCH") or "1").split(",")]
+COMPILES = [v.strip() == "1" for v in (os.environ.get("NTKSAP_BENCH_COMPILE") or "0").split(",")]
 MICRO_BATCH = int(os.environ["NTKSAP_BENCH_MICRO_BATCH"]) if os.environ.get("NTKSAP_BENCH_MICRO_BATCH") else None
 EPSILON, SEED = 0.01, 0
 
@@ -197,20 +200,24 @@ def test_reference(benchmark, setting):
     _time(benchmark, s, "reference", fn)
 
 
+@pytest.mark.parametrize("compile", COMPILES)
 @pytest.mark.parametrize("draw_batch", DRAW_BATCHES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_engine(benchmark, setting, dtype, draw_batch):
+def test_engine(benchmark, setting, dtype, draw_batch, compile):
     s = SETTINGS[setting]
     if draw_batch > s.draws:
         pytest.skip(f"{s.label} times {s.draws} draw(s): nothing to batch {draw_batch} at a time")
+    if compile and draw_batch > 1:
+        pytest.skip("compiled draws run one at a time (draw_batch 1)")
     model = s.model().to(DEVICE)
     kwargs = dict(draws=s.draws, batch_size=s.sizes, epsilon=EPSILON, seed=SEED, device=DEVICE,
-                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH, draw_batch=draw_batch)
+                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH, draw_batch=draw_batch, compile=compile)
     scorer = NtkSapScorer(model, s.shape, **kwargs)
     mask = torch.ones(scorer.arena.numel, dtype=torch.bool, device=DEVICE)
     benchmark.extra_info["scorer"] = repr(scorer)
-    _time(benchmark, s, f"engine-{dtype}-db{draw_batch}", lambda: scorer.flat_scores(mask, 0))
+    kind = f"engine-{dtype}-db{draw_batch}" + ("-compiled" if compile else "")
+    _time(benchmark, s, kind, lambda: scorer.flat_scores(mask, 0))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

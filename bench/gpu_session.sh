@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# GPU session of issue 7: build, test on CUDA, benchmark; everything lands under $OUT.
+# GPU session (issues 7 and 26): build, test on CUDA, benchmark eager and compiled draws; everything
+# lands under $OUT.
 #
-# The device tool allows 10 minutes per command, so the session is three commands (each builds
+# The device tool allows 10 minutes per command, so the session is four commands (each builds
 # first if the build is not already there; on a warm machine the build is kept and skipped):
 #
-#   run(command="bash bench/gpu_session.sh tests",    timeout_s=600)   # build + pytest -q tests (CUDA)
+#   run(command="bash bench/gpu_session.sh tests",    timeout_s=600)   # build + pytest -n 8 tests (CUDA)
 #   run(command="bash bench/gpu_session.sh bench",    timeout_s=600)   # topk (CUDA groups), Triton kernels,
-#                                                                      # paper settings CIFAR-10/100, Tiny-ImageNet
-#   run(command="bash bench/gpu_session.sh imagenet", timeout_s=600)   # paper setting ImageNet, first 4 of 40 draws
+#                                                                      # paper settings CIFAR-10/100, Tiny-ImageNet,
+#                                                                      # engine with compile off and on
+#   run(command="bash bench/gpu_session.sh imagenet", timeout_s=600)   # paper setting ImageNet, first 4 of 40 draws,
+#                                                                      # compile off and on
+#   run(command="bash bench/gpu_session.sh e2e",      timeout_s=600)   # bench_gpu_e2e.py: fresh processes, cold and
+#                                                                      # warm caches, compile off and on
 #
 # Knobs (prefix the command, e.g. "NTKSAP_BENCH_DRAWS=imagenet=8 bash bench/gpu_session.sh imagenet"):
 #   PYTHON                    interpreter (default: python3 on PATH; .venv is not assumed)
@@ -15,6 +20,9 @@
 #                             bench/bench_paper_settings.py); the summary extrapolates the round
 #   NTKSAP_BENCH_MICRO_BATCH  engine micro_batch, e.g. 128 if ResNet-50 x 256 runs out of memory
 #   NTKSAP_BENCH_DRAW_BATCH   engine draw_batch values, e.g. "1,4"
+#   NTKSAP_BENCH_COMPILE      engine compile values for the paper settings (default here "0,1": off and on)
+#   NTKSAP_E2E_CASES          bench_gpu_e2e.py --cases (default all three; e.g. "cifar10-prune,imagenet-round")
+#   NTKSAP_E2E_DTYPES         bench_gpu_e2e.py --dtypes (default "float32,bfloat16")
 #   NTKSAP_TOPK_K             pytest -k for topk + kernels (default "cuda or bench_kernels";
 #                             "" adds the CPU top-k groups, about a minute more)
 #   SESSION_LIMIT_S           seconds this command may use in all (default 570); each step gets what is left
@@ -23,7 +31,7 @@
 # Files under $OUT (at most 8 per command): env.txt (nvidia-smi, versions, git revision, the
 # commands run), build.log, status.txt (each step's exit code and seconds), then per mode:
 # tests.log | bench.log, topk-kernels.json, paper.json, paper-summary.txt | imagenet.log,
-# imagenet.json, imagenet-summary.txt. The JSON files are pytest-benchmark's (machine_info and
+# imagenet.json, imagenet-summary.txt | e2e.log, e2e.json. The JSON files are pytest-benchmark's (machine_info and
 # commit_info included): copy them to bench/results/<device>-<date>-*.json; the summary files hold
 # the rows of a BENCHMARKS.md table (median, per draw, extrapolated round, ratio, peak memory).
 set -euo pipefail
@@ -111,23 +119,28 @@ build() {
 BENCH_OPTS=(-p no:cacheprovider --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name)
 
 run_tests() {
-  step tests "$OUT/tests.log" "$PY" -m pytest -q tests -p no:cacheprovider -rfEs --durations=20
+  step tests "$OUT/tests.log" "$PY" -m pytest -q -n 8 tests -p no:cacheprovider -rfEs --durations=20
 }
 
 run_bench() {
   step bench-topk-kernels "$OUT/bench.log" "$PY" -m pytest bench/bench_topk.py bench/bench_kernels.py \
     -k "${NTKSAP_TOPK_K-cuda or bench_kernels}" "${BENCH_OPTS[@]}" --benchmark-json="$OUT/topk-kernels.json"
   NTKSAP_BENCH_SETTINGS="${NTKSAP_BENCH_SETTINGS:-cifar10,cifar100,tiny-imagenet}" \
-  NTKSAP_BENCH_SUMMARY="$OUT/paper-summary.txt" \
+  NTKSAP_BENCH_COMPILE="${NTKSAP_BENCH_COMPILE:-0,1}" NTKSAP_BENCH_SUMMARY="$OUT/paper-summary.txt" \
     step bench-paper "$OUT/bench.log" "$PY" -m pytest bench/bench_paper_settings.py -rs \
       "${BENCH_OPTS[@]}" --benchmark-json="$OUT/paper.json"
 }
 
 run_imagenet() {
   NTKSAP_BENCH_SETTINGS=imagenet NTKSAP_BENCH_DRAWS="${NTKSAP_BENCH_DRAWS:-imagenet=4}" \
-  NTKSAP_BENCH_SUMMARY="$OUT/imagenet-summary.txt" \
+  NTKSAP_BENCH_COMPILE="${NTKSAP_BENCH_COMPILE:-0,1}" NTKSAP_BENCH_SUMMARY="$OUT/imagenet-summary.txt" \
     step bench-imagenet "$OUT/imagenet.log" "$PY" -m pytest bench/bench_paper_settings.py -rs \
       "${BENCH_OPTS[@]}" --benchmark-json="$OUT/imagenet.json"
+}
+
+run_e2e() {
+  step e2e "$OUT/e2e.log" "$PY" bench/bench_gpu_e2e.py --cases "${NTKSAP_E2E_CASES:-cifar10-prune,imagenet-round,resnet50-8x256}" \
+    --dtypes "${NTKSAP_E2E_DTYPES:-float32,bfloat16}" --compile false,true --out "$OUT/e2e.json"
 }
 
 environment
@@ -136,7 +149,8 @@ case "$MODE" in
   tests) build; run_tests ;;
   bench) build; run_bench ;;
   imagenet) build; run_imagenet ;;
-  all) build; run_tests; run_bench; run_imagenet ;;
+  e2e) build; run_e2e ;;
+  all) build; run_tests; run_bench; run_imagenet; run_e2e ;;
   smoke)  # CPU check of this script: the paper settings shrunk, topk/kernels only collected
     check_build 2>&1 | tee -a "$OUT/env.txt" || FAILED=1
     step collect-tests "$OUT/tests.log" "$PY" -m pytest -q --collect-only tests -p no:cacheprovider
@@ -144,8 +158,10 @@ case "$MODE" in
     NTKSAP_BENCH_SUMMARY="$OUT/paper-summary.txt" \
       step bench-paper "$OUT/bench.log" "$PY" -m pytest bench/bench_paper_settings.py -rs \
         "${BENCH_OPTS[@]}" --benchmark-json="$OUT/paper.json"
+    step e2e-smoke "$OUT/e2e.log" "$PY" bench/bench_gpu_e2e.py --smoke --cases cifar10-prune --dtypes float32 \
+      --compile false,true --out "$OUT/e2e.json"
     ;;
-  *) echo "usage: $0 [tests|bench|imagenet|all|smoke]" >&2; exit 2 ;;
+  *) echo "usage: $0 [tests|bench|imagenet|e2e|all|smoke]" >&2; exit 2 ;;
 esac
 log "# done in ${SECONDS}s, failed=$FAILED"
 ls -l "$OUT" | tee -a "$OUT/env.txt"
