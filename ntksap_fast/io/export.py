@@ -86,8 +86,8 @@ def export_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor], input_sha
     outside = flat != units.cut_(torch.ones_like(flat), ~removed)
     if outside.any():
         where = next(n for n, v in arena.views(outside).items() if v.any())
-        raise ValueError(f"masks: only channel masks export; {int(outside.sum())} pruned entries (e.g. in {where!r}) lie "
-                         "outside removed channels (weight-granularity masks? prune with granularity='channel')")
+        raise ValueError(f"masks: only channel masks export; {int(outside.sum())} pruned entries (e.g. in {where!r}) "
+                         "lie outside removed channels (weight-granularity masks? prune with granularity='channel')")
     per_group = torch.zeros(len(units.roots), dtype=torch.int64).index_add_(0, units.group_of, removed.long())
     emptied = [units.roots[g] for g in torch.nonzero(per_group == units.units_of_group()).flatten().tolist()]
     if emptied:

@@ -247,7 +247,8 @@ def channel_units(work: nn.Module, arena: Arena, input_shape: Sequence[int], out
         root = names[group[0].dep.target.module]
         plan, why = _group_plan(graph, group, names, slots, ends, tokens, internal)
         if why is None:
-            taken = [n for n, side, idx, _ in plan if n in (rows, cols)[side] and ((rows, cols)[side][n][idx] >= 0).any()]
+            tables = (rows, cols)
+            taken = [n for n, side, idx, _ in plan if n in tables[side] and (tables[side][n][idx] >= 0).any()]
             why = f"its slices of {taken[0]!r} belong to another group" if taken else None
         if why is not None:
             frozen[root] = why
