@@ -22,6 +22,7 @@ Environment: ``NTKSAP_BENCH_ROUNDS`` (timed rounds, default 5 for draws, 3 for t
 
 Run: ``python -m pytest bench/bench_compile.py -p no:cacheprovider --benchmark-columns=median,iqr,min,rounds``.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,11 +88,14 @@ def test_draw(benchmark, name):
     benchmark.group = f"draw-{name}"
     benchmark.pedantic(compiled.flat_scores, args=(mask,), setup=time_eager_draw, rounds=ROUNDS, warmup_rounds=1)
     eager_median, compiled_median = statistics.median(eager_times[1:]), benchmark.stats.stats.median
-    benchmark.extra_info.update(inputs=inputs, eager_seconds=eager_times[1:], eager_median=eager_median,
-                                first_compiled_call=first, load=_load())
-    _SUMMARY.append(f"draw-{name:<14} {inputs:4d} inputs  eager {eager_median:8.3f} s  "
-                    f"compiled {compiled_median:8.3f} s  x{eager_median / compiled_median:5.2f}  "
-                    f"(first compiled call {first:6.1f} s; {_load()})")
+    benchmark.extra_info.update(
+        inputs=inputs, eager_seconds=eager_times[1:], eager_median=eager_median, first_compiled_call=first, load=_load()
+    )
+    _SUMMARY.append(
+        f"draw-{name:<14} {inputs:4d} inputs  eager {eager_median:8.3f} s  "
+        f"compiled {compiled_median:8.3f} s  x{eager_median / compiled_median:5.2f}  "
+        f"(first compiled call {first:6.1f} s; {_load()})"
+    )
 
 
 _CHILD = r"""
@@ -120,8 +124,7 @@ else:
 
 def _child(kind: str, arg: str, cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    out = subprocess.run([sys.executable, "-c", _CHILD, kind, arg], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, kind, arg], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -135,8 +138,10 @@ def test_first_call(benchmark, model, cache, tmp_path_factory):
     benchmark.group = f"first-call-{model}"
     benchmark.pedantic(lambda: results.append(_child("first", model, folder)), rounds=1, warmup_rounds=0)
     benchmark.extra_info.update(results[0], load=_load())
-    _SUMMARY.append(f"first-call-{model:<9} {cache:<4} cache  first call {results[0]['first']:7.1f} s  "
-                    f"second {results[0]['second']:6.2f} s  ({_load()})")
+    _SUMMARY.append(
+        f"first-call-{model:<9} {cache:<4} cache  first call {results[0]['first']:7.1f} s  "
+        f"second {results[0]['second']:6.2f} s  ({_load()})"
+    )
 
 
 def test_cifar10_prune(benchmark):
@@ -155,8 +160,10 @@ def test_cifar10_prune(benchmark):
     medians = {arg: statistics.median(times) for arg, times in runs.items()}
     benchmark.extra_info.update(seconds=runs, decided=decided, load=_load())
     for arg, median in medians.items():
-        _SUMMARY.append(f"cifar10-prune compile={arg:<5} (compiled: {decided[arg]!s:<5}) median {median:7.1f} s  "
-                        f"x{medians['False'] / median:5.2f} of compile=False  runs {[round(t, 1) for t in runs[arg]]}")
+        _SUMMARY.append(
+            f"cifar10-prune compile={arg:<5} (compiled: {decided[arg]!s:<5}) median {median:7.1f} s  "
+            f"x{medians['False'] / median:5.2f} of compile=False  runs {[round(t, 1) for t in runs[arg]]}"
+        )
     _SUMMARY.append(f"cifar10-prune: {_load()}")
 
 

@@ -30,6 +30,7 @@ Usage: ``python bench/bench_gpu_e2e.py [--cases a,b] [--dtypes float32,bfloat16]
 [--out results.json]``;
 ``--smoke`` runs tiny settings on whatever device there is (a CPU check that the script works).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,14 @@ def _child(case: str, dtype_name: str, compile: bool, smoke: bool) -> dict:
     preset = PRESETS["cifar10" if case == "cifar10-prune" else "imagenet"]
     torch.manual_seed(0)
     model = build_model(preset.model, preset.num_classes).to(device)
-    kwargs = dict(input_shape=preset.input_shape, draws=preset.options.draws, batch_size=preset.options.batch_size, device=device,
-                  dtype=dtype, compile=compile)
+    kwargs = dict(
+        input_shape=preset.input_shape,
+        draws=preset.options.draws,
+        batch_size=preset.options.batch_size,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+    )
     iterations = preset.iterations
     if case == "resnet50-8x256":
         kwargs.update(draws=8, batch_size=256)
@@ -113,10 +120,17 @@ def _child(case: str, dtype_name: str, compile: bool, smoke: bool) -> dict:
     sync()
     times["kept"] = time.perf_counter() - start
     scorer = scorer_box[0]
-    return {"case": case, "dtype": dtype_name, "compile": scorer.settings()["compile"],
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "micro_batch": scorer.config.micro_batch,
-            "graphs": scorer.settings()["graphs"], "scorer": repr(scorer), **times}
+    return {
+        "case": case,
+        "dtype": dtype_name,
+        "compile": scorer.settings()["compile"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "micro_batch": scorer.config.micro_batch,
+        "graphs": scorer.settings()["graphs"],
+        "scorer": repr(scorer),
+        **times,
+    }
 
 
 def _run_child(case: str, dtype: str, compile: str, smoke: bool, cache: str) -> dict:
@@ -141,8 +155,9 @@ def main() -> int:
         print(json.dumps(_child(opts.child[0], opts.child[1], opts.child[2] == "true", opts.smoke)))
         return 0
     rows = []
-    for case, dtype, compile in itertools.product(opts.cases.split(","), opts.dtypes.split(","),
-                                                  opts.compile.split(",")):
+    for case, dtype, compile in itertools.product(
+        opts.cases.split(","), opts.dtypes.split(","), opts.compile.split(",")
+    ):
         if compile not in ("false", "true"):
             parser.error(f"--compile takes false and/or true, got {compile!r}")
         with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:  # Triton's and inductor's
@@ -156,11 +171,14 @@ def main() -> int:
                 print(f"{case:<15} {dtype:<9} compile={compile:<5} {label:<5} ERROR {row['error']}", flush=True)
                 continue
             paper = PAPER_SECONDS[case]
-            print(f"{case:<15} {dtype:<9} compile={compile:<5} {label:<5} first {row['first']:7.2f} s "
-                  f"(x{paper / row['first']:5.2f} vs paper {paper} s)  second {row['second']:7.2f} s  "
-                  f"after work {row['after_work']:7.2f} s  "
-                  f"kept scorer {row['kept']:7.2f} s  compiled {row['kernels_compiled']:2d}  "
-                  f"micro_batch {row['micro_batch']}  graphs {row['graphs']}", flush=True)
+            print(
+                f"{case:<15} {dtype:<9} compile={compile:<5} {label:<5} first {row['first']:7.2f} s "
+                f"(x{paper / row['first']:5.2f} vs paper {paper} s)  second {row['second']:7.2f} s  "
+                f"after work {row['after_work']:7.2f} s  "
+                f"kept scorer {row['kept']:7.2f} s  compiled {row['kernels_compiled']:2d}  "
+                f"micro_batch {row['micro_batch']}  graphs {row['graphs']}",
+                flush=True,
+            )
     if opts.out:
         Path(opts.out).write_text(json.dumps(rows, indent=1))
     return 0 if all("error" not in r for r in rows) else 1

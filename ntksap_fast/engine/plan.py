@@ -6,14 +6,16 @@ receives only settled values. ``describe`` is the one writer of the settled conf
 scorer's ``repr``, the CLI's settings line, the masks' metadata and the checkpoint). ``precision``
 and ``tf32_policy`` hold the precision rule and the TF32 policy.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,9 +69,13 @@ def precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, to
     kernels (measured on a 2-core AVX2 EPYC: a ResNet-20 round 10x, a ResNet-50 draw 14x slower).
     """
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bfloat16():
-        warnings.warn("dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
-                      "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
-                      "use dtype=torch.float32 on this machine", RuntimeWarning, stacklevel=user_stacklevel())
+        warnings.warn(
+            "dtype=torch.bfloat16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX): PyTorch's "
+            "convolutions fall back to slow reference kernels, about 10x slower than float32 here; "
+            "use dtype=torch.float32 on this machine",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
     return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
@@ -88,8 +94,13 @@ def tf32_policy(allow_tf32: bool | None) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape: tuple[int, ...],
-            make_runner: Callable[[torch.device, torch.dtype, torch.dtype], Any]) -> tuple[ScorerConfig, Any]:
+def resolve(
+    options: ScorerOptions,
+    model: nn.Module,
+    arena: Arena,
+    input_shape: tuple[int, ...],
+    make_runner: Callable[[torch.device, torch.dtype, torch.dtype], Any],
+) -> tuple[ScorerConfig, Any]:
     """The settled configuration of a scorer of ``model`` with ``options``, and its model runner.
 
     ``make_runner(device, dtype, param_dtype)`` builds the model runner (``engine.ModelRunner``) once
@@ -132,8 +143,18 @@ def resolve(options: ScorerOptions, model: nn.Module, arena: Arena, input_shape:
         micro = None
     graphs = graphs and micro is None
     compiled = _compile(options, device, model, counter.get_total_flops() / 2 * sum(options.batch_sizes()))
-    config = ScorerConfig(device, dtype, param_dtype, backend, micro, draw_batch if micro is None else 1, graphs,
-                          options.allow_tf32, plan, compiled)
+    config = ScorerConfig(
+        device,
+        dtype,
+        param_dtype,
+        backend,
+        micro,
+        draw_batch if micro is None else 1,
+        graphs,
+        options.allow_tf32,
+        plan,
+        compiled,
+    )
     log.info("NTK-SAP scorer settled: %s", ", ".join(f"{k}={v}" for k, v in describe(config).items()))
     return config, runner
 
@@ -176,8 +197,9 @@ def _compile(options: ScorerOptions, device: torch.device, model: nn.Module, rou
 PROBE_INPUTS = 4
 
 
-def _host_usable(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, micro: int | None,
-                 largest: int, fixed: int) -> int | None:
+def _host_usable(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, micro: int | None, largest: int, fixed: int
+) -> int | None:
     """The host memory the CPU plan works with (``memory.host_usable_bytes``), None where no plan is made:
     off the CPU, with ``micro_batch`` given, draws no larger than the probe's, or memory unknown.
     ``MemoryError`` before the probe when not even the weight buffers (``fixed`` bytes) fit."""
@@ -192,8 +214,15 @@ def _host_usable(model: nn.Module, input_shape: tuple[int, ...], device: torch.d
     return usable
 
 
-def _host_plan(model: nn.Module, input_shape: tuple[int, ...], usable: int, per_input: float, fixed: int,
-               largest: int, draw_batch: int) -> tuple[int | None, int, memory.MemoryPlan]:
+def _host_plan(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    usable: int,
+    per_input: float,
+    fixed: int,
+    largest: int,
+    draw_batch: int,
+) -> tuple[int | None, int, memory.MemoryPlan]:
     """``(micro_batch, draw_batch, plan)`` on the CPU: a pass holds at most what fits in ``HEADROOM`` of the
     ``usable`` host memory; vmap-batched draws are cut first, then draws are split in equal micro-batches
     (the fewest passes that fit, each as small as that allows: exact, ``engine.Engine``). ``MemoryError``
@@ -204,13 +233,24 @@ def _host_plan(model: nn.Module, input_shape: tuple[int, ...], usable: int, per_
     if plan.max_inputs is None:
         return None, draw_batch, plan
     if plan.max_inputs >= largest:
-        log.info("NTK-SAP: draw_batch=%d: %d draws of %d inputs at once would need about %s of host memory, "
-                 "%s available", plan.max_inputs // largest, draw_batch, largest,
-                 _gib(fixed + per_input * largest * draw_batch), _gib(usable))
+        log.info(
+            "NTK-SAP: draw_batch=%d: %d draws of %d inputs at once would need about %s of host memory, %s available",
+            plan.max_inputs // largest,
+            draw_batch,
+            largest,
+            _gib(fixed + per_input * largest * draw_batch),
+            _gib(usable),
+        )
         return None, plan.max_inputs // largest, plan
     micro = math.ceil(largest / math.ceil(largest / plan.max_inputs))
-    log.info("NTK-SAP: micro_batch=%d: a draw of %d inputs would need about %s of host memory (%s an input), "
-             "%s available", micro, largest, _gib(fixed + per_input * largest), _gib(per_input), _gib(usable))
+    log.info(
+        "NTK-SAP: micro_batch=%d: a draw of %d inputs would need about %s of host memory (%s an input), %s available",
+        micro,
+        largest,
+        _gib(fixed + per_input * largest),
+        _gib(per_input),
+        _gib(usable),
+    )
     return micro, 1, plan
 
 
@@ -219,7 +259,8 @@ def _not_enough(model: nn.Module, input_shape: tuple[int, ...], what: str, neede
     return MemoryError(
         f"NTK-SAP scorer of {type(model).__name__} with input_shape {tuple(input_shape)}: {what} about "
         f"{_gib(needed)} of host memory, more than {memory.HEADROOM:.0%} of the {_gib(usable)} available to this "
-        "process; nothing was run. Free memory, or use a smaller model or input")
+        "process; nothing was run. Free memory, or use a smaller model or input"
+    )
 
 
 def _gib(n: float) -> str:
@@ -235,9 +276,16 @@ def describe(config: ScorerConfig, graphs_error: str | None = None, compile_erro
     ``SETTLED_KEYS``, then ``graphs_error`` / ``compile_error`` (why CUDA graphs or the compiled
     step were switched off after a failure, if they were) and ``memory`` (the GPU memory plan's
     numbers) where they apply."""
-    values = (str(config.device), str(config.dtype).removeprefix("torch."), config.backend, config.micro_batch,
-              config.draw_batch, config.graphs and graphs_error is None, config.allow_tf32,
-              config.compile and compile_error is None)
+    values = (
+        str(config.device),
+        str(config.dtype).removeprefix("torch."),
+        config.backend,
+        config.micro_batch,
+        config.draw_batch,
+        config.graphs and graphs_error is None,
+        config.allow_tf32,
+        config.compile and compile_error is None,
+    )
     out = dict(zip(SETTLED_KEYS, values, strict=True))
     if graphs_error is not None:
         out["graphs_error"] = graphs_error

@@ -18,6 +18,7 @@ a module, which pickles code and needs the same classes at the same import paths
 ``weights_only=False`` to load; and unlike Torch-Pruning's pruning history, the masks also say what
 made them and load without Torch-Pruning's replay of its own graph.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -44,8 +45,13 @@ def _outputs(model: nn.Module, x: torch.Tensor, output: Callable | None) -> torc
     return (output(out) if output is not None else out).detach()
 
 
-def export_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Sequence[int] | None = None, *,
-                  output: Callable | None = None) -> nn.Module:
+def export_pruned(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    input_shape: Sequence[int] | None = None,
+    *,
+    output: Callable | None = None,
+) -> nn.Module:
     """A physically smaller dense copy of ``model`` without the channels ``masks`` remove.
 
     Args:
@@ -71,8 +77,10 @@ def export_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor], input_sha
     metadata = getattr(masks, "metadata", {}) or {}
     granularity = metadata.get("granularity", "channel")
     if granularity != "channel":
-        raise ValueError(f"masks: only channel masks export (granularity='channel'); these have "
-                         f"granularity={granularity!r}, which keeps every layer's shape")
+        raise ValueError(
+            f"masks: only channel masks export (granularity='channel'); these have "
+            f"granularity={granularity!r}, which keeps every layer's shape"
+        )
     if input_shape is None and metadata.get("input_shape") is not None:
         input_shape = tuple(metadata["input_shape"])
     input_shape = resolve_input_shape(model, input_shape)
@@ -86,8 +94,10 @@ def export_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor], input_sha
     outside = flat != units.cut_(torch.ones_like(flat), ~removed)
     if outside.any():
         where = next(n for n, v in arena.views(outside).items() if v.any())
-        raise ValueError(f"masks: only channel masks export; {int(outside.sum())} pruned entries (e.g. in {where!r}) "
-                         "lie outside removed channels (weight-granularity masks? prune with granularity='channel')")
+        raise ValueError(
+            f"masks: only channel masks export; {int(outside.sum())} pruned entries (e.g. in {where!r}) "
+            "lie outside removed channels (weight-granularity masks? prune with granularity='channel')"
+        )
     per_group = torch.zeros(len(units.roots), dtype=torch.int64).index_add_(0, units.group_of, removed.long())
     emptied = [units.roots[g] for g in torch.nonzero(per_group == units.units_of_group()).flatten().tolist()]
     if emptied:
@@ -109,9 +119,11 @@ def export_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor], input_sha
     got = _outputs(work, probe, output)
     tolerance = _ROUNDING_UNITS * torch.finfo(expected.dtype).eps * float(expected.abs().max())
     if got.shape != expected.shape or not float((got - expected).abs().max()) <= tolerance:
-        raise ValueError("export_pruned: the smaller model does not compute what the masked model computes (a layer "
-                         "Torch-Pruning does not cut exactly?); max difference "
-                         f"{float((got - expected).abs().max()) if got.shape == expected.shape else 'shape'}")
+        raise ValueError(
+            "export_pruned: the smaller model does not compute what the masked model computes (a layer "
+            "Torch-Pruning does not cut exactly?); max difference "
+            f"{float((got - expected).abs().max()) if got.shape == expected.shape else 'shape'}"
+        )
     for name, m in work.named_modules():
         m.training = modes.get(name, m.training)
     for name, p in work.named_parameters():

@@ -29,6 +29,7 @@ of ``ntksap_fast.io.export`` computes the same function.
 
 So a model's own custom layers never get a wrong unit: at worst their channels stay.
 """
+
 from __future__ import annotations
 
 import re
@@ -50,8 +51,11 @@ _PER_CHANNEL = (_OP.BN, _OP.PRELU, _OP.IN)
 #: Operations Torch-Pruning maps channel to channel by itself (index mapping of cat/split/reshape).
 _MAPPED = (_OP.CONCAT, _OP.SPLIT, _OP.RESHAPE)
 #: Autograd nodes that mix channels, which Torch-Pruning would take for element-wise ones.
-_MIXING = re.compile(r"mm|matmul|einsum|linear|convolution|norm|attention|softmax|permute|transpose|gather|scatter"
-                     r"|index|sort|topk|cum|fft|roll|flip|embedding|unfold|pixel|shuffle|take|where", re.IGNORECASE)
+_MIXING = re.compile(
+    r"mm|matmul|einsum|linear|convolution|norm|attention|softmax|permute|transpose|gather|scatter"
+    r"|index|sort|topk|cum|fft|roll|flip|embedding|unfold|pixel|shuffle|take|where",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -87,9 +91,18 @@ class ChannelUnits:
 
     def to(self, device: torch.device | str) -> ChannelUnits:
         """The same units with their index tensors on ``device``."""
-        move = lambda t: None if t is None else t.to(device)
-        return ChannelUnits(self.graph, self.roots, self.group_of.to(device), self.root_index.to(device),
-                            [(s, move(r), move(c), m) for s, r, c, m in self.sides], self.frozen)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return ChannelUnits(
+            self.graph,
+            self.roots,
+            self.group_of.to(device),
+            self.root_index.to(device),
+            [(s, move(r), move(c), m) for s, r, c, m in self.sides],
+            self.frozen,
+        )
 
     @staticmethod
     def grid(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
@@ -115,7 +128,7 @@ class ChannelUnits:
         ``counts`` holds each side's unpruned entries per (out, in) (``grid(mask).sum(-1)``)."""
         keep = torch.cat([keep, keep.new_ones(1)]).to(torch.float64)
         total = 0.0
-        for (slot, rows, cols, _), count in zip(self.sides, counts):
+        for (_slot, rows, cols, _), count in zip(self.sides, counts):
             row = keep[rows] if rows is not None else keep.new_ones(count.shape[0])
             col = keep[cols] if cols is not None else keep.new_ones(count.shape[1])
             total += float(row @ count @ col)
@@ -175,14 +188,19 @@ def _inner_nodes(result, inputs: set, limit: int = 8) -> set:
     ``Linear`` on a sequence is view, addmm, view): its own arithmetic, not channel mixing."""
     found, frontier = set(), [result]
     for _ in range(limit):
-        frontier = [f for node in frontier for f, _ in getattr(node, "next_functions", ())
-                    if f is not None and f not in inputs and f not in found and type(f).__name__ != "AccumulateGrad"]
+        frontier = [
+            f
+            for node in frontier
+            for f, _ in getattr(node, "next_functions", ())
+            if f is not None and f not in inputs and f not in found and type(f).__name__ != "AccumulateGrad"
+        ]
         found.update(frontier)
     return found
 
 
-def _trace(work: nn.Module, input_shape: Sequence[int], output: Callable | None
-           ) -> tuple[tp.DependencyGraph, set, dict[str, int], set[nn.Module], set]:
+def _trace(
+    work: nn.Module, input_shape: Sequence[int], output: Callable | None
+) -> tuple[tp.DependencyGraph, set, dict[str, int], set[nn.Module], set]:
     """Traces ``work`` with one random input: the graph, the output's autograd nodes, the MACs per
     weight entry of each Conv/Linear, the Linear layers that act on token sequences (channel =
     last dimension) and the autograd nodes inside Conv/Linear calls. ``ValueError`` naming the
@@ -217,8 +235,9 @@ def _trace(work: nn.Module, input_shape: Sequence[int], output: Callable | None
             graph = tp.DependencyGraph().build_dependency(work, example, forward_fn=forward, verbose=False)
     except Exception as err:  # any failure of the user's forward or of the tracer
         where = f"layer {names.get(stack[-1])!r} ({type(stack[-1]).__name__})" if stack else "the model's own forward"
-        raise ValueError(f"granularity='channel': Torch-Pruning cannot trace the model; {where} raised "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"granularity='channel': Torch-Pruning cannot trace the model; {where} raised {type(err).__name__}: {err}"
+        ) from err
     finally:
         for h in hooks:
             h.remove()
@@ -230,8 +249,9 @@ def _depthwise(module: nn.Module) -> bool:
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
 
 
-def channel_units(work: nn.Module, arena: Arena, input_shape: Sequence[int], output: Callable | None = None
-                  ) -> ChannelUnits:
+def channel_units(
+    work: nn.Module, arena: Arena, input_shape: Sequence[int], output: Callable | None = None
+) -> ChannelUnits:
     """The channel units of ``work`` (a ``working_copy``: it is traced in eval mode) over ``arena``.
 
     ``arena``'s slot names must be ``work``'s parameter names. Raises ``ValueError`` naming the
@@ -265,11 +285,23 @@ def channel_units(work: nn.Module, arena: Arena, input_shape: Sequence[int], out
                 table[n] = torch.full((slots[n].shape[side],), -1, dtype=torch.int64)
             table[n][idx] = torch.tensor([unit_of[r] for r in rs.tolist()], dtype=torch.int64)
     count = len(group_of)
-    pad = lambda t: None if t is None else torch.where(t < 0, count, t)
-    sides = [(s, pad(rows.get(s.name)), pad(cols.get(s.name)), macs.get(s.name, 1))
-             for s in arena.slots if s.name in rows or s.name in cols]
-    return ChannelUnits(graph, roots, torch.tensor(group_of, dtype=torch.int64),
-                        torch.tensor(root_index, dtype=torch.int64), sides, frozen)
+
+    def pad(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.where(t < 0, count, t)
+
+    sides = [
+        (s, pad(rows.get(s.name)), pad(cols.get(s.name)), macs.get(s.name, 1))
+        for s in arena.slots
+        if s.name in rows or s.name in cols
+    ]
+    return ChannelUnits(
+        graph,
+        roots,
+        torch.tensor(group_of, dtype=torch.int64),
+        torch.tensor(root_index, dtype=torch.int64),
+        sides,
+        frozen,
+    )
 
 
 def _group_plan(graph: tp.DependencyGraph, group, names: dict, slots: dict, ends: set, tokens: set, internal: set):
@@ -294,8 +326,14 @@ def _group_plan(graph: tp.DependencyGraph, group, names: dict, slots: dict, ends
                 if module.groups > 1 and not _depthwise(module):
                     return None, f"{name!r} is a grouped convolution (groups={module.groups})"
             side = 0 if out_side or node.type == _OP.DEPTHWISE_CONV else 1  # 0: output rows, 1: input columns
-            plan.append((slot, side, torch.tensor(item.idxs, dtype=torch.int64),
-                         torch.tensor(item.root_idxs, dtype=torch.int64)))
+            plan.append(
+                (
+                    slot,
+                    side,
+                    torch.tensor(item.idxs, dtype=torch.int64),
+                    torch.tensor(item.root_idxs, dtype=torch.int64),
+                )
+            )
         elif node.type == _OP.ELEMENTWISE:
             inside = node.grad_fn is None or node.grad_fn in internal
             why = None if inside else _mixes_channels(node.grad_fn, channel_dim)

@@ -1,5 +1,6 @@
 """engine.plan: resolve (each decision made once, from the options, the model and the device's memory)
 and describe (the one writer of the settled configuration)."""
+
 from __future__ import annotations
 
 import warnings
@@ -52,7 +53,9 @@ def _mlp():
 def test_resolve_on_cpu():
     config, runner = _resolve(_mlp(), batch_size=8, micro_batch=8, draw_batch=2)
     assert runner.calls == [("check", (3,))]  # no memory probe off CUDA
-    assert config == ScorerConfig(torch.device("cpu"), torch.float32, torch.float32, "torch", None, 2, False, None, None)
+    assert config == ScorerConfig(
+        torch.device("cpu"), torch.float32, torch.float32, "torch", None, 2, False, None, None
+    )
     config, _ = _resolve(_mlp(), batch_size=8, micro_batch=3, draw_batch=2, dtype=torch.float64)
     assert (config.micro_batch, config.draw_batch, config.param_dtype) == (3, 1, torch.float64)  # micro: in sequence
     rnn = nn.Sequential(nn.LSTM(3, 4, batch_first=True))
@@ -95,8 +98,9 @@ def test_resolve_on_cpu_from_the_memory_plan(monkeypatch, caplog):
     assert "micro_batch=128: a draw of 256 inputs would need about 20.5 GiB" in caplog.text
     assert describe(config)["memory"] == "usable 20.0 GiB, 81.9 MiB per input"
     # vmap-batched draws are cut before draws are split: 4 x 100 inputs need 32 GiB, 2 x 100 fit
-    config, _ = _resolve(_mlp(), monkeypatch, usable=30 * GIB, per_input=0.08 * GIB, draws=4, batch_size=100,
-                         draw_batch=4)
+    config, _ = _resolve(
+        _mlp(), monkeypatch, usable=30 * GIB, per_input=0.08 * GIB, draws=4, batch_size=100, draw_batch=4
+    )
     assert (config.micro_batch, config.draw_batch) == (None, 2)
     # a given micro_batch, or draws no larger than the probe's, are not planned: no probe
     for options in (dict(micro_batch=64), dict(batch_size=4)):
@@ -109,8 +113,11 @@ def test_resolve_on_cpu_refuses_what_cannot_fit_before_any_work(monkeypatch):
     monkeypatch.setattr(plan.memory, "measure_bytes_per_input", lambda run, device: probes.append(2) or 0.8 * GIB)
     monkeypatch.setattr(plan.memory, "host_usable_bytes", lambda: GIB)
     model = _mlp()
-    with pytest.raises(MemoryError, match=r"Sequential with input_shape \(3,\): one input needs about 819.2 MiB of "
-                                          r"host memory, more than 70% of the 1.0 GiB available .* nothing was run"):
+    with pytest.raises(
+        MemoryError,
+        match=r"Sequential with input_shape \(3,\): one input needs about 819.2 MiB of "
+        r"host memory, more than 70% of the 1.0 GiB available .* nothing was run",
+    ):
         resolve(ScorerOptions(batch_size=256), model, Arena(model), (3,), lambda *args: _Runner())
     assert probes == [2]
     # weight buffers that do not fit are refused before the probe
@@ -135,8 +142,16 @@ def test_describe_writes_the_settled_keys():
     config = ScorerConfig(torch.device("cpu"), torch.bfloat16, torch.float32, "torch", 4, 1, True, False, None)
     out = describe(config)
     assert tuple(out) == SETTLED_KEYS
-    assert out == {"device": "cpu", "dtype": "bfloat16", "backend": "torch", "micro_batch": 4, "draw_batch": 1,
-                   "graphs": True, "allow_tf32": False, "compile": False}
+    assert out == {
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "backend": "torch",
+        "micro_batch": 4,
+        "draw_batch": 1,
+        "graphs": True,
+        "allow_tf32": False,
+        "compile": False,
+    }
     failed = describe(config, graphs_error="capture failed")
     assert failed["graphs"] is False and failed["graphs_error"] == "capture failed"
     compiled = ScorerConfig(torch.device("cpu"), compile=True)
@@ -165,8 +180,9 @@ def test_compile_none_compiles_on_a_cpu_when_a_round_is_far_larger_than_compilin
     seconds = lambda flops: 6 * flops / 2 * 1000 / per_second  # noqa: E731 (two inputs checked, 1000 per round)
 
     def decide(flops: float, **options) -> bool:
-        config, _ = resolve(ScorerOptions(draws=10, batch_size=100, **options), model, Arena(model), (3,),
-                            lambda *args: _Flops(flops))
+        config, _ = resolve(
+            ScorerOptions(draws=10, batch_size=100, **options), model, Arena(model), (3,), lambda *args: _Flops(flops)
+        )
         return config.compile
 
     small, large = 2 * 30 * per_second / 6 / 1000, 2 * 50 * per_second / 6 / 1000
