@@ -4,6 +4,7 @@ Every setting the masks depend on is stored; a resume that changes any one of th
 ``CheckpointError`` (a ``ValueError``) naming it, and so must a model whose non-pruned tensors
 (biases, BatchNorm parameters and buffers) differ (``checkpoint.model_digest``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,17 +13,25 @@ import pytest
 import torch
 from torch import nn
 
-from ntksap_fast import ScorerOptions, ntk_sap_prune
-from ntksap_fast.options import changes_masks
-from ntksap_fast.select.loop import PruneOptions
-from ntksap_fast.io.checkpoint import CheckpointError, load_checkpoint, model_digest, save_checkpoint
-
 from _files import mode, plain_open_mode, umask
 from _oracle_models import bn_convnet
+from ntksap_fast import ScorerOptions, ntk_sap_prune
+from ntksap_fast.io.checkpoint import CheckpointError, load_checkpoint, model_digest, save_checkpoint
+from ntksap_fast.options import changes_masks
+from ntksap_fast.select.loop import PruneOptions
 
 SHAPE = (3, 8, 8)
-BASE = dict(input_shape=SHAPE, iterations=4, schedule="exponential", draws=2, batch_size=4, epsilon=0.01, seed=3,
-            params=None, dtype=None)
+BASE = dict(
+    input_shape=SHAPE,
+    iterations=4,
+    schedule="exponential",
+    draws=2,
+    batch_size=4,
+    epsilon=0.01,
+    seed=3,
+    params=None,
+    dtype=None,
+)
 
 
 class _Interrupt(Exception):
@@ -33,6 +42,7 @@ def _interrupt_after(k):
     def hook(t, masks):
         if t == k:
             raise _Interrupt
+
     return hook
 
 
@@ -98,9 +108,22 @@ def test_resume_with_another_setting_is_refused(interrupted, setting):
 #: A value other than BASE's for every option that changes the masks (``changes_masks``). An option
 #: marked so without an entry here fails the test below, so a new option is covered when it is added.
 OTHER_VALUES = {
-    "draws": 3, "batch_size": 5, "epsilon": 0.02, "seed": 4, "dtype": torch.float64, "allow_tf32": False,
-    "density": 0.2, "iterations": 5, "schedule": "linear", "scope": "layer", "min_layer_density": 0.05,
-    "invert": True, "target_overlap": 0.9, "max_draws": 6,
+    "draws": 3,
+    "batch_size": 5,
+    "epsilon": 0.02,
+    "seed": 4,
+    "dtype": torch.float64,
+    "allow_tf32": False,
+    "density": 0.2,
+    "iterations": 5,
+    "schedule": "linear",
+    "scope": "layer",
+    "min_layer_density": 0.05,
+    "invert": True,
+    "target_overlap": 0.9,
+    "max_draws": 6,
+    "compile": True,
+    "granularity": "2:4",
 }
 
 
@@ -114,6 +137,8 @@ def test_every_option_that_changes_the_masks_is_in_the_checkpoint(interrupted):
         change = {name: OTHER_VALUES[name]}
         if name == "max_draws":
             change["target_overlap"] = 0.9  # max_draws applies with target_overlap only
+        if name == "granularity":
+            change["density"] = 0.5  # N:M masks keep N/M of each group
         with pytest.raises(CheckpointError, match=rf"\b{name}\b"):
             _prune(interrupted, **change)
     _prune(interrupted)  # and the checkpoint still resumes with its own settings
