@@ -1,4 +1,5 @@
 """The machine a benchmark ran on, in words (for the printed tables)."""
+
 from __future__ import annotations
 
 import platform

@@ -38,6 +38,7 @@ Run (GPU session: bench/gpu_session.sh):
     python -m pytest bench/bench_paper_settings.py -p no:cacheprovider \
         --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name --benchmark-json=out.json
 """
+
 from __future__ import annotations
 
 import gc
@@ -48,8 +49,8 @@ import pytest
 import torch
 
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
-from ntksap_fast.engine.arena import Arena
 from ntksap_fast.cli.sources import build_model
+from ntksap_fast.engine.arena import Arena
 from ntksap_fast.presets import PRESETS
 from ntksap_fast.testing.reference import reference_scores
 
@@ -63,8 +64,7 @@ MICRO_BATCH = int(os.environ["NTKSAP_BENCH_MICRO_BATCH"]) if os.environ.get("NTK
 EPSILON, SEED = 0.01, 0
 
 # Smoke-mode input shapes (the models accept them; CIFAR VGG needs 32x32 for its classifier).
-_SMOKE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 32, 32),
-                 "imagenet": (3, 64, 64)}
+_SMOKE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 32, 32), "imagenet": (3, 64, 64)}
 
 
 def _draw_limits() -> dict[str, int]:
@@ -138,9 +138,15 @@ def _time(benchmark, setting: Setting, kind: str, fn) -> None:
     _fresh_memory()
     benchmark.group = setting.label
     benchmark.extra_info.update(
-        setting=setting.name, device=str(DEVICE), smoke=SMOKE, input_shape=list(setting.shape),
-        draws_timed=setting.draws, inputs_timed=setting.inputs, batch_sizes_timed=setting.sizes,
-        draws_per_round=setting.round_draws, inputs_per_round=setting.round_inputs,
+        setting=setting.name,
+        device=str(DEVICE),
+        smoke=SMOKE,
+        input_shape=list(setting.shape),
+        draws_timed=setting.draws,
+        inputs_timed=setting.inputs,
+        batch_sizes_timed=setting.sizes,
+        draws_per_round=setting.round_draws,
+        inputs_per_round=setting.round_inputs,
     )
     try:
         benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP)
@@ -152,8 +158,16 @@ def _time(benchmark, setting: Setting, kind: str, fn) -> None:
     benchmark.extra_info.update(seconds_per_draw=median / setting.draws, seconds_per_round_extrapolated=per_round)
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
-    _RESULTS.append(dict(group=setting.label, kind=kind, median=median, per_draw=median / setting.draws,
-                         per_round=per_round, peak=benchmark.extra_info.get("peak_memory_gib")))
+    _RESULTS.append(
+        dict(
+            group=setting.label,
+            kind=kind,
+            median=median,
+            per_draw=median / setting.draws,
+            per_round=per_round,
+            peak=benchmark.extra_info.get("peak_memory_gib"),
+        )
+    )
     _fresh_memory()
 
 
@@ -162,16 +176,20 @@ def _summary(request):
     yield
     if not _RESULTS:
         return
-    lines = [f"per-draw and per-round times (round extrapolated by inputs), device {DEVICE}"
-             + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else "")]
+    lines = [
+        f"per-draw and per-round times (round extrapolated by inputs), device {DEVICE}"
+        + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else "")
+    ]
     for group, rows in groupby(sorted(_RESULTS, key=lambda r: r["group"]), key=lambda r: r["group"]):
         rows = list(rows)
         base = next((r for r in rows if r["kind"] == "reference"), None)
         for r in rows:
             ratio = f"x{base['median'] / r['median']:6.2f}" if base else ""
             peak = f"  peak {r['peak']:6.2f} GiB" if r["peak"] is not None else ""
-            lines.append(f"{group:<40} {r['kind']:<26} median {r['median']:9.4f} s  per draw {r['per_draw']:9.4f} s  "
-                         f"round {r['per_round']:9.3f} s  {ratio}{peak}")
+            lines.append(
+                f"{group:<40} {r['kind']:<26} median {r['median']:9.4f} s  per draw {r['per_draw']:9.4f} s  "
+                f"round {r['per_round']:9.3f} s  {ratio}{peak}"
+            )
     text = "\n".join(lines) + "\n"
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -194,8 +212,9 @@ def test_reference(benchmark, setting):
 
     def fn():
         for size, count in runs:
-            reference_scores(model, arena, mask, s.shape, draws=count, batch_size=size, epsilon=EPSILON,
-                             seed=SEED, device=DEVICE)
+            reference_scores(
+                model, arena, mask, s.shape, draws=count, batch_size=size, epsilon=EPSILON, seed=SEED, device=DEVICE
+            )
 
     _time(benchmark, s, "reference", fn)
 
@@ -211,8 +230,17 @@ def test_engine(benchmark, setting, dtype, draw_batch, compile):
     if compile and draw_batch > 1:
         pytest.skip("compiled draws run one at a time (draw_batch 1)")
     model = s.model().to(DEVICE)
-    kwargs = dict(draws=s.draws, batch_size=s.sizes, epsilon=EPSILON, seed=SEED, device=DEVICE,
-                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH, draw_batch=draw_batch, compile=compile)
+    kwargs = dict(
+        draws=s.draws,
+        batch_size=s.sizes,
+        epsilon=EPSILON,
+        seed=SEED,
+        device=DEVICE,
+        dtype=getattr(torch, dtype),
+        micro_batch=MICRO_BATCH,
+        draw_batch=draw_batch,
+        compile=compile,
+    )
     scorer = NtkSapScorer(model, s.shape, **kwargs)
     mask = torch.ones(scorer.arena.numel, dtype=torch.bool, device=DEVICE)
     benchmark.extra_info["scorer"] = repr(scorer)
@@ -225,6 +253,13 @@ def test_engine(benchmark, setting, dtype, draw_batch, compile):
 def test_call(benchmark, setting, dtype):
     s = SETTINGS[setting]
     model = s.model().to(DEVICE)
-    kwargs = dict(draws=s.draws, batch_size=s.sizes, epsilon=EPSILON, seed=SEED, device=DEVICE,
-                  dtype=getattr(torch, dtype), micro_batch=MICRO_BATCH)
+    kwargs = dict(
+        draws=s.draws,
+        batch_size=s.sizes,
+        epsilon=EPSILON,
+        seed=SEED,
+        device=DEVICE,
+        dtype=getattr(torch, dtype),
+        micro_batch=MICRO_BATCH,
+    )
     _time(benchmark, s, f"call-{dtype}", lambda: ntk_sap_scores(model, s.shape, **kwargs))

@@ -2,8 +2,8 @@
 
 A benchmark whose name contains ``reference``, ``research`` or ``baseline`` is its group's baseline.
 """
-import torch
 
+import torch
 from _machine import cpu_name
 
 
