@@ -26,6 +26,9 @@ from ntksap_fast.models import resnet20, vgg16_bn
 
 F64 = torch.float64
 
+# torch.compile on a CPU costs seconds a graph: out of the edit loop (make test-fast), in make test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def traced(monkeypatch):
