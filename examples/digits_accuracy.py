@@ -48,11 +48,11 @@ def mlp(seed: int) -> nn.Module:
     return model
 
 
-def train_eval(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int) -> float:
-    """Adam (lr 1e-3), batches of 64; returns test accuracy in percent."""
+def train_eval(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int, lr: float = 1e-3) -> float:
+    """Adam (learning rate ``lr``), batches of 64; returns test accuracy in percent."""
     x_tr, y_tr, x_te, y_te = data
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x_tr), generator=gen).split(64):

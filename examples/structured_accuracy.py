@@ -38,6 +38,8 @@ try:
 except ImportError as err:  # an optional dependency: say how to get it
     raise SystemExit("examples/structured_accuracy.py needs scikit-learn: pip install -e '.[examples]'") from err
 
+from digits_accuracy import train_eval as digits_train_eval  # examples/, beside this script
+
 from ntksap_fast import apply_masks
 from ntksap_fast.methods.baselines import prune
 
@@ -87,19 +89,8 @@ def load(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def train_eval(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int) -> float:
-    """Adam (lr 3e-3), batches of 64; returns test accuracy in percent."""
-    x_tr, y_tr, x_te, y_te = data
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x_tr), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        return 100.0 * (model(x_te).argmax(1) == y_te).float().mean().item()
+    """The digits example's training (Adam, batches of 64) at lr 3e-3; test accuracy in percent."""
+    return digits_train_eval(model, data, epochs, seed, lr=3e-3)
 
 
 def kept_fraction(masks: dict[str, torch.Tensor]) -> float:
