@@ -410,7 +410,7 @@ def test_sdist_carries_every_source_and_what_it_includes(tmp_path):
 def _pyproject() -> dict:
     tomllib = pytest.importorskip(
         "tomllib",
-        reason="reading pyproject.toml needs tomllib, in the standard library from Python 3.11 (3.10 is supported, its TOML reader is not)",
+        reason="reading pyproject.toml needs tomllib (standard library from Python 3.11; 3.10 has none)",
     )
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
