@@ -60,6 +60,8 @@ ctest: install
 	cmake --build cmake-build -j 2
 	cd cmake-build && ctest --output-on-failure
 
+# On a GPU the paper's full settings; on a CPU a cut of them (bench/_machine.py decides and the summary
+# says what was cut): NTKSAP_BENCH_FULL=1 runs the full settings there too (hours on 2 cores).
 bench: install
 	$(PY) -m pytest -q bench/bench_*.py -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 

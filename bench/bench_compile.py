@@ -16,7 +16,10 @@ Groups:
   0.05) in a fresh process with an empty inductor cache, first call included, ``compile=False``
   (baseline), ``None`` (the plan decides) and ``True``; the runs alternate.
 
-Environment: ``NTKSAP_BENCH_ROUNDS`` (timed rounds, default 5 for draws, 3 for the prune),
+On a CPU ``make bench`` runs a cut of this (``bench/_machine.py``, ``leave_out``: the CIFAR-10 draw,
+the ResNet-20 first call and one prune of each ``compile`` value); ``NTKSAP_BENCH_FULL=1`` runs it all.
+
+Environment: ``NTKSAP_BENCH_ROUNDS`` (timed rounds, default 5 for draws, 3 for the prune, 1 in the cut),
 ``NTKSAP_BENCH_SETTINGS`` (comma list of the paper settings for ``draw-*``), ``NTKSAP_BENCH_DRAWS``
 (``setting=1xN``: the draw's inputs), ``NTKSAP_BENCH_SUMMARY`` (append the summary to this file).
 
@@ -35,13 +38,27 @@ import time
 
 import pytest
 import torch
+from _machine import bench_device, leave_out, write_after
 
 from ntksap_fast import NtkSapScorer
 from ntksap_fast.cli.sources import build_model
 from ntksap_fast.presets import PRESETS
 
+DEVICE = bench_device()
 ROUNDS = int(os.environ.get("NTKSAP_BENCH_ROUNDS") or 5)
-_SELECTED = [s.strip() for s in (os.environ.get("NTKSAP_BENCH_SETTINGS") or ",".join(PRESETS)).split(",") if s.strip()]
+if os.environ.get("NTKSAP_BENCH_SETTINGS"):
+    _SELECTED = [s.strip() for s in os.environ["NTKSAP_BENCH_SETTINGS"].split(",") if s.strip()]
+elif leave_out(DEVICE, "bench_compile.py: draw-cifar100, draw-tiny-imagenet, draw-imagenet (about 5 min)"):
+    _SELECTED = ["cifar10"]
+else:
+    _SELECTED = list(PRESETS)
+_FIRST_CALL = ["resnet20"]
+if not leave_out(DEVICE, "bench_compile.py: first-call-resnet50 (about 2.5 min)"):
+    _FIRST_CALL.append("resnet50")
+_PRUNE_ROUNDS = int(
+    os.environ.get("NTKSAP_BENCH_ROUNDS")
+    or (1 if leave_out(DEVICE, "bench_compile.py: cifar10-prune repeats (1 run of each compile value, not 3)") else 3)
+)
 _CPU_INPUTS = {"imagenet": 16}  # inputs of the timed draw on a CPU (the round's draws are 256)
 _SUMMARY: list[str] = []
 
@@ -61,7 +78,7 @@ def _scorer(name: str, inputs: int, compile: bool) -> NtkSapScorer:
     preset = PRESETS[name]
     torch.manual_seed(0)
     model = build_model(preset.model, preset.num_classes)
-    return NtkSapScorer(model, preset.input_shape, draws=1, batch_size=inputs, compile=compile)
+    return NtkSapScorer(model, preset.input_shape, draws=1, batch_size=inputs, compile=compile, device=DEVICE)
 
 
 def _load() -> str:
@@ -129,7 +146,7 @@ def _child(kind: str, arg: str, cache: str) -> dict:
 
 
 @pytest.mark.parametrize("cache", ["cold", "warm"])
-@pytest.mark.parametrize("model", ["resnet20", "resnet50"])
+@pytest.mark.parametrize("model", _FIRST_CALL)
 def test_first_call(benchmark, model, cache, tmp_path_factory):
     folder = str(tmp_path_factory.getbasetemp() / f"inductor-{model}")  # warm: the folder the cold run filled
     if cache == "cold" and os.path.exists(folder):
@@ -156,7 +173,7 @@ def test_cifar10_prune(benchmark):
             decided[arg] = result["compiled"]
 
     benchmark.group = "cifar10-prune"
-    benchmark.pedantic(one_round_of_each, rounds=int(os.environ.get("NTKSAP_BENCH_ROUNDS") or 3), warmup_rounds=0)
+    benchmark.pedantic(one_round_of_each, rounds=_PRUNE_ROUNDS, warmup_rounds=0)
     medians = {arg: statistics.median(times) for arg, times in runs.items()}
     benchmark.extra_info.update(seconds=runs, decided=decided, load=_load())
     for arg, median in medians.items():
@@ -170,15 +187,6 @@ def test_cifar10_prune(benchmark):
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
     yield
-    if not _SUMMARY:
-        return
-    lines = [f"eager vs compiled, {torch.get_num_threads()} threads, torch {torch.__version__}"] + _SUMMARY
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(line)
-    path = os.environ.get("NTKSAP_BENCH_SUMMARY")
-    if path:
-        with open(path, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    if _SUMMARY:
+        title = f"eager vs compiled, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        write_after(request, [title, *_SUMMARY])

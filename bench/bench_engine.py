@@ -18,6 +18,7 @@ Run with ``make bench`` (or ``pytest bench/bench_engine.py``); ratios are printe
 import pytest
 import torch
 import torchvision
+from _machine import dtypes
 
 from ntksap_fast import NtkSapScorer
 from ntksap_fast.engine.arena import Arena
@@ -53,7 +54,7 @@ def test_reference(benchmark, setting):
 
 
 @pytest.mark.parametrize("draw_batch", [1, 5])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", dtypes(torch.device("cpu")))
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_engine(benchmark, setting, dtype, draw_batch):
     build, shape, draws, batch = SETTINGS[setting]

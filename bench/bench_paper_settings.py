@@ -15,17 +15,22 @@ Environment:
 
 * ``NTKSAP_BENCH_DEVICE``: ``cuda`` (default when available) or ``cpu``.
 * ``NTKSAP_BENCH_DRAWS``: time only the first draws of a round: ``4`` (every setting) or
-  ``imagenet=4,tiny-imagenet=8`` (those settings; others full). The summary printed at the end
-  (and written to ``NTKSAP_BENCH_SUMMARY`` when set) gives the time per draw and the round time
-  extrapolated by inputs (``median * inputs per round / inputs timed``).
+  ``imagenet=4,tiny-imagenet=8`` (those settings; others full); ``imagenet=1x16``: the first draw,
+  cut to its first 16 inputs. The summary printed at the end (and written to
+  ``NTKSAP_BENCH_SUMMARY`` when set) gives the time per draw and the round time extrapolated by
+  inputs (``median * inputs per round / inputs timed``). Default: whole rounds on a GPU, a short cut
+  on a CPU (``bench/_machine.py``, ``CPU_DRAWS``; ``NTKSAP_BENCH_FULL=1`` for whole rounds there too).
 * ``NTKSAP_BENCH_SETTINGS``: comma list of settings to run (default all four).
-* ``NTKSAP_BENCH_ROUNDS``: timed rounds per benchmark (default 3; 1 warm-up round before them).
+* ``NTKSAP_BENCH_ROUNDS``: timed rounds per benchmark (default 3, on a CPU 1: ``bench/_machine.py``;
+  1 warm-up round before them).
 * ``NTKSAP_BENCH_DRAW_BATCH``: comma list of engine ``draw_batch`` values (default ``1``).
 * ``NTKSAP_BENCH_COMPILE``: comma list of engine ``compile`` values, ``0`` and/or ``1`` (default ``0``);
   a compiled engine compiles in the warm-up round, outside the timing.
 * ``NTKSAP_BENCH_MICRO_BATCH``: engine ``micro_batch`` (default none).
 * ``NTKSAP_BENCH_SMOKE=1``: tiny settings to check the file runs (2 draws of 2 inputs, small
   images, 1 round, no warm-up); its numbers mean nothing.
+
+bfloat16 is skipped on a CPU without native bfloat16 (the scorer warns: 10-14x slower than float32).
 
 The reference takes one batch size per call, so a round with several sizes is timed as one call
 per run of equal sizes (the CIFAR-100 round: 3 x 256, then 1 x 232), each with its own deep copy
@@ -47,16 +52,18 @@ from itertools import groupby
 
 import pytest
 import torch
+from _machine import FULL_ROUNDS, bench_device, draws_spec, dtypes, timed_rounds, write_after
 
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
 from ntksap_fast.cli.sources import build_model
 from ntksap_fast.engine.arena import Arena
+from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.presets import PRESETS
 from ntksap_fast.testing.reference import reference_scores
 
-DEVICE = torch.device(os.environ.get("NTKSAP_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = bench_device()
 SMOKE = os.environ.get("NTKSAP_BENCH_SMOKE", "0") not in ("", "0")
-ROUNDS = int(os.environ.get("NTKSAP_BENCH_ROUNDS") or (1 if SMOKE else 3))
+ROUNDS = 1 if SMOKE and not os.environ.get("NTKSAP_BENCH_ROUNDS") else timed_rounds(DEVICE)
 WARMUP = 0 if SMOKE else 1
 DRAW_BATCHES = [int(v) for v in (os.environ.get("NTKSAP_BENCH_DRAW_BATCH") or "1").split(",")]
 COMPILES = [v.strip() == "1" for v in (os.environ.get("NTKSAP_BENCH_COMPILE") or "0").split(",")]
@@ -67,18 +74,25 @@ EPSILON, SEED = 0.01, 0
 _SMOKE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 32, 32), "imagenet": (3, 64, 64)}
 
 
-def _draw_limits() -> dict[str, int]:
-    spec = (os.environ.get("NTKSAP_BENCH_DRAWS") or "").strip()
+def _cut(value: str) -> tuple[int, int | None]:
+    """``"4"`` -> (4 draws, whole draws); ``"1x16"`` -> (1 draw, at most 16 inputs each)."""
+    draws, _, inputs = value.strip().partition("x")
+    return int(draws), int(inputs) if inputs else None
+
+
+def _draw_limits() -> dict[str, tuple[int, int | None]]:
+    """``{setting: (draws, inputs per draw or None)}`` from ``draws_spec`` (empty: whole rounds)."""
+    spec = draws_spec(DEVICE)
     if not spec:
         return {}
     if "=" not in spec:
-        return {name: int(spec) for name in PRESETS}
+        return {name: _cut(spec) for name in PRESETS}
     out = {}
     for item in spec.split(","):
         name, value = item.split("=")
         if name.strip() not in PRESETS:
             raise ValueError(f"NTKSAP_BENCH_DRAWS: unknown setting {name!r}; choose from {list(PRESETS)}")
-        out[name.strip()] = int(value)
+        out[name.strip()] = _cut(value)
     return out
 
 
@@ -90,15 +104,22 @@ class Setting:
         self.name = name
         self.model_name = preset.model
         self.num_classes = preset.num_classes
-        sizes = preset.options.batch_sizes()
+        sizes = list(preset.options.batch_sizes())
         self.shape = tuple(preset.input_shape)
         if SMOKE:
             sizes = [2, 2]
             self.shape = _SMOKE_SHAPES[name]
         self.round_draws, self.round_inputs = len(sizes), sum(sizes)
-        limit = _draw_limits().get(name)
-        self.sizes = sizes[: max(1, min(limit, len(sizes)))] if limit else sizes
+        limit, most_inputs = _draw_limits().get(name, (None, None))
+        first = sizes[: max(1, min(limit, len(sizes)))] if limit else sizes
+        self.sizes = [min(size, most_inputs) for size in first] if most_inputs else first
+        self.draws_cut = self.sizes != first  # fewer inputs per draw than the setting's
         self.draws, self.inputs = len(self.sizes), sum(self.sizes)
+        self.cut = (
+            ""
+            if self.sizes == sizes
+            else (f"{self.draws} of {self.round_draws} draws, {self.inputs} of {self.round_inputs} inputs")
+        )
 
     def model(self) -> torch.nn.Module:
         if self.model_name.startswith("torchvision:"):
@@ -109,6 +130,7 @@ class Setting:
     @property
     def label(self) -> str:
         cut = "" if self.draws == self.round_draws else f"-first{self.draws}of{self.round_draws}"
+        cut += f"-x{max(self.sizes)}" if self.draws_cut else ""
         return f"{self.name}{cut}-{DEVICE.type}{'-smoke' if SMOKE else ''}"
 
 
@@ -155,7 +177,13 @@ def _time(benchmark, setting: Setting, kind: str, fn) -> None:
         pytest.skip(f"CUDA out of memory: {str(err).splitlines()[0]}")
     median = benchmark.stats.stats.median
     per_round = median * setting.round_inputs / setting.inputs
-    benchmark.extra_info.update(seconds_per_draw=median / setting.draws, seconds_per_round_extrapolated=per_round)
+    benchmark.extra_info.update(
+        seconds_per_draw=median / setting.draws,
+        seconds_per_round_extrapolated=per_round,
+        cut=setting.cut,
+        rounds_timed=ROUNDS,
+        full_seconds_extrapolated=per_round * (FULL_ROUNDS + 1),
+    )
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
     _RESULTS.append(
@@ -190,16 +218,12 @@ def _summary(request):
                 f"{group:<40} {r['kind']:<26} median {r['median']:9.4f} s  per draw {r['per_draw']:9.4f} s  "
                 f"round {r['per_round']:9.3f} s  {ratio}{peak}"
             )
-    text = "\n".join(lines) + "\n"
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(line)
-    path = os.environ.get("NTKSAP_BENCH_SUMMARY")
-    if path:
-        with open(path, "a") as f:
-            f.write(text)
+    write_after(request, lines)
+
+
+def _skip_slow_bfloat16(dtype: str) -> None:
+    if dtype == "bfloat16" and DEVICE.type == "cpu" and not cpu_has_bfloat16() and not SMOKE:
+        pytest.skip("this CPU has no native bfloat16 (the scorer warns: 10-14x slower than float32 here)")
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -221,10 +245,11 @@ def test_reference(benchmark, setting):
 
 @pytest.mark.parametrize("compile", COMPILES)
 @pytest.mark.parametrize("draw_batch", DRAW_BATCHES)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", dtypes(DEVICE))
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_engine(benchmark, setting, dtype, draw_batch, compile):
     s = SETTINGS[setting]
+    _skip_slow_bfloat16(dtype)
     if draw_batch > s.draws:
         pytest.skip(f"{s.label} times {s.draws} draw(s): nothing to batch {draw_batch} at a time")
     if compile and draw_batch > 1:
@@ -248,10 +273,11 @@ def test_engine(benchmark, setting, dtype, draw_batch, compile):
     _time(benchmark, s, kind, lambda: scorer.flat_scores(mask, 0))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", dtypes(DEVICE))
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_call(benchmark, setting, dtype):
     s = SETTINGS[setting]
+    _skip_slow_bfloat16(dtype)
     model = s.model().to(DEVICE)
     kwargs = dict(
         draws=s.draws,

@@ -47,7 +47,7 @@ import time
 
 import pytest
 import torch
-from _machine import cpu_name
+from _machine import bench_device, cpu_name, leave_out
 
 from ntksap_fast.select import topk
 
@@ -165,7 +165,9 @@ def _case(model: str, device: str, density: float) -> Case:
     return _CASES[key]
 
 
-MODELS = [("resnet50", "25.5M"), ("vgg16", "138M")]
+MODELS = [("resnet50", "25.5M")] + (
+    [] if leave_out(bench_device(), "bench_topk.py: VGG-16 (138M scores; about 1.5 min)") else [("vgg16", "138M")]
+)
 METHODS = ["one_read", "research", "torch_topk", "ntksap_masked_topk", "ntksap_masked_topk_inplace", "interleaved"]
 # Model-major order, so that each case's data is built once.
 PARAMS = [
