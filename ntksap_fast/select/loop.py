@@ -44,7 +44,7 @@ from ..options import OutputFn, changes_masks, check_density, check_float, check
 from .nm import NMSelector, parse_nm
 from .schedule import SCHEDULES, density_schedule, keep_count
 from .selection import select_
-from .structured import ChannelSelector
+from .structured import ChannelSelector, normalisation_for
 from .topk import masked_topk_
 
 __all__ = ["PruneOptions", "Scoring", "run", "SCOPES", "GRANULARITIES", "checkpoint_settings", "select_round_"]
@@ -261,6 +261,7 @@ def build_selector(scoring: Scoring, options: PruneOptions) -> ChannelSelector |
             min_layer_density=options.min_layer_density,
             invert=options.invert,
             random_seed=scoring.unit_seed,
+            normalisation=normalisation_for(scoring.name),
         )
     return NMSelector(scoring.model, scoring.arena, options.granularity, options.density, invert=options.invert)
 

@@ -138,3 +138,26 @@ def test_n_m_runs_through_the_loop():
     masks = prune(model, "magnitude", density=0.5, granularity="2:4", progress=False)
     assert masks.metadata["granularity"] == "2:4"
     assert all(is_nm(masks[n], 2, 4) for n in masks if n not in masks.metadata["nm_dense"])
+
+
+def _digits_cnn() -> nn.Module:
+    """The CNN of examples/structured_accuracy.py (8x8 inputs, a max-pool before the last conv)."""
+    torch.manual_seed(0)
+    block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
+    return nn.Sequential(
+        *block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def test_global_magnitude_channels_rank_within_layers_and_do_not_collapse_the_last_conv():
+    """L1 norms per multiply-add would cut the last conv (a quarter of the positions) to its floor of
+    one channel; relative to their layer's mean every conv keeps several (select.structured)."""
+    model, shape = _digits_cnn(), (1, 8, 8)
+    masks = prune(model, "magnitude", density=0.25, granularity="channel", input_shape=shape, progress=False)
+    assert masks.metadata["channel_normalisation"] == "group"
+    kept = [int(masks[f"{i}.weight"].flatten(1).any(1).sum()) for i in (0, 3, 7)]
+    assert min(kept) >= 4, kept
+    per_flop = prune(model, "snip", density=0.25, granularity="channel", input_shape=shape, progress=False,
+                     data=[(torch.randn(8, *shape), torch.arange(8))])  # fmt: skip
+    assert per_flop.metadata["channel_normalisation"] == "flop"

@@ -12,7 +12,7 @@ from _tiny_models import assert_same_snapshot, expected_keep, snapshot
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.select.channel_units import channel_units, working_copy
 from ntksap_fast.select.schedule import density_schedule
-from ntksap_fast.select.structured import ChannelSelector
+from ntksap_fast.select.structured import NORMALISATIONS, ChannelSelector
 
 
 def _units(model: nn.Module):
@@ -90,10 +90,11 @@ def test_no_unit_is_a_clear_error():
         ChannelSelector(model, Arena(model), IMAGE)
 
 
-@pytest.mark.parametrize("normalisation", ["flop", "weight", "none"])
-def test_unit_score_is_the_absolute_sum_over_the_channel_per_multiply_add_weight_or_none(normalisation):
+@pytest.mark.parametrize("normalisation", NORMALISATIONS)
+def test_unit_score_is_the_absolute_sum_over_the_channel_per_multiply_add_weight_none_or_group_mean(normalisation):
     """Channel j of features.0 is row j of features.0 (16 x 16 output positions) and column j of
-    features.4 (8 x 8 positions, after a max-pool) in tiny_vgg; only unpruned entries count."""
+    features.4 (8 x 8 positions, after a max-pool) in tiny_vgg; only unpruned entries count; ``group``
+    divides by the mean raw score of the group's 8 units (all alive here)."""
     model = tiny_vgg()
     arena = Arena(model)
     contributions = torch.randn(arena.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -104,7 +105,9 @@ def test_unit_score_is_the_absolute_sum_over_the_channel_per_multiply_add_weight
         rows, cols = masks["features.0.weight"][j], masks["features.4.weight"][:, j]
         total = (views["features.0.weight"][j] * rows).sum() + (views["features.4.weight"][:, j] * cols).sum()
         size = {"flop": 256 * rows.sum() + 64 * cols.sum(), "weight": rows.sum() + cols.sum(), "none": 1}
-        expected.append(float(total.abs() / size[normalisation]))
+        expected.append(float(total.abs() / size.get(normalisation, 1)))
+    if normalisation == "group":
+        expected = [e / (sum(expected) / len(expected)) for e in expected]
     selector = ChannelSelector(model, arena, IMAGE, normalisation=normalisation)
     got = selector.unit_scores(contributions, mask)[_channels(selector.units, "features.0.weight", 0)]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
