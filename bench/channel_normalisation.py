@@ -2,8 +2,8 @@
 
 A channel unit's raw NTK-SAP score is ``|sum over draws and its entries of dL/dm|``; units hold from
 tens to thousands of entries, so the raw scores of different layers are not on one scale. For each
-normalisation of ``ntksap_fast.select.structured.NORMALISATIONS`` (per unpruned weight, per
-multiply-add, none) this prunes with channel NTK-SAP (the library's ``NtkSapScorer`` and
+normalisation of ``ntksap_fast.select.structured.NORMALISATIONS`` (per multiply-add, per unpruned
+weight, none, over the group's mean) this prunes with channel NTK-SAP (the library's ``NtkSapScorer`` and
 ``ChannelSelector``, round by round as ``select.loop.run`` does) and reports:
 
 * ``collapsed``: channel groups left at their floor of one channel (a layer cut to one channel
@@ -90,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg16_bn"], choices=list(MODELS))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.1])
+    parser.add_argument("--normalisations", nargs="+", default=list(NORMALISATIONS), choices=NORMALISATIONS)
     args = parser.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     for name in args.models:
@@ -112,7 +113,7 @@ def main() -> None:
         print(f"\n## {name} {shape}, NTK-SAP {settings}")
         print(f"{'density':>8} {'normalisation':>13} {'kept':>7} {'FLOPs':>7} {'NTK trace':>10}  collapsed    seconds")
         for density in args.densities:
-            for normalisation in NORMALISATIONS:
+            for normalisation in args.normalisations:
                 start = time.perf_counter()
                 try:
                     masks = channel_prune(scorer, model, shape, density, settings["iterations"], normalisation)

@@ -12,7 +12,7 @@ several seeds (initialisation, pruning randomness, training order). Rows:
   at NTK-SAP's widths (each layer keeps as many channels as NTK-SAP's masks, chosen uniformly); L1
   channels at NTK-SAP's widths (each layer keeps its filters of largest L1 norm, Li et al. 2017);
   the library's global L1 channels (``prune(method="magnitude", granularity="channel")``: a
-  channel's L1 norm per weight, ranked across layers).
+  channel's L1 norm over the mean of its layer's, ranked across layers).
 * 2:4 masks (``granularity="2:4"``; the first convolution, 1 input channel, stays dense): NTK-SAP,
   magnitude, random; and unstructured NTK-SAP at density 0.5 (the same kept fraction).
 
