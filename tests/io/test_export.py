@@ -11,6 +11,7 @@ from torch import nn
 from _arch_models import efficientnet, mobilenet_v3, vit
 from _channel_models import IMAGE, concat_net, resnet8, tiny_vgg, with_random_norms
 from _tiny_models import assert_same_snapshot, snapshot
+from ntksap_fast import ntk_sap_prune
 from ntksap_fast.engine.arena import Arena
 from ntksap_fast.io.export import export_pruned
 from ntksap_fast.io.masks import Masks, apply_masks, load_masks, save_masks
@@ -140,3 +141,25 @@ def test_masks_that_cut_a_group_entirely_or_do_not_match_are_refused():
         export_pruned(model, wrong, IMAGE)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         export_pruned(masks, masks)
+
+
+@pytest.mark.slow
+def test_channel_ntksap_on_torchvision_resnet50_exports_a_quarter_of_the_weights():
+    """Issue 25's case at a small input (64x64, few rounds): channel masks from ``ntk_sap_prune``, the
+    exported model keeps 0.25 +- 0.03 of the prunable weights and computes the masked model (float64)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, shape = torchvision.models.resnet50().double().eval(), (3, 64, 64)
+    masks = ntk_sap_prune(
+        model, 0.25, shape, granularity="channel", iterations=2, draws=1, batch_size=2, progress=False
+    )
+    assert masks.metadata["granularity"] == "channel"
+    exported = export_pruned(model, masks).eval()
+    params = dict(exported.named_parameters())
+    kept = sum(params[n].numel() for n in masks) / sum(m.numel() for m in masks.values())
+    assert abs(kept - 0.25) <= 0.03, kept
+    assert kept == pytest.approx(sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        want, got = masked(model, masks)(x), exported(x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
