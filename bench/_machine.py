@@ -23,6 +23,8 @@ import subprocess
 
 import torch
 
+from ntksap_fast.engine.plan import cpu_has_bfloat16
+
 #: ``NTKSAP_BENCH_DRAWS`` on a CPU by default: ``setting=draws`` or ``setting=draws x inputs per draw``.
 CPU_DRAWS = "cifar10=1,cifar100=1x64,tiny-imagenet=1x64,imagenet=1x8"
 #: Timed rounds of each paper-settings benchmark (after one warm-up): the full settings', a CPU's by default.
@@ -95,8 +97,11 @@ def write_after(request, lines: list[str]) -> None:
 
 
 def dtypes(device: torch.device) -> list[str]:
-    """The dtypes the engine benchmarks time on ``device``: float32, and bfloat16 unless left out (on a CPU,
-    where it is also 2-3x slower than float32 on the AVX-512 machine measured)."""
+    """The dtypes the engine benchmarks time on ``device``: float32, and bfloat16 except on a CPU without
+    native bfloat16 (the scorer warns there: 10-14x slower than float32) or where left out (a CPU's
+    shortened run; 2-3x slower than float32 on the AVX-512 machine measured)."""
+    if device.type == "cpu" and not cpu_has_bfloat16():
+        return ["float32"]
     if device.type == "cpu" and leave_out(device, "bfloat16 (bench_engine.py, bench_paper_settings.py; about 3 min)"):
         return ["float32"]
     return ["float32", "bfloat16"]

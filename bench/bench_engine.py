@@ -22,7 +22,6 @@ from _machine import dtypes
 
 from ntksap_fast import NtkSapScorer
 from ntksap_fast.engine.arena import Arena
-from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.models import resnet20
 from ntksap_fast.testing.reference import reference_scores
 
@@ -60,8 +59,6 @@ def test_engine(benchmark, setting, dtype, draw_batch):
     build, shape, draws, batch = SETTINGS[setting]
     if draw_batch > draws:
         pytest.skip(f"{setting} has {draws} draw(s): nothing to batch")
-    if dtype == "bfloat16" and not cpu_has_bfloat16():
-        pytest.skip("this CPU has no native bfloat16 (the scorer warns: 10-14x slower than float32 here)")
     torch.manual_seed(0)
     scorer = NtkSapScorer(
         build(), shape, draws=draws, batch_size=batch, device="cpu", dtype=getattr(torch, dtype), draw_batch=draw_batch

@@ -30,7 +30,7 @@ Environment:
 * ``NTKSAP_BENCH_SMOKE=1``: tiny settings to check the file runs (2 draws of 2 inputs, small
   images, 1 round, no warm-up); its numbers mean nothing.
 
-bfloat16 is skipped on a CPU without native bfloat16 (the scorer warns: 10-14x slower than float32).
+bfloat16 is not timed on a CPU without native bfloat16 (``bench/_machine.py``, ``dtypes``).
 
 The reference takes one batch size per call, so a round with several sizes is timed as one call
 per run of equal sizes (the CIFAR-100 round: 3 x 256, then 1 x 232), each with its own deep copy
@@ -57,7 +57,6 @@ from _machine import FULL_ROUNDS, bench_device, draws_spec, dtypes, timed_rounds
 from ntksap_fast import NtkSapScorer, ntk_sap_scores
 from ntksap_fast.cli.sources import build_model
 from ntksap_fast.engine.arena import Arena
-from ntksap_fast.engine.plan import cpu_has_bfloat16
 from ntksap_fast.presets import PRESETS
 from ntksap_fast.testing.reference import reference_scores
 
@@ -221,9 +220,17 @@ def _summary(request):
     write_after(request, lines)
 
 
-def _skip_slow_bfloat16(dtype: str) -> None:
-    if dtype == "bfloat16" and DEVICE.type == "cpu" and not cpu_has_bfloat16() and not SMOKE:
-        pytest.skip("this CPU has no native bfloat16 (the scorer warns: 10-14x slower than float32 here)")
+def _scorer_kwargs(s: Setting, dtype: str) -> dict:
+    """The scorer options every engine and call benchmark of ``s`` shares."""
+    return dict(
+        draws=s.draws,
+        batch_size=s.sizes,
+        epsilon=EPSILON,
+        seed=SEED,
+        device=DEVICE,
+        dtype=getattr(torch, dtype),
+        micro_batch=MICRO_BATCH,
+    )
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -249,24 +256,12 @@ def test_reference(benchmark, setting):
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_engine(benchmark, setting, dtype, draw_batch, compile):
     s = SETTINGS[setting]
-    _skip_slow_bfloat16(dtype)
     if draw_batch > s.draws:
         pytest.skip(f"{s.label} times {s.draws} draw(s): nothing to batch {draw_batch} at a time")
     if compile and draw_batch > 1:
         pytest.skip("compiled draws run one at a time (draw_batch 1)")
     model = s.model().to(DEVICE)
-    kwargs = dict(
-        draws=s.draws,
-        batch_size=s.sizes,
-        epsilon=EPSILON,
-        seed=SEED,
-        device=DEVICE,
-        dtype=getattr(torch, dtype),
-        micro_batch=MICRO_BATCH,
-        draw_batch=draw_batch,
-        compile=compile,
-    )
-    scorer = NtkSapScorer(model, s.shape, **kwargs)
+    scorer = NtkSapScorer(model, s.shape, **_scorer_kwargs(s, dtype), draw_batch=draw_batch, compile=compile)
     mask = torch.ones(scorer.arena.numel, dtype=torch.bool, device=DEVICE)
     benchmark.extra_info["scorer"] = repr(scorer)
     kind = f"engine-{dtype}-db{draw_batch}" + ("-compiled" if compile else "")
@@ -277,15 +272,6 @@ def test_engine(benchmark, setting, dtype, draw_batch, compile):
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_call(benchmark, setting, dtype):
     s = SETTINGS[setting]
-    _skip_slow_bfloat16(dtype)
     model = s.model().to(DEVICE)
-    kwargs = dict(
-        draws=s.draws,
-        batch_size=s.sizes,
-        epsilon=EPSILON,
-        seed=SEED,
-        device=DEVICE,
-        dtype=getattr(torch, dtype),
-        micro_batch=MICRO_BATCH,
-    )
+    kwargs = _scorer_kwargs(s, dtype)
     _time(benchmark, s, f"call-{dtype}", lambda: ntk_sap_scores(model, s.shape, **kwargs))
