@@ -39,7 +39,7 @@ import time
 import pytest
 import torch
 import torchvision
-from _machine import cpu_name
+from _machine import cpu_name, write_after
 from torch import nn
 
 from ntksap_fast import apply_masks, export_pruned, ntk_sap_prune
@@ -133,20 +133,15 @@ def test_forward(benchmark, name, batch, variant):
 def ratio_table(request):
     """After the module's benchmarks: the interleaved medians and their ratios to dense."""
     yield
-    rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if rep is None or not _MEDIANS:
+    if not _MEDIANS:
         return
-    with capture.global_and_fixture_disabled():
-        rep.write_line("")
-        rep.write_sep(
-            "=",
-            f"interleaved medians, speed-up over dense; {cpu_name()}, {torch.get_num_threads()} "
-            f"threads, load average {os.getloadavg()[0]:.1f}",
-        )
-        for group in sorted({g for g, _ in _MEDIANS}):
-            dense = _MEDIANS[(group, "dense_baseline")]
-            cells = [f"{v} {_MEDIANS[(group, v)] * 1e3:8.2f} ms x{dense / _MEDIANS[(group, v)]:5.2f}" for v in VARIANTS]
-            rep.write_line(f"  {group:<16} " + " | ".join(cells))
-        for name, facts in _FACTS.items():
-            rep.write_line(f"  {name}: {facts}")
+    lines = [
+        f"interleaved medians, speed-up over dense; {cpu_name()}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    ]
+    for group in sorted({g for g, _ in _MEDIANS}):
+        dense = _MEDIANS[(group, "dense_baseline")]
+        cells = [f"{v} {_MEDIANS[(group, v)] * 1e3:8.2f} ms x{dense / _MEDIANS[(group, v)]:5.2f}" for v in VARIANTS]
+        lines.append(f"  {group:<16} " + " | ".join(cells))
+    lines += [f"  {name}: {facts}" for name, facts in _FACTS.items()]
+    write_after(request, lines)

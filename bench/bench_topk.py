@@ -47,7 +47,7 @@ import time
 
 import pytest
 import torch
-from _machine import bench_device, cpu_name, leave_out
+from _machine import bench_device, cpu_name, leave_out, write_after
 
 from ntksap_fast.select import topk
 
@@ -237,22 +237,17 @@ def ratio_table(request):
     the scores, and torch.topk's median as a multiple of ntksap's (same run, same data,
     interleaved rounds: see _interleaved)."""
     yield
-    rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
     groups = sorted({g for g, _ in _MEDIANS})
-    if rep is None or not groups:
-        return
-    with capture.global_and_fixture_disabled():
-        _write_table(rep, groups)
+    if groups:
+        write_after(request, _table(groups))
 
 
-def _write_table(rep, groups: list) -> None:
-    rep.write_line("")
-    rep.write_sep("=", "masked top-k: median / one read of the scores (scores.sum()); torch.topk / ntksap")
+def _table(groups: list) -> list[str]:
+    lines = ["masked top-k: median / one read of the scores (scores.sum()); torch.topk / ntksap"]
     for dev in DEVICES:
         rows = [g for g in groups if g.endswith(f"-{dev}")]
         if rows:
-            rep.write_line(f"{dev}: {_device_name(dev)}, torch {torch.__version__}")
+            lines.append(f"{dev}: {_device_name(dev)}, torch {torch.__version__}")
         for g in rows:
             one = _MEDIANS.get((g, "one_read"))
             if one is None:
@@ -269,4 +264,5 @@ def _write_table(rep, groups: list) -> None:
             )
             if tk is not None and best is not None:
                 line += f" | torch.topk {tk * 1e3:9.3f} ms = {tk / best:5.1f}x ntksap"
-            rep.write_line(line)
+            lines.append(line)
+    return lines
