@@ -28,13 +28,12 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..analysis.ntk import check_ntk_size, ntk_eigenvalues
 from ..analysis.report import (
     channel_table,
-    check_ntk_size,
     collapse_warning,
     layer_table,
     markdown_report,
-    ntk_eigenvalues,
     plot_layer_density,
     plot_ntk_spectrum,
     stability_table,
