@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -105,3 +108,18 @@ def dtypes(device: torch.device) -> list[str]:
     if device.type == "cpu" and leave_out(device, "bfloat16 (bench_engine.py, bench_paper_settings.py; about 3 min)"):
         return ["float32"]
     return ["float32", "bfloat16"]
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each call, timed round after round (each call once per round, after ``warmup``
+    untimed rounds), so that the ratios between them see the same load of a shared machine."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

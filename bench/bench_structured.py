@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
+from functools import partial
 
 import pytest
 import torch
 import torchvision
-from _machine import cpu_name, write_after
+from _machine import cpu_name, interleaved_medians, write_after
 from torch import nn
 
 from ntksap_fast import apply_masks, export_pruned, ntk_sap_prune
@@ -95,18 +94,10 @@ def _inputs(name: str, batch: int) -> torch.Tensor:
 
 def _interleaved(name: str, batch: int, group: str) -> None:
     """Round after round, each variant once; medians into _MEDIANS."""
-    models, x = _variants(name), _inputs(name, batch)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    x = _inputs(name, batch)
     with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model(x)
-        for _ in range(ROUNDS[name]):
-            for variant, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[variant].append(time.perf_counter() - start)
-    for variant, ts in times.items():
-        _MEDIANS[(group, variant)] = statistics.median(ts)
+        medians = interleaved_medians({v: partial(m, x) for v, m in _variants(name).items()}, ROUNDS[name])
+    _MEDIANS.update({(group, variant): median for variant, median in medians.items()})
 
 
 PARAMS = [

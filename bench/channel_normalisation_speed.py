@@ -5,7 +5,8 @@ deployment mode.
 The masks come from ``channel_prune`` of bench/channel_normalisation.py (the library's scorer and
 ``ChannelSelector``, round by round), one draw of ``--inputs`` per round, ``--rounds`` rounds. Each
 exported model (``export_pruned``) and the dense one get the same treatment (``MODES``) and are timed
-round after round (10 rounds after two warm-up calls), so the ratios see the same machine load.
+round after round (``_machine.interleaved_medians``: 10 rounds after two warm-up rounds), so the
+ratios see the same machine load.
 bench/bench_structured.py times the default normalisation, eager, with pytest-benchmark; this
 compares normalisations and asks whether a deployment step a user might take (memory layout,
 BatchNorm folding, ``torch.compile``) changes the ratio.
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+from functools import partial
 
 import torch
 import torchvision
+from _machine import interleaved_medians
 from channel_normalisation import channel_prune
 from torch import nn
 from torch.fx.experimental.optimization import fuse
@@ -46,21 +47,6 @@ MODES = {
     "compiled": torch.compile,
     "compiled_channels_last": lambda model: torch.compile(_channels_last(model)),
 }
-
-
-def timed(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 10) -> dict[str, float]:
-    """Median seconds of one call of each model on ``x``, rounds interleaved, after two warm-up calls."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)
-            model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -88,11 +74,10 @@ def main() -> None:
         print(f"{name:>6}: kept {kept:.4f}, FLOPs {flops:.3f}, {masks.metadata['collapsed']}; conv widths {widths}")
     x = torch.randn(8, *shape)
     for mode in args.modes:
-        prepare = MODES[mode]
-        medians = timed(
-            {k: prepare(m) for k, m in models.items()},
-            x.contiguous(memory_format=torch.channels_last if "channels_last" in mode else torch.contiguous_format),
-        )
+        layout = x.contiguous(memory_format=torch.channels_last if "channels_last" in mode else torch.contiguous_format)
+        calls = {k: partial(MODES[mode](m), layout) for k, m in models.items()}
+        with torch.inference_mode():  # two warm-up rounds: torch.compile's first call compiles
+            medians = interleaved_medians(calls, 10, warmup=2)
         for name, median in medians.items():
             print(f"{mode:>22} {name:>6}: batch 8 median {median * 1e3:7.1f} ms  x{medians['dense'] / median:5.2f}")
 
